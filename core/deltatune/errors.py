@@ -1,0 +1,21 @@
+"""Exceptions deltatune raises for bad input; each message says what is wrong and how to fix it."""
+
+
+class DeltaTuneError(Exception):
+    """Base class of every error deltatune raises on purpose."""
+
+
+class ConfigError(DeltaTuneError, ValueError):
+    """A run configuration (plugin names, plugin options, their combination) is invalid."""
+
+
+class PluginError(DeltaTuneError):
+    """A plugin failed to load or broke its hook contract."""
+
+
+class DataError(DeltaTuneError, ValueError):
+    """A dataset file is missing or one of its rows is malformed (the message names file and line)."""
+
+
+class ModelNotFoundError(DeltaTuneError, FileNotFoundError):
+    """A base model could not be found locally (deltatune never downloads)."""

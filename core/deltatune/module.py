@@ -1,0 +1,216 @@
+"""``DeltaTuneModule``: the LightningModule that trains a base model with plugins.
+
+Construction resolves every plugin and validates every option — before any weight is loaded — so a
+typo in a YAML file fails in a second with a message naming the plugin and the field.
+``configure_model`` then loads the base and applies quantizer → delta methods (in the listed order)
+→ freezes what no method claims. The optimizer plugin builds the optimizer; a fused optimizer
+(LOMO, AdaLomo) switches the module to manual optimisation and updates inside backward.
+
+Checkpoints hold only the trainable tensors (and delta buffers), so a LoRA checkpoint of a 135M model
+is a few MB; resuming rebuilds the frozen base from its source.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from . import console
+from .adapter import adapter_state, save_adapter
+from .config import PluginRef, ResolvedPlugin, coerce_ref, resolve
+from .errors import ConfigError
+from .generation import generate
+from .losses import token_loss
+from .models import DEFAULT_MODEL
+from .pipeline import DType, ModelSpec, build_model, compute_context, resolve_spec, trainable_summary
+from .report import RunReport
+
+
+class DeltaTuneModule(L.LightningModule):
+    """Fine-tunes ``base`` with the given quantizer, delta methods and optimizer plugins."""
+
+    def __init__(
+        self,
+        base: str = DEFAULT_MODEL,
+        delta: list[PluginRef] | None = None,
+        quantizer: PluginRef | None = None,
+        optimizer: PluginRef | None = None,
+        evaluators: list[PluginRef] | None = None,
+        base_dtype: DType = "auto",
+        trainable_dtype: str = "fp32",
+        gradient_checkpointing: bool = False,
+        trust_remote_code: bool = False,
+        compare_base: bool = True,
+        samples: int = 3,
+        max_new_tokens: int = 48,
+        adapter_dir: str | None = None,
+    ) -> None:
+        """Resolve and validate every plugin; no weight is loaded here.
+
+        Args:
+            base: built-in model name, local Hugging Face folder or ``.gguf`` file.
+            delta: delta methods in the order they are applied; none means full fine-tuning.
+            quantizer: quantizer applied to the base before the delta methods.
+            optimizer: optimizer plugin (default ``adamw``).
+            evaluators: evaluators run on the validation split before and after ``fit``.
+            base_dtype: dtype of the frozen weights (``auto``: bf16 where the hardware supports it).
+            trainable_dtype: dtype of the trained weights (``fp32`` or ``bf16``).
+            gradient_checkpointing: recompute activations in backward to save memory.
+            trust_remote_code: allow a local model folder's own Python code (off by default).
+            compare_base: evaluate the untouched base before training, for the final table.
+            samples: how many validation prompts to generate for in the final report.
+            max_new_tokens: generation length for samples.
+            adapter_dir: where ``fit`` writes the adapter (default ``<default_root_dir>/adapter``).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.resolved = resolve_spec(
+            ModelSpec(base=base, quantizer=quantizer, delta=delta or [], base_dtype=base_dtype,
+                      trainable_dtype=trainable_dtype, trust_remote_code=trust_remote_code)
+        )
+        self.optimizer_plugin: ResolvedPlugin = resolve("optimizer", coerce_ref(optimizer or "adamw"))
+        self.evaluator_plugins = [resolve("evaluator", coerce_ref(e)) for e in (evaluators or ["perplexity"])]
+        self.fused = bool(getattr(self.optimizer_plugin.info.cls, "fused", False))
+        self.automatic_optimization = not self.fused
+        self.strict_loading = False
+        self.model: torch.nn.Module | None = None
+        self.report = RunReport()
+        self._val_sums = [0.0, 0]
+
+    # -- model --------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Load the base and apply quantizer and delta methods (once)."""
+        if self.model is not None:
+            return
+        self.model = build_model(self.resolved)
+        self.model.train()
+        if self.hparams.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.config.use_cache = False
+
+    def trainable_state_keys(self) -> set[str]:
+        """Keys (under ``model.``) of everything a checkpoint must hold."""
+        if self.resolved.full_finetune:
+            return {f"model.{k}" for k in self.model.state_dict()}
+        return {f"model.{k}" for k in adapter_state(self.model, self.resolved)}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only trainable tensors and delta buffers in checkpoints."""
+        keep = self.trainable_state_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    # -- steps --------------------------------------------------------------------------------
+    def forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """Summed token loss and token count, in the base's compute dtype."""
+        with compute_context(self.model):
+            return token_loss(self.model, batch)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        """Mean token loss; with a fused optimizer, backward and update happen here."""
+        total, count = self.forward_loss(batch)
+        loss = total / max(count, 1)
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        if not self.fused:
+            return loss
+        optimizer = self.optimizers().optimizer
+        optimizer.fused_backward(loss)
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        return None
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Accumulate token-weighted validation loss."""
+        total, count = self.forward_loss(batch)
+        self._val_sums[0] += float(total)
+        self._val_sums[1] += count
+
+    def on_validation_epoch_end(self) -> None:
+        """Log ``val_loss`` (mean over every labelled validation token)."""
+        total, count = self._val_sums
+        sums = torch.tensor([total, float(count)], dtype=torch.float64)
+        sums = self.all_gather(sums).reshape(-1, 2).sum(0) if self.trainer.world_size > 1 else sums
+        self.log("val_loss", float(sums[0] / max(sums[1], 1.0)), prog_bar=True, sync_dist=False)
+        self._val_sums = [0.0, 0]
+
+    test_step = validation_step
+
+    def on_test_epoch_end(self) -> None:
+        """Log ``test_loss``."""
+        total, count = self._val_sums
+        self.log("test_loss", total / max(count, 1))
+        self._val_sums = [0.0, 0]
+
+    # -- optimisation -------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        """The optimizer plugin's optimizer and per-step scheduler."""
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        optimizer, scheduler = self.optimizer_plugin.plugin.create(
+            named, self.optimizer_plugin.cfg, int(self.trainer.estimated_stepping_batches)
+        )
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def setup(self, stage: str) -> None:
+        """Reject trainer settings a fused optimizer cannot honour, before training."""
+        if not self.fused or stage != "fit":
+            return
+        trainer = self.trainer
+        name = self.optimizer_plugin.name
+        if trainer.accumulate_grad_batches != 1:
+            raise ConfigError(f"optimizer '{name}' updates inside backward: accumulate_grad_batches must be 1")
+        if trainer.gradient_clip_val:
+            raise ConfigError(f"optimizer '{name}' clips inside backward: set its own clip_grad_norm option, "
+                              "not trainer.gradient_clip_val")
+        if str(trainer.precision).startswith("16"):
+            raise ConfigError(f"optimizer '{name}' does not support fp16 loss scaling; use bf16-mixed or 32")
+
+    # -- reports ------------------------------------------------------------------------------
+    def evaluate(self, split: str = "validation") -> dict[str, float]:
+        """Every configured evaluator on ``split``, as ``{"evaluator/metric": value}``."""
+        datamodule = self.trainer.datamodule
+        rows = datamodule.rows(split)
+        metrics: dict[str, float] = {}
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            for evaluator in self.evaluator_plugins:
+                result = evaluator.plugin.evaluate(self.model, datamodule.tokenizer, rows, evaluator.cfg)
+                metrics.update({f"{evaluator.name}/{k}": float(v) for k, v in result.items()})
+        self.model.train(was_training)
+        return metrics
+
+    def sample(self) -> list[tuple[str, str, str]]:
+        """``(prompt, reference, completion)`` for the first few validation rows."""
+        datamodule = self.trainer.datamodule
+        rows = [r for r in datamodule.rows("validation") if "prompt" in r][: self.hparams.samples]
+        outputs = generate(self.model, datamodule.tokenizer, [r["prompt"] for r in rows], self.hparams.max_new_tokens)
+        return [(r["prompt"], r.get("response", ""), out) for r, out in zip(rows, outputs)]
+
+    def on_fit_start(self) -> None:
+        """Describe the run and measure the untouched base model."""
+        if not self.trainer.is_global_zero:
+            return
+        trainable, total = trainable_summary(self.model)
+        console.print_run_summary(self.resolved, self.optimizer_plugin, trainable, total)
+        if self.hparams.compare_base:
+            self.report.base_metrics = self.evaluate()
+            self.report.base_samples = self.sample() if self.hparams.samples else []
+
+    def on_fit_end(self) -> None:
+        """Save the adapter atomically, evaluate the tuned model and print the result table."""
+        if not self.trainer.is_global_zero:
+            return
+        root = Path(self.trainer.default_root_dir)
+        out = Path(self.hparams.adapter_dir) if self.hparams.adapter_dir else root / "adapter"
+        save_adapter(self.model, self.resolved, out, tokenizer=self.trainer.datamodule.tokenizer)
+        self.report.adapter = str(out)
+        self.report.tuned_metrics = self.evaluate()
+        self.report.tuned_samples = self.sample() if self.hparams.samples else []
+        self.report.steps = self.trainer.global_step
+        self.report.write(root / "report.json")
+        console.print_report(self.report)

@@ -1,0 +1,1 @@
+"""Pytest plugin for plugin authors (fixtures and contract tests)."""

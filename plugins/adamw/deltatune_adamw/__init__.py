@@ -1,0 +1,54 @@
+"""AdamW (decoupled weight decay) with linear warm-up and cosine decay.
+
+Biases and normalisation weights (1-D parameters) get no weight decay, as is customary.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from deltatune import hookimpl
+from deltatune.schedules import warmup_cosine
+
+
+class AdamWConfig(BaseModel):
+    """Options of the ``adamw`` optimizer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lr: float = Field(2e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final lr as a fraction of lr (cosine decay)")
+    schedule: bool = Field(True, description="warm-up + cosine decay; false keeps lr constant")
+
+
+class AdamW:
+    """The ``adamw`` optimizer factory."""
+
+    name: ClassVar[str] = "adamw"
+    Config: ClassVar[type[BaseModel]] = AdamWConfig
+
+    def create(
+        self, named_params: list[tuple[str, nn.Parameter]], cfg: AdamWConfig, total_steps: int
+    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+        """``torch.optim.AdamW`` over two groups (decayed matrices, undecayed vectors) and its schedule."""
+        decay = [p for _, p in named_params if p.ndim >= 2]
+        no_decay = [p for _, p in named_params if p.ndim < 2]
+        groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+        scheduler = warmup_cosine(optimizer, cfg.warmup_steps, total_steps, cfg.min_lr_ratio) if cfg.schedule else None
+        return optimizer, scheduler
+
+
+@hookimpl
+def deltatune_register_optimizers(register) -> None:
+    """Provide ``adamw``."""
+    register(AdamW)

@@ -1,0 +1,95 @@
+"""Alpaca-format instruction data: ``instruction``, optional ``input``, ``output``.
+
+Each record becomes a prompt and a response. With ``template: auto`` (the default) the prompt is the
+instruction (and input) as a user turn in the tokenizer's chat template when it has one — the format
+an instruct model was tuned on — and the classic Alpaca prompt otherwise. The loss covers the
+response only unless ``train_on_prompt``. Files are JSON (a list) or JSONL; ``path`` is the training
+file and ``validation_path`` / ``test_path`` are optional.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from deltatune import DataError, Row, hookimpl
+from deltatune.data import TruncationStats, encode_example, read_records
+from deltatune.generation import chat_prompt
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task{context}. Write a response that appropriately completes "
+    "the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
+)
+
+
+class AlpacaConfig(BaseModel):
+    """Options of the ``alpaca`` dataset builder."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="training file (.json list or .jsonl)")
+    validation_path: str | None = None
+    test_path: str | None = None
+    template: Literal["auto", "chat", "alpaca"] = "auto"
+    train_on_prompt: bool = False
+    max_length: int = Field(512, gt=8)
+    limit: int | None = Field(None, gt=0, description="use at most this many rows per split")
+
+
+def format_prompt(record: dict[str, Any], template: str, tokenizer: Any) -> str:
+    """The prompt text for one record under ``template``."""
+    instruction, extra = record["instruction"], record.get("input") or ""
+    use_chat = template == "chat" or (template == "auto" and getattr(tokenizer, "chat_template", None))
+    if use_chat:
+        return chat_prompt(tokenizer, f"{instruction}\n\n{extra}" if extra else instruction)
+    return ALPACA_PROMPT.format(
+        context=", paired with an input that provides further context" if extra else "",
+        instruction=instruction,
+        input_block=f"### Input:\n{extra}\n\n" if extra else "",
+    )
+
+
+def check_record(record: dict[str, Any], path: Path, line: int) -> None:
+    """Raise :class:`DataError` naming file and line when a record lacks or mistypes a field."""
+    for key in ("instruction", "output"):
+        if not isinstance(record.get(key), str):
+            raise DataError(f"{path}:{line}: field '{key}' is missing or not a string (keys: {sorted(record)})")
+    if not isinstance(record.get("input", ""), (str, type(None))):
+        raise DataError(f"{path}:{line}: field 'input' must be a string")
+
+
+class AlpacaBuilder:
+    """The ``alpaca`` dataset builder."""
+
+    name: ClassVar[str] = "alpaca"
+    Config: ClassVar[type[BaseModel]] = AlpacaConfig
+
+    def build(self, cfg: AlpacaConfig, tokenizer: Any, split: str) -> list[Row] | None:
+        """Rows of ``split``; ``None`` when no file is configured for it."""
+        path = {"train": cfg.path, "validation": cfg.validation_path, "test": cfg.test_path}[split]
+        if path is None:
+            return None
+        rows: list[Row] = []
+        stats = TruncationStats()
+        for line, record in read_records(Path(path)):
+            check_record(record, Path(path), line)
+            row = encode_example(
+                tokenizer, format_prompt(record, cfg.template, tokenizer), record["output"],
+                cfg.max_length, cfg.train_on_prompt, stats, line,
+            )
+            if row is not None:
+                row.update({k: record[k] for k in ("choices", "answer_index", "family") if k in record})
+                rows.append(row)
+            if cfg.limit and len(rows) >= cfg.limit:
+                break
+        if stats.prompts_cut or stats.responses_cut or stats.dropped:
+            print(f"alpaca {split} ({path}): {stats.summary()}")
+        return rows
+
+
+@hookimpl
+def deltatune_register_dataset_builders(register) -> None:
+    """Provide ``alpaca``."""
+    register(AlpacaBuilder)

@@ -1,0 +1,465 @@
+"""NF4: the 4-bit NormalFloat base weights of QLoRA (Dettmers et al., 2023), on bitsandbytes.
+
+QLoRA fine-tunes a *frozen* base model whose linear weights are stored in 4 bits, with small
+trainable deltas (LoRA, …) on top in 16/32 bits. Gradients flow *through* the 4-bit layers to the
+deltas and to earlier layers, never *into* the 4-bit weights.
+
+NF4 stores a weight matrix ``W`` (``out x in``, flattened row by row, cut into blocks of 64)::
+
+    absmax_b = max |W_i| over block b                       one fp32 constant per block
+    q_i      = argmin_k |W_i / absmax_b - NF4[k]|           a 4-bit index, two per byte
+    W'_i     = NF4[q_i] * absmax_b                          dequantization
+
+``NF4`` holds 16 levels in ``[-1, 1]`` at quantiles of N(0, 1) (with an exact zero), so for normally
+distributed weights, which trained weights roughly are, every level is about equally likely. On
+N(0, 1) weights the relative error is about 9 %, against 12 % for bitsandbytes' FP4.
+
+*Double quantization* quantizes the fp32 ``absmax`` constants too: minus their mean, 8-bit
+blockwise in blocks of 256, leaving one fp32 scale per 256 blocks. Storage per weight::
+
+    without: 4 + 32/64               = 4.5   bits  (0.281x of bf16)
+    with:    4 + 8/64 + 32/(64*256)  ≈ 4.127 bits  (0.258x of bf16)
+
+plus a 16-entry and a 256-entry code table per layer (about 1 KiB per layer).
+
+The forward pass dequantizes and multiplies in the *compute dtype*: ``y = x @ dequantize(W).T + b``,
+in bf16 on CPUs with AVX-512 BF16 / AMX (``compute_dtype: auto``), else fp32.
+
+Everything here is bitsandbytes' own code: ``bnb.nn.Linear4bit`` / ``bnb.nn.Params4bit`` and
+``bitsandbytes.functional.quantize_4bit`` / ``dequantize_4bit``; this module only selects layers,
+swaps them and reads them back.
+
+bitsandbytes on CPU (checked with 0.50.2)
+-----------------------------------------
+* Quantization happens when a not-yet-quantized ``Params4bit`` is moved with ``.to(device)`` (also
+  to the CPU it already is on); ``quantize`` does exactly that for each layer, on the device the
+  layer's weight lives on, and builds the ``Linear4bit`` on the meta device so no throw-away dense
+  weight is allocated.
+* On CPUs with AVX-512 BF16, ``Linear4bit.forward`` in eval mode without autograd rewrites the
+  layer's storage into a layout for a fused CPU kernel (double quantization undone, ``absmax`` in
+  bf16). That kernel is ~4x faster for one token but ~4x slower than dequantize + bf16 matmul for a
+  batch of 256 rows, and turning the layout back (``state_dict()``, ``.cuda()``) is lossy with double
+  quantization and garbles the weights without it (absmax left transposed). It is therefore off
+  (``cpu_fused_inference: false``); :meth:`NF4.dequantize_weight` reads either layout.
+* ``Linear4bit.forward`` casts a bias to the compute dtype in place on its first call.
+* Paged optimizers are CUDA-only (they page optimizer state through CUDA unified memory; on CPU
+  bitsandbytes 0.50 silently falls back to a plain optimizer). They are an optimizer matter, not a
+  quantizer option: asking for one here is a configuration error that says so.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import platform
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbF
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from torch import nn
+
+from deltatune import ConfigError, hookimpl
+
+__all__ = [
+    "NF4",
+    "NF4Config",
+    "cpu_supports_bf16",
+    "dequantize_weight",
+    "is_quantized",
+    "memory_report",
+    "quantization_error",
+    "requantize",
+    "resolve_compute_dtype",
+    "storage_bytes",
+]
+
+logger = logging.getLogger(__name__)
+
+QUANT_TYPE = "nf4"
+_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class NF4Config(BaseModel):
+    """Options of the ``nf4`` quantizer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    double_quant: bool = Field(
+        True, description="also quantize the per-block absmax constants (QLoRA's double quantization)"
+    )
+    blocksize: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = Field(
+        64, description="weights per absmax block (QLoRA uses 64)"
+    )
+    compute_dtype: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="dtype of the dequantized matmul; auto: bf16 where the hardware has it, else fp32"
+    )
+    targets: list[str] | Literal["all-linear"] = Field(
+        "all-linear",
+        description="module-name suffixes, 're:REGEX', or 'all-linear' (every nn.Linear but the LM head)",
+    )
+    skip: list[str] = Field(
+        default_factory=lambda: ["lm_head"],
+        description="module-name suffixes or 're:REGEX' left dense even when targeted",
+    )
+    cpu_fused_inference: bool = Field(
+        False,
+        description="let bitsandbytes repack layers for its fused AVX-512 BF16 kernel in eval mode without "
+        "autograd (faster single-token generation, slower batches, lossy to undo)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_paged(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key in data:
+                if "paged" in str(key).lower():
+                    raise ValueError(
+                        f"'{key}': paged optimizers are CUDA-only in bitsandbytes (they page optimizer state "
+                        "through CUDA unified memory; on CPU bitsandbytes silently falls back to a plain "
+                        "optimizer), and they are an optimizer option, not a quantizer one: choose a paged "
+                        "optimizer in the optimizer plugin's options on a CUDA machine"
+                    )
+        return data
+
+    @field_validator("targets", "skip")
+    @classmethod
+    def _patterns(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            for pattern in value:
+                if not pattern:
+                    raise ValueError("empty module name")
+                if pattern.startswith("re:"):
+                    try:
+                        re.compile(pattern[3:])
+                    except re.error as exc:
+                        raise ValueError(f"bad regular expression {pattern!r}: {exc}") from None
+        return value
+
+    @model_validator(mode="after")
+    def _fused_needs_double_quant(self) -> NF4Config:
+        if self.cpu_fused_inference and not self.double_quant:
+            raise ValueError(
+                "cpu_fused_inference needs double_quant: true; without it bitsandbytes 0.50 garbles the "
+                "weights when it converts the fused CPU layout back (state_dict, .cuda())"
+            )
+        if isinstance(self.targets, list) and not self.targets:
+            raise ValueError("targets is empty: name at least one module, or use 'all-linear'")
+        return self
+
+
+# -- hardware -------------------------------------------------------------------------------------
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (x86: AVX-512 BF16 or AMX; Arm: the BF16 extension).
+
+    Reads ``/proc/cpuinfo``; where that is missing, asks bitsandbytes' native library.
+    ``torch.backends.cpu.get_cpu_capability()`` only says ``AVX512``, which CPUs without BF16 report too.
+    """
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        return bool(bnbF.has_avx512bf16())
+    if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+        return bool({"avx512_bf16", "amx_bf16"} & flags)
+    return "bf16" in flags
+
+
+def resolve_compute_dtype(choice: str, device: torch.device | str = "cpu") -> torch.dtype:
+    """The compute dtype for ``choice`` (``auto``, ``bf16``, ``fp32``) on ``device``."""
+    if choice in _DTYPES:
+        return _DTYPES[choice]
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+    return torch.float32
+
+
+# -- layers ---------------------------------------------------------------------------------------
+def is_quantized(module: nn.Module) -> bool:
+    """Whether ``module`` is an NF4 ``bnb.nn.Linear4bit`` holding quantized weights."""
+    weight = getattr(module, "weight", None)
+    return (
+        isinstance(module, bnb.nn.Linear4bit)
+        and getattr(weight, "quant_type", None) == QUANT_TYPE
+        and bool(getattr(weight, "bnb_quantized", False))
+    )
+
+
+def _require(module: nn.Module) -> bnb.nn.Linear4bit:
+    if not is_quantized(module):
+        raise TypeError(f"{type(module).__name__} is not an NF4-quantized layer (bnb.nn.Linear4bit, quant_type nf4)")
+    return module  # type: ignore[return-value]
+
+
+def _canonical(weight: torch.Tensor) -> tuple[torch.Tensor, bnbF.QuantState]:
+    """Packed data and quant state in bitsandbytes' standard layout, without touching the layer.
+
+    A layer repacked for the fused CPU kernel (``cpu_fused_inference``) is unpacked on a copy, keeping
+    the bf16 absmax that kernel multiplies with rather than re-quantizing it.
+    """
+    state = weight.quant_state
+    if not getattr(state, "packing_format_for_cpu", False):
+        return weight.data, state
+    state = copy.copy(state)
+    state.original_nested = False  # keep the absmax the kernel uses; do not re-quantize it
+    data, state = bnbF._convert_weight_packed_for_cpu_inverse(weight.data, state)
+    if state.absmax.dim() == 2:  # stored [in/blocksize, out] for the kernel → block order
+        state.absmax = state.absmax.T.reshape(-1)
+    state.absmax = state.absmax.float()
+    return data, state
+
+
+def dequantize_weight(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The dense ``out x in`` weight an NF4 layer computes with, in ``dtype`` (fp32 by default).
+
+    fp32 is exact: every value is an NF4 level times its block's (dequantized) absmax, computed by
+    ``bitsandbytes.functional.dequantize_4bit``. The forward pass rounds this to the compute dtype.
+    """
+    data, state = _canonical(_require(module).weight)
+    state = copy.copy(state)
+    state.dtype = dtype
+    return bnbF.dequantize_4bit(data, state)
+
+
+def _fusable(out_features: int, in_features: int, blocksize: int) -> bool:
+    """The fused CPU kernel's layout needs ``out % 32 == 0`` and ``in % blocksize == 0``."""
+    return out_features % 32 == 0 and in_features % blocksize == 0
+
+
+def _quantized_linear(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    blocksize: int,
+    double_quant: bool,
+    compute_dtype: torch.dtype,
+    cpu_fused_inference: bool,
+) -> bnb.nn.Linear4bit:
+    """A ``Linear4bit`` holding ``weight`` quantized to NF4 on ``weight``'s device."""
+    weight = weight.detach()
+    if weight.is_meta:
+        raise ConfigError("nf4: the weights are on the meta device; load them before quantizing")
+    out_features, in_features = weight.shape
+    layer = bnb.nn.Linear4bit(
+        in_features,
+        out_features,
+        bias=bias is not None,
+        compute_dtype=compute_dtype,
+        compress_statistics=double_quant,
+        quant_type=QUANT_TYPE,
+        device="meta",
+    )
+    param = bnb.nn.Params4bit(
+        weight,
+        requires_grad=False,
+        blocksize=blocksize,
+        compress_statistics=double_quant,
+        quant_type=QUANT_TYPE,
+        module=layer,
+    )
+    layer.weight = param.to(weight.device)  # Params4bit quantizes on its first move
+    if bias is not None and not isinstance(bias, nn.Parameter):
+        bias = nn.Parameter(bias.detach(), requires_grad=False)
+    layer.bias = bias
+    layer.support_avx512bf16_for_cpu = bool(
+        cpu_fused_inference and layer.support_avx512bf16_for_cpu and _fusable(out_features, in_features, blocksize)
+    )
+    return layer
+
+
+_LIKE: Any = object()
+
+
+def requantize(weight: torch.Tensor, like: nn.Module, bias: torch.Tensor | None = _LIKE) -> bnb.nn.Linear4bit:
+    """A new NF4 layer holding ``weight`` with the settings of the NF4 layer ``like``.
+
+    For exporting a merged model in 4 bits: merge deltas into ``dequantize_weight(like)``, then
+    requantize. ``bias`` defaults to ``like``'s bias (the same parameter). Measure what the second
+    rounding cost with :func:`quantization_error` ``(weight, new_layer)``. Requantizing an unchanged
+    dequantized weight gives back the same codes.
+    """
+    like = _require(like)
+    return _quantized_linear(
+        weight,
+        like.bias if bias is _LIKE else bias,
+        blocksize=like.weight.blocksize,
+        double_quant=bool(like.weight.compress_statistics),
+        compute_dtype=like.compute_dtype or torch.float32,
+        cpu_fused_inference=bool(like.support_avx512bf16_for_cpu),
+    )
+
+
+def quantization_error(reference: torch.Tensor, quantized: nn.Module | torch.Tensor) -> dict[str, float]:
+    """How far a quantized weight (an NF4 layer or a dense tensor) is from ``reference``.
+
+    Returns ``max_abs``, ``mean_abs``, ``rmse`` and ``relative`` (Frobenius norm of the error over that
+    of ``reference``), computed in fp32.
+    """
+    ref = reference.detach().float()
+    approx = dequantize_weight(quantized) if isinstance(quantized, nn.Module) else quantized.detach().float()
+    if approx.shape != ref.shape:
+        raise ValueError(f"shape mismatch: reference {tuple(ref.shape)} vs quantized {tuple(approx.shape)}")
+    diff = approx.to(ref.device) - ref
+    return {
+        "max_abs": diff.abs().max().item(),
+        "mean_abs": diff.abs().mean().item(),
+        "rmse": diff.pow(2).mean().sqrt().item(),
+        "relative": (diff.norm() / ref.norm().clamp_min(torch.finfo(torch.float32).tiny)).item(),
+    }
+
+
+def _nbytes(tensor: torch.Tensor | None) -> int:
+    return 0 if tensor is None else tensor.numel() * tensor.element_size()
+
+
+def storage_bytes(module: nn.Module) -> dict[str, int]:
+    """Bytes an NF4 layer's weight takes, by part (bias not included).
+
+    ``packed`` (two 4-bit codes per byte), ``absmax`` (uint8 with double quantization, else fp32),
+    ``double_quant`` (the fp32 scales of the quantized absmax and their offset), ``code_tables`` (the
+    NF4 levels and the 8-bit absmax code, held per layer) and ``total``.
+    """
+    weight = _require(module).weight
+    state = weight.quant_state
+    state2 = getattr(state, "state2", None) if state.nested else None
+    parts = {
+        "packed": _nbytes(weight.data),
+        "absmax": _nbytes(state.absmax),
+        "double_quant": (_nbytes(state2.absmax) + _nbytes(state.offset)) if state2 is not None else 0,
+        "code_tables": _nbytes(state.code) + (_nbytes(state2.code) if state2 is not None else 0),
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def memory_report(model: nn.Module) -> dict[str, float]:
+    """Storage of every NF4 layer in ``model`` summed by part, with the bf16 size of the same weights.
+
+    Keys: ``layers``, ``weights`` (number of weights), the parts of :func:`storage_bytes`, ``bf16``
+    (``2 x weights``), ``ratio`` (``total / bf16``) and ``bits_per_weight``.
+    """
+    report: dict[str, float] = Counter()
+    for module in model.modules():
+        if is_quantized(module):
+            report["layers"] += 1
+            report["weights"] += module.in_features * module.out_features
+            for key, value in storage_bytes(module).items():
+                report[key] += value
+    keys = ("layers", "weights", "packed", "absmax", "double_quant", "code_tables", "total")
+    report = {key: report.get(key, 0) for key in keys}
+    report["bf16"] = 2 * report["weights"]
+    report["ratio"] = report["total"] / report["bf16"] if report["bf16"] else 0.0
+    report["bits_per_weight"] = 8 * report["total"] / report["weights"] if report["weights"] else 0.0
+    return report
+
+
+# -- choosing layers ------------------------------------------------------------------------------
+def _matches(name: str, pattern: str) -> bool:
+    """PEFT-style: ``q_proj`` matches any name ending in ``.q_proj``; ``re:X`` is a full-name regex."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return name == pattern or name.endswith("." + pattern)
+
+
+def _linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and name]
+
+
+def select_layers(model: nn.Module, cfg: NF4Config) -> list[str]:
+    """Names of the linear layers ``cfg`` targets and does not skip (already quantized ones included).
+
+    Raises :class:`deltatune.ConfigError` when a named target matches no linear layer.
+    """
+    linear = _linear_layers(model)
+    if cfg.targets == "all-linear":
+        getter = getattr(model, "get_output_embeddings", None)
+        head = getter() if callable(getter) else None
+        chosen = [name for name, module in linear if module is not head]
+    else:
+        chosen = []
+        for target in cfg.targets:
+            hits = [name for name, _ in linear if _matches(name, target)]
+            if not hits:
+                suffixes = sorted({name.rsplit(".", 1)[-1] for name, _ in linear})
+                raise ConfigError(
+                    f"nf4: target '{target}' matches no linear module. Linear modules here end in: "
+                    f"{', '.join(suffixes[:16]) or 'nothing'}"
+                )
+            chosen += [hit for hit in hits if hit not in chosen]
+    return [name for name in chosen if not any(_matches(name, pattern) for pattern in cfg.skip)]
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+# -- the plugin -----------------------------------------------------------------------------------
+class NF4:
+    """QLoRA's NF4 quantizer: targeted ``nn.Linear`` layers become ``bnb.nn.Linear4bit`` (nf4)."""
+
+    name: ClassVar[str] = "nf4"
+    Config: ClassVar[type[BaseModel]] = NF4Config
+
+    def quantize(self, model: nn.Module, cfg: NF4Config | dict[str, Any] | None = None) -> None:
+        """Replace the targeted linear layers of ``model`` by NF4 layers, in place.
+
+        Layers already quantized (by this or another quantizer) are left as they are, so a second
+        call changes nothing. A layer whose weight is tied to another module (a tied LM head) stays
+        dense, with a warning: quantizing it would untie it.
+        """
+        cfg = cfg if isinstance(cfg, NF4Config) else NF4Config.model_validate(cfg or {})
+        names = select_layers(model, cfg)
+        if not names:
+            raise ConfigError(f"nf4: no linear layer left to quantize (targets={cfg.targets!r}, skip={cfg.skip!r})")
+        uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+        done = 0
+        for name in names:
+            linear = model.get_submodule(name)
+            if is_quantized(linear) or not linear.weight.is_floating_point():
+                continue
+            if uses[id(linear.weight)] > 1:
+                logger.warning("nf4: '%s' shares its weight with another module (tied); left dense", name)
+                continue
+            layer = _quantized_linear(
+                linear.weight,
+                linear.bias,
+                blocksize=cfg.blocksize,
+                double_quant=cfg.double_quant,
+                compute_dtype=resolve_compute_dtype(cfg.compute_dtype, linear.weight.device),
+                cpu_fused_inference=cfg.cpu_fused_inference,
+            )
+            layer.train(linear.training)
+            _set_submodule(model, name, layer)
+            done += 1
+        logger.info(
+            "nf4: quantized %d linear layers (blocksize %d, double_quant=%s)", done, cfg.blocksize, cfg.double_quant
+        )
+
+    def is_quantized(self, module: nn.Module) -> bool:
+        """Whether ``module`` is an NF4 layer (see :func:`is_quantized`)."""
+        return is_quantized(module)
+
+    def dequantize_weight(self, module: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dense fp32 weight ``module`` computes with (see :func:`dequantize_weight`)."""
+        return dequantize_weight(module, dtype)
+
+    def requantize(self, weight: torch.Tensor, like: nn.Module, bias: torch.Tensor | None = _LIKE) -> nn.Module:
+        """A new NF4 layer holding ``weight`` with ``like``'s settings (see :func:`requantize`)."""
+        return requantize(weight, like, bias)
+
+    def quantization_error(self, reference: torch.Tensor, quantized: nn.Module | torch.Tensor) -> dict[str, float]:
+        """Error of ``quantized`` against ``reference`` (see :func:`quantization_error`)."""
+        return quantization_error(reference, quantized)
+
+
+@hookimpl
+def deltatune_register_quantizers(register):
+    """Register the ``nf4`` quantizer."""
+    register(NF4)

@@ -1,0 +1,71 @@
+"""Configuration errors are specific and happen before any weight is loaded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from deltatune import ConfigError, ModelNotFoundError
+from deltatune.module import DeltaTuneModule
+from deltatune.pipeline import ModelSpec, build_model, resolve_spec
+
+
+def test_invalid_option_names_plugin_field_and_allowed_values():
+    with pytest.raises(ConfigError) as error:
+        resolve_spec(ModelSpec(base="does-not-exist", delta=[{"name": "lora", "config": {"r": -1, "rank": 4}}]))
+    message = str(error.value)
+    assert "delta method 'lora'" in message
+    assert "r: Input should be greater than 0" in message
+    assert "rank: unknown option" in message
+    with pytest.raises(ConfigError, match="template: Input should be 'auto', 'chat' or 'alpaca'"):
+        from deltatune.config import resolve
+
+        resolve("dataset_builder", {"name": "alpaca", "config": {"path": "x.jsonl", "template": "vicuna"}})
+
+
+def test_module_validates_plugins_without_loading_the_model():
+    # the base does not exist: construction must still fail on the plugin option first
+    with pytest.raises(ConfigError, match="adamw"):
+        DeltaTuneModule(base="/no/such/model", delta=["lora"], optimizer={"name": "adamw", "config": {"lr": -1}})
+    module = DeltaTuneModule(base="/no/such/model", delta=["lora"])
+    assert module.model is None
+    with pytest.raises(ModelNotFoundError, match="never downloads"):
+        module.configure_model()
+
+
+def test_targets_that_match_nothing_list_existing_modules():
+    resolved = resolve_spec(ModelSpec(base="tiny-llama", delta=[{"name": "lora", "config": {"targets": ["query"]}}]))
+    with pytest.raises(ConfigError, match=r"lora: target 'query' matches no linear module.*q_proj"):
+        build_model(resolved)
+
+
+def test_no_delta_method_means_full_fine_tuning():
+    resolved = resolve_spec(ModelSpec(base="tiny-llama", base_dtype="fp32"))
+    assert resolved.full_finetune
+    model = build_model(resolved)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_lora_claims_only_its_parameters_and_starts_as_a_no_op():
+    resolved = resolve_spec(ModelSpec(base="tiny-llama", base_dtype="fp32", delta=["lora"]))
+    model = build_model(resolved)
+    from deltatune.models import tiny_llama
+
+    reference = tiny_llama()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(".deltas.lora." in n for n in trainable)
+    ids = torch.arange(20).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+def test_bf16_base_keeps_trainable_weights_in_fp32():
+    resolved = resolve_spec(ModelSpec(base="tiny-llama", base_dtype="bf16", delta=["lora"]))
+    model = build_model(resolved)
+    for name, param in model.named_parameters():
+        assert param.dtype == (torch.float32 if param.requires_grad else torch.bfloat16), name
+
+
+def test_the_same_method_twice_is_an_error():
+    with pytest.raises(ConfigError, match="listed twice"):
+        resolve_spec(ModelSpec(base="tiny-llama", delta=["lora", "lora"]))
