@@ -74,3 +74,10 @@ def print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
     for row in rows:
         table.add_row(*[str(v) for v in row])
     console.print(table)
+
+
+def print_mix(parts: list[tuple[str, float, int]], mixed: list[Any]) -> None:
+    """How a training mix was drawn: ``(builder, weight, rows available)`` per dataset."""
+    whole = sum(w for _, w, _ in parts)
+    rows = [[name, f"{w:g}", f"{100 * w / whole:.1f}%", available] for name, w, available in parts]
+    print_table(f"training mix: {len(mixed)} rows", ["dataset", "weight", "share", "rows available"], rows)

@@ -11,6 +11,7 @@ import json
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from .config import PluginRef, ResolvedPlugin, coerce_ref, resolve
-from .errors import DataError
+from . import console
+from .errors import ConfigError, DataError
+from .mixing import DatasetSpec, mix_rows
 from .models import DEFAULT_MODEL, load_tokenizer
+from .plugins import get_plugin_manager
+from .packing import IGNORE_INDEX, LengthGroupedBatches, collate_packed, describe_batches, pack_rows
 from .protocols import Row
 
-IGNORE_INDEX = -100
 SPLITS = ("train", "validation", "test")
 
 
@@ -106,10 +110,20 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def read_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Records of a ``.jsonl`` file, or of a ``.json`` file holding a list of objects."""
+    """``(position, record)`` for each record of a ``.jsonl``, ``.json`` (a list of objects), ``.csv``
+    or ``.parquet`` file.
+
+    JSON and JSONL are read line by line here, so a malformed line is a :class:`DataError` naming the
+    file and the line. CSV and Parquet go through Hugging Face ``datasets`` (converted to Arrow once
+    and cached under ``$DELTATUNE_HOME/datasets``); the position is the file line for CSV (the header
+    is line 1) and the 1-based row for Parquet. Missing CSV cells are ``None``.
+    """
     path = Path(path)
     if path.suffix == ".jsonl":
         yield from read_jsonl(path)
+        return
+    if path.suffix in TABLE_FORMATS:
+        yield from read_table(path)
         return
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
@@ -123,6 +137,31 @@ def read_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         if not isinstance(value, dict):
             raise DataError(f"{path}: item {index} is a {type(value).__name__}, expected an object")
         yield index, value
+
+
+TABLE_FORMATS = {".csv": ("csv", 2), ".parquet": ("parquet", 1)}
+"""Suffix → (``datasets`` loader, position of the first record)."""
+
+
+def read_table(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Records of a CSV or Parquet file through Hugging Face ``datasets`` (cached as Arrow)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found: {path}")
+    import datasets
+
+    from .models import home
+
+    loader, first = TABLE_FORMATS[path.suffix]
+    datasets.disable_progress_bars()
+    try:
+        table = datasets.load_dataset(loader, data_files=str(path.resolve()), split="train",
+                                      cache_dir=str(home() / "datasets"))
+    except Exception as exc:  # datasets wraps parser errors in several exception types
+        cause = exc.__cause__ or exc
+        raise DataError(f"{path}: cannot be read as {loader} ({type(cause).__name__}: {cause})") from None
+    for index, record in enumerate(table):
+        yield index + first, record
 
 
 def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
@@ -148,12 +187,56 @@ def split_off(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], l
     return [r for i, r in enumerate(rows) if i not in held], [r for i, r in enumerate(rows) if i in held]
 
 
+BuilderArg = PluginRef | str | list[DatasetSpec]
+"""``data.builder``: one builder reference, or a weighted mix of several."""
+EvalSource = str | PluginRef
+"""An ``extra_eval`` set: a builder reference (its ``path`` rows), or a file path read with the main
+builder and its options."""
+
+
+def resolve_sources(builder: BuilderArg) -> list[tuple[ResolvedPlugin, float]]:
+    """Every dataset of ``builder`` resolved and validated, with its weight."""
+    if isinstance(builder, list):
+        if not builder:
+            raise ConfigError("data.builder is an empty list; give at least one dataset builder")
+        specs = [s if isinstance(s, DatasetSpec) else DatasetSpec.model_validate(s) for s in builder]
+        return [(resolve("dataset_builder", PluginRef(name=s.name, config=s.config)), s.weight) for s in specs]
+    return [(resolve("dataset_builder", coerce_ref(builder)), 1.0)]
+
+
+def resolve_eval_source(name: str, source: EvalSource, main: ResolvedPlugin) -> ResolvedPlugin:
+    """The builder of the ``extra_eval`` set ``name``; a path reuses the main builder and its options."""
+    if name in SPLITS:
+        raise ConfigError(f"extra_eval '{name}' clashes with a split name; choose another name")
+    if not isinstance(source, str) or source in get_plugin_manager().names("dataset_builder"):
+        return resolve("dataset_builder", coerce_ref(source))
+    fields = main.info.cls.Config.model_fields
+    if "path" not in fields:
+        raise ConfigError(f"extra_eval '{name}': dataset builder '{main.name}' has no 'path' option; "
+                          "give a builder reference ({name: ..., config: {...}}) instead of a path")
+    config = {**main.ref.config, "path": source}
+    for key in ("validation_path", "test_path"):
+        config.pop(key, None)
+    return resolve("dataset_builder", PluginRef(name=main.name, config=config))
+
+
+def build_source(source: ResolvedPlugin, tokenizer: Any, val_fraction: float, seed: int) -> dict[str, list[Row]]:
+    """Every split of one dataset; validation held out of train when the builder has none."""
+    built = {split: source.plugin.build(source.cfg, tokenizer, split) for split in SPLITS}
+    train = built["train"] or []
+    if not train:
+        raise DataError(f"dataset builder '{source.name}' produced no training rows")
+    if built["validation"] is None:
+        train, built["validation"] = split_off(train, val_fraction, seed)
+    return {"train": train, "validation": built["validation"] or [], "test": built["test"] or []}
+
+
 class InstructionDataModule(L.LightningDataModule):
-    """Rows from a dataset-builder plugin, batched for training and evaluation."""
+    """Rows from one or several dataset-builder plugins, batched for training and evaluation."""
 
     def __init__(
         self,
-        builder: PluginRef | str = "alpaca",
+        builder: BuilderArg = "alpaca",
         base: str = DEFAULT_MODEL,
         batch_size: int = 8,
         eval_batch_size: int = 16,
@@ -161,10 +244,36 @@ class InstructionDataModule(L.LightningDataModule):
         seed: int = 0,
         num_workers: int = 0,
         trust_remote_code: bool = False,
+        packing: bool = False,
+        pack_length: int = 512,
+        group_by_length: bool = False,
+        mix_size: int | None = None,
+        extra_eval: dict[str, EvalSource] | None = None,
     ) -> None:
-        """``builder`` is validated at once (before any model is loaded); ``base`` gives the tokenizer."""
+        """Every builder is validated at once (before any model is loaded); ``base`` gives the tokenizer.
+
+        Args:
+            builder: a dataset builder reference, or a list of them with weights (a mix).
+            base: the base model whose tokenizer encodes the data.
+            batch_size: training rows per batch (packed rows when ``packing``).
+            eval_batch_size: rows per validation/test batch.
+            val_fraction: share of training rows held out when a builder has no validation split.
+            seed: seed of shuffling, mixing, held-out validation and length grouping.
+            num_workers: DataLoader worker processes.
+            trust_remote_code: allow a local model folder's own tokenizer code.
+            packing: pack several training examples per row (no attention or position leakage).
+            pack_length: token length of a packed row.
+            group_by_length: batch training rows of similar length together (less padding).
+            mix_size: training rows of a mix (default: the sum of the datasets' training rows).
+            extra_eval: named evaluation sets besides validation and test (e.g. held-out task families).
+        """
         super().__init__()
-        self.builder: ResolvedPlugin = resolve("dataset_builder", coerce_ref(builder))
+        self.sources = resolve_sources(builder)
+        self.builder: ResolvedPlugin = self.sources[0][0]
+        self.extra_sources = {name: resolve_eval_source(name, src, self.builder)
+                              for name, src in (extra_eval or {}).items()}
+        if packing and group_by_length:
+            raise ConfigError("packing and group_by_length exclude each other: packed rows are already full")
         self.base = base
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
@@ -172,50 +281,84 @@ class InstructionDataModule(L.LightningDataModule):
         self.seed = seed
         self.num_workers = num_workers
         self.trust_remote_code = trust_remote_code
+        self.packing = packing
+        self.pack_length = pack_length
+        self.group_by_length = group_by_length
+        self.mix_size = mix_size
         self.tokenizer: Any = None
         self.splits: dict[str, list[Row]] = {}
+        self.train_batches: list[Row] = []
 
     def setup(self, stage: str | None = None) -> None:
-        """Load the tokenizer and build every split once."""
+        """Load the tokenizer and build every split (and extra evaluation set) once."""
         if self.splits:
             return
         self.tokenizer = load_tokenizer(self.base, self.trust_remote_code)
-        built = {split: self.builder.plugin.build(self.builder.cfg, self.tokenizer, split) for split in SPLITS}
-        train = built["train"] or []
-        if not train:
-            raise DataError(f"dataset builder '{self.builder.name}' produced no training rows")
-        if built["validation"] is None:
-            train, built["validation"] = split_off(train, self.val_fraction, self.seed)
-        self.splits = {"train": train, "validation": built["validation"] or [], "test": built["test"] or []}
+        parts = [build_source(source, self.tokenizer, self.val_fraction, self.seed) for source, _ in self.sources]
+        if len(parts) == 1:
+            train = parts[0]["train"]
+        else:
+            train = mix_rows([p["train"] for p in parts], [w for _, w in self.sources], self.seed, self.mix_size)
+            console.print_mix([(s.name, w, len(p["train"])) for (s, w), p in zip(self.sources, parts)], train)
+        self.splits = {
+            "train": train,
+            "validation": [r for p in parts for r in p["validation"]],
+            "test": [r for p in parts for r in p["test"]],
+        }
+        for name, source in self.extra_sources.items():
+            self.splits[name] = source.plugin.build(source.cfg, self.tokenizer, "train") or []
+        if self.packing:
+            order = list(train)
+            random.Random(self.seed).shuffle(order)
+            self.train_batches = pack_rows(order, self.pack_length)
+        else:
+            self.train_batches = train
 
     def rows(self, split: str) -> list[Row]:
-        """The tokenised rows of ``split`` (after :meth:`setup`)."""
+        """The tokenised rows of ``split`` or of an ``extra_eval`` set (after :meth:`setup`)."""
         return self.splits.get(split, [])
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        size = self.batch_size if split == "train" else self.eval_batch_size
-        pad_id = self.tokenizer.pad_token_id
-        generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(
-            self.rows(split),
-            batch_size=size,
-            shuffle=shuffle,
-            collate_fn=lambda rows: collate(rows, pad_id),
-            num_workers=self.num_workers,
-            generator=generator,
-        )
+    def eval_splits(self) -> list[str]:
+        """Names of the evaluation sets that have rows: validation, test, then the ``extra_eval`` sets."""
+        return [s for s in ("validation", "test", *self.extra_sources) if self.rows(s)]
+
+    def _batch_sampler(self) -> LengthGroupedBatches | None:
+        if not self.group_by_length:
+            return None
+        return LengthGroupedBatches([len(r["input_ids"]) for r in self.train_batches], self.batch_size, self.seed)
+
+    def batch_stats(self) -> dict[str, Any]:
+        """Shape of one training epoch: rows, batches, tokens, padding fraction, examples per row."""
+        sampler = self._batch_sampler()
+        if sampler is not None:
+            batches = sampler.batches(0)
+        else:
+            order = list(range(len(self.train_batches)))
+            random.Random(self.seed).shuffle(order)
+            batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        stats = describe_batches(self.train_batches, batches)
+        stats["examples"] = len(self.rows("train"))
+        return stats
+
+    def _loader(self, rows: list[Row], shuffle: bool, batch_size: int, packed: bool = False) -> DataLoader:
+        collate_fn = partial(collate_packed if packed else collate, pad_id=self.tokenizer.pad_token_id)
+        sampler = self._batch_sampler() if shuffle else None
+        if sampler is not None:
+            return DataLoader(rows, batch_sampler=sampler, collate_fn=collate_fn, num_workers=self.num_workers)
+        return DataLoader(rows, batch_size=batch_size, shuffle=shuffle, collate_fn=collate_fn,
+                          num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed))
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled training batches (seeded)."""
-        return self._loader("train", shuffle=True)
+        """Shuffled (seeded) training batches: packed, length-grouped or plain."""
+        return self._loader(self.train_batches, True, self.batch_size, packed=self.packing)
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches, in order."""
-        return self._loader("validation", shuffle=False)
+        return self._loader(self.rows("validation"), False, self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
         """Test batches, in order (falls back to validation when there is no test split)."""
-        return self._loader("test" if self.rows("test") else "validation", shuffle=False)
+        return self._loader(self.rows("test") or self.rows("validation"), False, self.eval_batch_size)
 
     def predict_dataloader(self) -> DataLoader:
         """Same batches as :meth:`test_dataloader`."""

@@ -7,6 +7,7 @@ is loaded; :func:`build_model` then does the work.
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -57,13 +58,19 @@ class ResolvedSpec:
 
 
 def cpu_supports_bf16() -> bool:
-    """Whether this CPU has native bf16 matrix instructions (AVX-512 BF16 or AMX)."""
+    """Whether this CPU multiplies bf16 natively (x86: AVX-512 BF16 or AMX; Arm: the BF16 extension).
+
+    Reads ``/proc/cpuinfo``: ``torch.backends.cpu.get_cpu_capability()`` only says ``AVX512``, which
+    CPUs without BF16 report too.
+    """
     try:
         with open("/proc/cpuinfo") as fh:
-            flags = fh.read()
+            flags = set(fh.read().split())
     except OSError:
         return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+        return bool({"avx512_bf16", "amx_bf16"} & flags)
+    return "bf16" in flags
 
 
 def compute_dtype(choice: DType) -> torch.dtype:

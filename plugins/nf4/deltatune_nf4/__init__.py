@@ -51,24 +51,28 @@ from __future__ import annotations
 
 import copy
 import logging
-import platform
 import re
 from collections import Counter
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import bitsandbytes as bnb
-import bitsandbytes.functional as bnbF
-import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from torch import nn
+# bitsandbytes logs, at import, that an optional "kernels" package (fetched from a model hub at run
+# time) is missing for its fused CPU path; deltatune turns that path off and never downloads, so the
+# warning would only mislead.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+import bitsandbytes as bnb  # noqa: E402
+import bitsandbytes.functional as bnbF  # noqa: E402
+import torch  # noqa: E402
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator  # noqa: E402
+from torch import nn  # noqa: E402
 
 from deltatune import ConfigError, hookimpl
+from deltatune.layers import find_targets, get_submodule_parent, target_matches
+from deltatune.pipeline import compute_dtype
 
 __all__ = [
     "NF4",
     "NF4Config",
-    "cpu_supports_bf16",
     "dequantize_weight",
     "is_quantized",
     "memory_report",
@@ -81,7 +85,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 QUANT_TYPE = "nf4"
-_DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 class NF4Config(BaseModel):
@@ -153,31 +156,10 @@ class NF4Config(BaseModel):
 
 
 # -- hardware -------------------------------------------------------------------------------------
-def cpu_supports_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (x86: AVX-512 BF16 or AMX; Arm: the BF16 extension).
-
-    Reads ``/proc/cpuinfo``; where that is missing, asks bitsandbytes' native library.
-    ``torch.backends.cpu.get_cpu_capability()`` only says ``AVX512``, which CPUs without BF16 report too.
-    """
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        return bool(bnbF.has_avx512bf16())
-    if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
-        return bool({"avx512_bf16", "amx_bf16"} & flags)
-    return "bf16" in flags
-
-
 def resolve_compute_dtype(choice: str, device: torch.device | str = "cpu") -> torch.dtype:
-    """The compute dtype for ``choice`` (``auto``, ``bf16``, ``fp32``) on ``device``."""
-    if choice in _DTYPES:
-        return _DTYPES[choice]
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    if device.type == "cpu":
-        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
-    return torch.float32
+    """The compute dtype for ``choice`` (``auto``, ``bf16``, ``fp32``): the core's rule, so the
+    quantized layers compute in the same dtype as the rest of the base."""
+    return compute_dtype(choice)  # type: ignore[arg-type]
 
 
 # -- layers ---------------------------------------------------------------------------------------
@@ -360,44 +342,13 @@ def memory_report(model: nn.Module) -> dict[str, float]:
 
 
 # -- choosing layers ------------------------------------------------------------------------------
-def _matches(name: str, pattern: str) -> bool:
-    """PEFT-style: ``q_proj`` matches any name ending in ``.q_proj``; ``re:X`` is a full-name regex."""
-    if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
-    return name == pattern or name.endswith("." + pattern)
-
-
-def _linear_layers(model: nn.Module) -> list[tuple[str, nn.Linear]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear) and name]
-
-
 def select_layers(model: nn.Module, cfg: NF4Config) -> list[str]:
     """Names of the linear layers ``cfg`` targets and does not skip (already quantized ones included).
 
     Raises :class:`deltatune.ConfigError` when a named target matches no linear layer.
     """
-    linear = _linear_layers(model)
-    if cfg.targets == "all-linear":
-        getter = getattr(model, "get_output_embeddings", None)
-        head = getter() if callable(getter) else None
-        chosen = [name for name, module in linear if module is not head]
-    else:
-        chosen = []
-        for target in cfg.targets:
-            hits = [name for name, _ in linear if _matches(name, target)]
-            if not hits:
-                suffixes = sorted({name.rsplit(".", 1)[-1] for name, _ in linear})
-                raise ConfigError(
-                    f"nf4: target '{target}' matches no linear module. Linear modules here end in: "
-                    f"{', '.join(suffixes[:16]) or 'nothing'}"
-                )
-            chosen += [hit for hit in hits if hit not in chosen]
-    return [name for name in chosen if not any(_matches(name, pattern) for pattern in cfg.skip)]
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+    chosen = find_targets(model, cfg.targets, "nf4")
+    return [name for name in chosen if not any(target_matches(name, pattern) for pattern in cfg.skip)]
 
 
 # -- the plugin -----------------------------------------------------------------------------------
@@ -436,7 +387,8 @@ class NF4:
                 cpu_fused_inference=cfg.cpu_fused_inference,
             )
             layer.train(linear.training)
-            _set_submodule(model, name, layer)
+            parent, child = get_submodule_parent(model, name)
+            setattr(parent, child, layer)
             done += 1
         logger.info(
             "nf4: quantized %d linear layers (blocksize %d, double_quant=%s)", done, cfg.blocksize, cfg.double_quant

@@ -17,10 +17,10 @@ import deltatune
 import deltatune_nf4
 from deltatune import ConfigError
 from deltatune.plugins import PluginManager
+from deltatune.pipeline import cpu_supports_bf16
 from deltatune_nf4 import (
     NF4,
     NF4Config,
-    cpu_supports_bf16,
     dequantize_weight,
     is_quantized,
     memory_report,
@@ -149,7 +149,7 @@ def test_bf16_compute_dtype_forward():
 
 
 def test_auto_compute_dtype_follows_the_cpu():
-    expected = torch.bfloat16 if cpu_supports_bf16() else torch.float32
+    expected = torch.bfloat16 if cpu_supports_bf16() else torch.float32  # the core's detection
     assert resolve_compute_dtype("auto", "cpu") == expected
     assert quantized_linear(normal(32, 64)).compute_dtype == expected
     assert resolve_compute_dtype("fp32") == torch.float32 and resolve_compute_dtype("bf16") == torch.bfloat16
