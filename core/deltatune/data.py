@@ -25,7 +25,7 @@ from .errors import ConfigError, DataError
 from .mixing import DatasetSpec, mix_rows
 from .models import DEFAULT_MODEL, load_tokenizer
 from .plugins import get_plugin_manager
-from .packing import IGNORE_INDEX, LengthGroupedBatches, collate_packed, describe_batches, pack_rows
+from .packing import IGNORE_INDEX, LengthGroupedBatches, collate, collate_packed, describe_batches, pack_rows
 from .protocols import Row
 
 SPLITS = ("train", "validation", "test")
@@ -162,20 +162,6 @@ def read_table(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         raise DataError(f"{path}: cannot be read as {loader} ({type(cause).__name__}: {cause})") from None
     for index, record in enumerate(table):
         yield index + first, record
-
-
-def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad rows to the longest one: ``input_ids``, ``labels`` (-100 on padding), ``attention_mask``."""
-    length = max(len(r["input_ids"]) for r in rows)
-    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-    attention = torch.zeros((len(rows), length), dtype=torch.long)
-    for i, row in enumerate(rows):
-        n = len(row["input_ids"])
-        input_ids[i, :n] = torch.tensor(row["input_ids"])
-        labels[i, :n] = torch.tensor(row["labels"])
-        attention[i, :n] = 1
-    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
 
 
 def split_off(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], list[Row]]:

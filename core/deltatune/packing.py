@@ -60,23 +60,36 @@ def _join(rows: list[Row]) -> Row:
             "lengths": [len(r["input_ids"]) for r in rows]}
 
 
+def collate(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad rows to the longest one: ``input_ids``, ``labels`` (-100 on padding), ``attention_mask``."""
+    length = max(len(r["input_ids"]) for r in rows)
+    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(rows), length), dtype=torch.long)
+    for i, row in enumerate(rows):
+        n = len(row["input_ids"])
+        input_ids[i, :n] = torch.tensor(row["input_ids"])
+        labels[i, :n] = torch.tensor(row["labels"])
+        attention[i, :n] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention}
+
+
 def collate_packed(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad packed rows: ``input_ids``, ``labels`` and ``position_ids``, and no attention mask.
 
     The padding of a row is a segment of its own (positions restart at 0, labels -100), so no real
     token attends to it.
     """
-    length = max(len(r["input_ids"]) for r in rows)
-    input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    batch = collate(rows, pad_id)
+    del batch["attention_mask"]
+    length = batch["input_ids"].shape[1]
     positions = torch.zeros((len(rows), length), dtype=torch.long)
     for i, row in enumerate(rows):
         n = len(row["input_ids"])
-        input_ids[i, :n] = torch.tensor(row["input_ids"])
-        labels[i, :n] = torch.tensor(row["labels"])
         positions[i, :n] = torch.tensor(row["position_ids"])
         positions[i, n:] = torch.arange(length - n)
-    return {"input_ids": input_ids, "labels": labels, "position_ids": positions}
+    batch["position_ids"] = positions
+    return batch
 
 
 class LengthGroupedBatches(Sampler[list[int]]):
