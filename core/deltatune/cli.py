@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     except DeltaTuneError as exc:
         from .console import console
 
-        console.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+        console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
         return 1
 
 

@@ -1,0 +1,72 @@
+"""The ``deltatune`` command: plugin listing, clear errors, generation from an adapter."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from deltatune.adapter import save_adapter
+from deltatune.cli import main
+from deltatune.pipeline import ModelSpec, build_model, resolve_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "tests" / "configs" / "tiny-lora.yaml"
+
+
+def test_plugins_json_lists_installed_plugins_with_distributions(capsys):
+    assert main(["plugins", "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    names = {(p["kind"], p["name"]): p for p in listing["installed"]}
+    assert names[("delta_method", "lora")]["distribution"] == "deltatune-lora"
+    assert names[("dataset_builder", "alpaca")]["version"] == "0.1.0"
+    assert listing["failed"] == []
+
+
+def test_plugins_lists_registry_entries_that_are_not_installed(capsys, monkeypatch):
+    monkeypatch.setenv("DELTATUNE_DISABLE_PLUGINS", "lora")
+    assert main(["plugins", "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    missing = {p["name"]: p for p in listing["not_installed"]}
+    assert missing["lora"]["install"] == "pip install -e plugins/lora"
+    assert main(["plugins"]) == 0
+    assert "not installed" in capsys.readouterr().out
+
+
+def test_fit_with_an_unknown_plugin_fails_clearly_before_loading_anything(capsys, tmp_path):
+    code = main(["fit", "--config", str(CONFIG), f"--trainer.default_root_dir={tmp_path}",
+                 "--model.delta=[{name: lorra}]"])
+    out = capsys.readouterr().out
+    assert code == 1
+    assert "unknown delta method 'lorra'" in out and "lora" in out
+    assert not any(tmp_path.iterdir()), "nothing may be written for a bad configuration"
+
+
+@pytest.mark.parametrize("option, expected", [
+    ("--model.delta=[{name: lora, config: {dropout: 2}}]", "dropout: Input should be less than 1"),
+    ("--data.builder={name: alpaca, config: {path: x.jsonl, template: vicuna}}", "'auto', 'chat' or 'alpaca'"),
+])
+def test_fit_with_an_invalid_option_names_plugin_and_field(capsys, tmp_path, option, expected):
+    assert main(["fit", "--config", str(CONFIG), f"--trainer.default_root_dir={tmp_path}", option]) == 1
+    assert expected in capsys.readouterr().out
+
+
+def test_generate_from_an_adapter(tmp_path, capsys):
+    resolved = resolve_spec(ModelSpec(base="tiny-llama", base_dtype="fp32", delta=["lora"]))
+    model = build_model(resolved)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.normal_(0, 0.5)
+    save_adapter(model, resolved, tmp_path / "adapter")
+    assert main(["generate", "--adapter", str(tmp_path / "adapter"), "--prompt", "hello", "--prompt", "bye",
+                 "--max-new-tokens", "5"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+
+
+def test_generate_refuses_a_folder_that_is_not_an_adapter(tmp_path, capsys):
+    assert main(["generate", "--adapter", str(tmp_path), "--prompt", "hi"]) == 1
+    assert "not a deltatune adapter" in capsys.readouterr().out
