@@ -2,8 +2,9 @@
 
 ``fit``, ``validate``, ``test`` and ``predict`` are the Lightning CLI (``--config FILE.yaml``, every
 trainer option, ``--ckpt_path last`` to resume). The other subcommands are deltatune's own:
-``plugins``, ``registry``, ``generate``, ``export`` and ``merge``. ``--strict-plugins`` (anywhere)
-makes a plugin that fails to load fatal.
+``plugins``, ``registry``, ``generate``, ``export``, ``merge``, ``estimate`` (memory planning) and
+``new-plugin`` (scaffold a plugin package). ``--strict-plugins`` (anywhere) makes a plugin that fails
+to load fatal.
 """
 
 from __future__ import annotations
@@ -152,6 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
         exp.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
         exp.add_argument("--requantize", action="store_true", help="re-quantize merged weights (reports the error)")
         exp.set_defaults(func=cmd_export)
+
+    from . import estimate, scaffold  # their subcommands: `estimate`, `new-plugin`
+
+    estimate.add_parser(sub)
+    scaffold.add_parser(sub)
     return parser
 
 
