@@ -33,7 +33,7 @@ def test_fit_lowers_loss_saves_adapter_and_reload_gives_identical_logits(tmp_pat
     assert code == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["steps"] == 30
-    assert report["tuned_metrics"]["perplexity/loss"] < report["base_metrics"]["perplexity/loss"] - 0.2
+    assert report["tuned_metrics"]["validation"]["perplexity/loss"] < report["base_metrics"]["validation"]["perplexity/loss"] - 0.2
     out = capsys.readouterr().out
     assert "base vs tuned" in out and "perplexity/loss" in out
 

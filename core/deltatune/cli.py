@@ -2,9 +2,9 @@
 
 ``fit``, ``validate``, ``test`` and ``predict`` are the Lightning CLI (``--config FILE.yaml``, every
 trainer option, ``--ckpt_path last`` to resume). The other subcommands are deltatune's own:
-``plugins``, ``registry``, ``generate``, ``export``, ``merge``, ``estimate`` (memory planning) and
-``new-plugin`` (scaffold a plugin package). ``--strict-plugins`` (anywhere) makes a plugin that fails
-to load fatal.
+``plugins``, ``registry``, ``report`` (print, plot and compare finished runs), ``generate``, ``export``,
+``merge``, ``estimate`` (memory planning) and ``new-plugin`` (scaffold a plugin package).
+``--strict-plugins`` (anywhere) makes a plugin that fails to load fatal.
 """
 
 from __future__ import annotations
@@ -136,6 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     registry = sub.add_parser("registry", help="show registry.toml")
     registry.set_defaults(func=cmd_registry)
+
+    from . import report  # `report RUN_DIR…`
+
+    report.add_parser(sub)
 
     gen = sub.add_parser("generate", help="generate with a base model and an adapter")
     gen.add_argument("--adapter", help="adapter folder written by fit")

@@ -21,6 +21,12 @@ def _plugin_text(plugin: "ResolvedPlugin") -> str:
     return plugin.name + (f" {options}" if options else "")
 
 
+def method_text(resolved: "ResolvedSpec") -> str:
+    """The quantizer and delta methods of a run in one line (``nf4 + lora {'r': 16}``)."""
+    parts = ([_plugin_text(resolved.quantizer)] if resolved.quantizer else []) + [_plugin_text(d) for d in resolved.deltas]
+    return " + ".join(parts) or "full fine-tuning"
+
+
 def print_run_summary(resolved: "ResolvedSpec", optimizer: "ResolvedPlugin", trainable: int, total: int) -> None:
     """A panel saying what is trained how."""
     if resolved.full_finetune:
@@ -37,17 +43,27 @@ def print_run_summary(resolved: "ResolvedSpec", optimizer: "ResolvedPlugin", tra
     console.print(Panel("\n".join(lines), title="deltatune run", expand=False))
 
 
+def _fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4f}"
+
+
+def _change(base: float | None, tuned: float | None, metric: str) -> str:
+    """``tuned - base``; accuracies and ROUGE (0–1) also in points."""
+    if base is None or tuned is None:
+        return ""
+    delta = tuned - base
+    points = "" if "loss" in metric or "perplexity" in metric else f" ({100 * delta:+.1f} pts)"
+    return f"{delta:+.4f}{points}"
+
+
 def print_report(report: "RunReport") -> None:
-    """Base vs tuned metrics, then sample generations."""
-    table = Table(title="validation: base vs tuned")
-    for column in ("metric", "base", "tuned", "change"):
-        table.add_column(column, justify="right" if column != "metric" else "left")
-    for key, tuned in report.tuned_metrics.items():
-        if key.endswith("/tokens"):
-            continue
-        base = report.base_metrics.get(key)
-        change = f"{tuned - base:+.4f}" if base is not None else ""
-        table.add_row(key, f"{base:.4f}" if base is not None else "—", f"{tuned:.4f}", change)
+    """Base vs tuned for every evaluation set and evaluator, then sample generations."""
+    table = Table(title=f"{report.name or 'run'}: base vs tuned" if report.name else "base vs tuned")
+    for column in ("set", "metric", "base", "tuned", "change"):
+        table.add_column(column, justify="left" if column in ("set", "metric") else "right")
+    for split, metric in report.metric_keys():
+        base, tuned = report.value("base", split, metric), report.value("tuned", split, metric)
+        table.add_row(split, metric, _fmt(base), _fmt(tuned), _change(base, tuned, metric))
     console.print(table)
     if report.tuned_samples:
         samples = Table(title="sample generations", show_lines=True)
@@ -57,7 +73,51 @@ def print_report(report: "RunReport") -> None:
         for prompt, reference, out in report.tuned_samples:
             samples.add_row(_short(prompt), reference, base.get(prompt, "—"), out)
         console.print(samples)
-    console.print(f"adapter written to [bold]{report.adapter}[/bold] after {report.steps} steps")
+    facts = [f"{report.steps} steps"]
+    if report.batches:
+        facts.append(f"padding {100 * report.batches.get('padding', 0):.1f}% of training tokens")
+    if report.timings:
+        facts.append(", ".join(f"{k.removesuffix('_s')} {v:.0f} s" for k, v in report.timings.items()))
+    if report.adapter:
+        facts.append(f"adapter written to [bold]{report.adapter}[/bold]")
+    console.print("; ".join(facts))
+
+
+def print_comparison(reports: list["RunReport"]) -> None:
+    """Several runs side by side: one column per run, ``base → tuned`` for every set and metric."""
+    table = Table(title="runs compared (base → tuned)")
+    table.add_column("set")
+    table.add_column("metric")
+    for report in reports:
+        table.add_column(report.name, justify="right")
+    keys: dict[tuple[str, str], None] = {}
+    for report in reports:
+        keys.update(dict.fromkeys(report.metric_keys()))
+    for split, metric in keys:
+        cells = []
+        for report in reports:
+            base, tuned = report.value("base", split, metric), report.value("tuned", split, metric)
+            cells.append(f"{_fmt(base)} → {_fmt(tuned)}" if base is not None else _fmt(tuned))
+        table.add_row(split, metric, *cells)
+    table.add_row("", "steps", *[str(r.steps) for r in reports])
+    table.add_row("", "method", *[r.method or "—" for r in reports])
+    console.print(table)
+
+
+def print_metrics(title: str, metrics: dict[str, dict[str, float]]) -> None:
+    """Metrics of one model (``validate``/``test``): evaluation set, metric, value."""
+    from .report import is_count
+
+    rows = [[split, key, f"{value:.4f}"] for split, values in metrics.items()
+            for key, value in values.items() if not is_count(key)]
+    print_table(title, ["set", "metric", "value"], rows)
+
+
+def print_batches(stats: dict[str, Any]) -> None:
+    """One line on the shape of a training epoch (rows, packing, padding)."""
+    packed = f" packed into {stats['rows']} rows" if stats["rows"] != stats["examples"] else ""
+    console.print(f"training data: {stats['examples']} examples{packed}, {stats['batches']} batches per epoch, "
+                  f"{stats['tokens']:,} tokens, padding {100 * stats['padding']:.1f}% of token slots")
 
 
 def _short(prompt: str, limit: int = 160) -> str:

@@ -9,19 +9,21 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
+from pydantic import ValidationError
 from torch.utils.data import DataLoader
 
-from .config import PluginRef, ResolvedPlugin, coerce_ref, resolve
 from . import console
+from .config import PluginRef, ResolvedPlugin, coerce_ref, format_validation_error, resolve
 from .errors import ConfigError, DataError
+from .generation import chat_prompt
 from .mixing import DatasetSpec, mix_rows
 from .models import DEFAULT_MODEL, load_tokenizer
 from .plugins import get_plugin_manager
@@ -88,6 +90,94 @@ def encode_example(
                 stats.responses_cut += 1
     labels = (prompt_ids if train_on_prompt else [IGNORE_INDEX] * len(prompt_ids)) + response_ids
     return {"input_ids": prompt_ids + response_ids, "labels": labels, "prompt": prompt, "response": response}
+
+
+def encode_segments(
+    tokenizer: Any,
+    segments: list[tuple[str, bool]],
+    max_length: int,
+    stats: TruncationStats | None = None,
+    line: int | None = None,
+) -> Row | None:
+    """Tokenise text segments in order into one training row; a segment flagged ``True`` carries loss.
+
+    Each segment is tokenised on its own (as a prompt is at inference), so segment boundaries are
+    token boundaries. A row longer than ``max_length`` keeps its first ``max_length`` tokens (counted
+    as a cut response when labelled tokens were lost, else as a cut prompt); a row left with no
+    labelled token is dropped (``None``) and counted.
+    """
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for text, train in segments:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+        input_ids += ids
+        labels += ids if train else [IGNORE_INDEX] * len(ids)
+    if stats is not None:
+        stats.examples += 1
+    if len(input_ids) > max_length:
+        lost_labels = any(t != IGNORE_INDEX for t in labels[max_length:])
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+        if stats is not None:
+            stats.responses_cut += lost_labels
+            stats.prompts_cut += not lost_labels
+    if all(t == IGNORE_INDEX for t in labels[1:]):
+        if stats is not None:
+            stats.dropped += 1
+            if line is not None:
+                stats.dropped_lines.append(line)
+        return None
+    return {"input_ids": input_ids, "labels": labels}
+
+
+ChatMode = Literal["auto", "chat", "plain"]
+"""How a builder shows a prompt to the model: ``chat`` as a user turn of the tokenizer's chat template,
+``plain`` as raw text, ``auto`` chat when the tokenizer has a template."""
+
+
+def user_prompt(tokenizer: Any, text: str, mode: ChatMode = "auto") -> str:
+    """``text`` as the model should see it under ``mode`` (see :data:`ChatMode`)."""
+    if mode == "chat" or (mode == "auto" and getattr(tokenizer, "chat_template", None)):
+        return chat_prompt(tokenizer, text)
+    return text
+
+
+def split_path(cfg: Any, split: str) -> str | None:
+    """The file a builder config names for ``split`` (``path``, ``validation_path``, ``test_path``)."""
+    return {"train": cfg.path, "validation": cfg.validation_path, "test": cfg.test_path}[split]
+
+
+RecordEncoder = Callable[[dict[str, Any], str, int, TruncationStats], "Row | None"]
+"""``encode(record, where, line, stats)``: one record of a data file as a row (``None``: dropped);
+``where`` is ``"file:line"`` for error messages."""
+
+
+def encode_records(builder: str, cfg: Any, split: str, encode: RecordEncoder) -> list[Row] | None:
+    """The rows of ``split`` for a builder whose config has ``path``/``validation_path``/``test_path``
+    and ``limit``: every record of the split's file through ``encode``, truncation reported once.
+    ``None`` when the config names no file for ``split``."""
+    path = split_path(cfg, split)
+    if path is None:
+        return None
+    rows: list[Row] = []
+    stats = TruncationStats()
+    for line, record in read_records(Path(path)):
+        row = encode(record, f"{path}:{line}", line, stats)
+        if row is not None:
+            rows.append(row)
+        if cfg.limit and len(rows) >= cfg.limit:
+            break
+    if stats.prompts_cut or stats.responses_cut or stats.dropped:
+        print(f"{builder} {split} ({path}): {stats.summary()}")
+    return rows
+
+
+PASSTHROUGH = ("choices", "answer_index", "family")
+"""Record fields a builder copies onto its rows for evaluators."""
+
+
+def passthrough(record: dict[str, Any]) -> dict[str, Any]:
+    """The :data:`PASSTHROUGH` fields present in ``record``."""
+    return {k: record[k] for k in PASSTHROUGH if record.get(k) is not None}
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -177,7 +267,7 @@ BuilderArg = PluginRef | str | list[DatasetSpec]
 """``data.builder``: one builder reference, or a weighted mix of several."""
 EvalSource = str | PluginRef
 """An ``extra_eval`` set: a builder reference (its ``path`` rows), or a file path read with the main
-builder and its options."""
+builder and its options (less its other file paths and its ``limit``)."""
 
 
 def resolve_sources(builder: BuilderArg) -> list[tuple[ResolvedPlugin, float]]:
@@ -185,13 +275,20 @@ def resolve_sources(builder: BuilderArg) -> list[tuple[ResolvedPlugin, float]]:
     if isinstance(builder, list):
         if not builder:
             raise ConfigError("data.builder is an empty list; give at least one dataset builder")
-        specs = [s if isinstance(s, DatasetSpec) else DatasetSpec.model_validate(s) for s in builder]
+        specs = []
+        for entry in builder:
+            try:
+                specs.append(entry if isinstance(entry, DatasetSpec) else DatasetSpec.model_validate(entry))
+            except ValidationError as exc:
+                name = entry.get("name", "?") if isinstance(entry, dict) else str(entry)
+                raise ConfigError(format_validation_error("dataset_builder", name, exc)) from None
         return [(resolve("dataset_builder", PluginRef(name=s.name, config=s.config)), s.weight) for s in specs]
     return [(resolve("dataset_builder", coerce_ref(builder)), 1.0)]
 
 
 def resolve_eval_source(name: str, source: EvalSource, main: ResolvedPlugin) -> ResolvedPlugin:
-    """The builder of the ``extra_eval`` set ``name``; a path reuses the main builder and its options."""
+    """The builder of the ``extra_eval`` set ``name``; a path reuses the main builder and its options
+    (all but ``validation_path``, ``test_path`` and ``limit``)."""
     if name in SPLITS:
         raise ConfigError(f"extra_eval '{name}' clashes with a split name; choose another name")
     if not isinstance(source, str) or source in get_plugin_manager().names("dataset_builder"):
@@ -201,7 +298,7 @@ def resolve_eval_source(name: str, source: EvalSource, main: ResolvedPlugin) -> 
         raise ConfigError(f"extra_eval '{name}': dataset builder '{main.name}' has no 'path' option; "
                           "give a builder reference ({name: ..., config: {...}}) instead of a path")
     config = {**main.ref.config, "path": source}
-    for key in ("validation_path", "test_path"):
+    for key in ("validation_path", "test_path", "limit"):
         config.pop(key, None)
     return resolve("dataset_builder", PluginRef(name=main.name, config=config))
 

@@ -12,6 +12,7 @@ is a few MB; resuming rebuilds the frozen base from its source.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +23,13 @@ from . import console
 from .adapter import adapter_state, save_adapter
 from .config import PluginRef, ResolvedPlugin, coerce_ref, resolve
 from .errors import ConfigError
+from .evaluation import EvaluatorRef
 from .generation import generate
 from .losses import token_loss
 from .models import DEFAULT_MODEL
 from .pipeline import DType, ModelSpec, build_model, compute_context, resolve_spec, trainable_summary
-from .report import RunReport
+from .packing import packing_leak
+from .report import PLOT_FILE, REPORT_FILE, RunReport, plot_losses
 
 
 class DeltaTuneModule(L.LightningModule):
@@ -38,7 +41,7 @@ class DeltaTuneModule(L.LightningModule):
         delta: list[PluginRef] | None = None,
         quantizer: PluginRef | None = None,
         optimizer: PluginRef | None = None,
-        evaluators: list[PluginRef] | None = None,
+        evaluators: list[EvaluatorRef] | None = None,
         base_dtype: DType = "auto",
         trainable_dtype: str = "fp32",
         gradient_checkpointing: bool = False,
@@ -55,7 +58,8 @@ class DeltaTuneModule(L.LightningModule):
             delta: delta methods in the order they are applied; none means full fine-tuning.
             quantizer: quantizer applied to the base before the delta methods.
             optimizer: optimizer plugin (default ``adamw``).
-            evaluators: evaluators run on the validation split before and after ``fit``.
+            evaluators: evaluators run before and after ``fit`` and by ``validate``/``test``; each on
+                every evaluation set (validation, test, ``data.extra_eval`` sets) or on its ``splits``.
             base_dtype: dtype of the frozen weights (``auto``: bf16 where the hardware supports it).
             trainable_dtype: dtype of the trained weights (``fp32`` or ``bf16``).
             gradient_checkpointing: recompute activations in backward to save memory.
@@ -72,13 +76,17 @@ class DeltaTuneModule(L.LightningModule):
                       trainable_dtype=trainable_dtype, trust_remote_code=trust_remote_code)
         )
         self.optimizer_plugin: ResolvedPlugin = resolve("optimizer", coerce_ref(optimizer or "adamw"))
-        self.evaluator_plugins = [resolve("evaluator", coerce_ref(e)) for e in (evaluators or ["perplexity"])]
+        refs = [e if isinstance(e, EvaluatorRef) else EvaluatorRef.model_validate(e)
+                for e in (evaluators or ["perplexity"])]
+        self.evaluator_plugins = [resolve("evaluator", PluginRef(name=e.name, config=e.config)) for e in refs]
+        self.evaluator_splits = [e.splits for e in refs]
         self.fused = bool(getattr(self.optimizer_plugin.info.cls, "fused", False))
         self.automatic_optimization = not self.fused
         self.strict_loading = False
         self.model: torch.nn.Module | None = None
         self.report = RunReport()
         self._val_sums = [0.0, 0]
+        self._clock: dict[str, float] = {}
 
     # -- model --------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -113,6 +121,7 @@ class DeltaTuneModule(L.LightningModule):
         total, count = self.forward_loss(batch)
         loss = total / max(count, 1)
         self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.report.history["train"].append((self.global_step + 1, float(loss.detach())))
         if not self.fused:
             return loss
         optimizer = self.optimizers().optimizer
@@ -133,7 +142,10 @@ class DeltaTuneModule(L.LightningModule):
         total, count = self._val_sums
         sums = torch.tensor([total, float(count)], dtype=torch.float64)
         sums = self.all_gather(sums).reshape(-1, 2).sum(0) if self.trainer.world_size > 1 else sums
-        self.log("val_loss", float(sums[0] / max(sums[1], 1.0)), prog_bar=True, sync_dist=False)
+        val_loss = float(sums[0] / max(sums[1], 1.0))
+        self.log("val_loss", val_loss, prog_bar=True, sync_dist=False)
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            self.report.history["validation"].append((self.global_step, val_loss))
         self._val_sums = [0.0, 0]
 
     test_step = validation_step
@@ -171,18 +183,26 @@ class DeltaTuneModule(L.LightningModule):
 
     # -- reports ------------------------------------------------------------------------------
     def evaluate(self, split: str = "validation") -> dict[str, float]:
-        """Every configured evaluator on ``split``, as ``{"evaluator/metric": value}``."""
+        """The evaluators configured for ``split`` on its rows, as ``{"evaluator/metric": value}``."""
         datamodule = self.trainer.datamodule
         rows = datamodule.rows(split)
         metrics: dict[str, float] = {}
         was_training = self.model.training
         self.model.eval()
         with torch.no_grad():
-            for evaluator in self.evaluator_plugins:
+            for evaluator, splits in zip(self.evaluator_plugins, self.evaluator_splits):
+                if splits is not None and split not in splits:
+                    continue
                 result = evaluator.plugin.evaluate(self.model, datamodule.tokenizer, rows, evaluator.cfg)
                 metrics.update({f"{evaluator.name}/{k}": float(v) for k, v in result.items()})
         self.model.train(was_training)
         return metrics
+
+    def evaluate_sets(self, names: list[str] | None = None) -> dict[str, dict[str, float]]:
+        """:meth:`evaluate` on every evaluation set (or on ``names``) that some evaluator covers."""
+        names = self.trainer.datamodule.eval_splits() if names is None else names
+        results = {name: self.evaluate(name) for name in names}
+        return {name: metrics for name, metrics in results.items() if metrics}
 
     def sample(self) -> list[tuple[str, str, str]]:
         """``(prompt, reference, completion)`` for the first few validation rows."""
@@ -191,26 +211,57 @@ class DeltaTuneModule(L.LightningModule):
         outputs = generate(self.model, datamodule.tokenizer, [r["prompt"] for r in rows], self.hparams.max_new_tokens)
         return [(r["prompt"], r.get("response", ""), out) for r, out in zip(rows, outputs)]
 
+    def _lap(self, name: str) -> None:
+        """Record the seconds since the previous lap under ``timings[name]``."""
+        now = time.perf_counter()
+        self.report.timings[name] = round(now - self._clock.get("last", now), 1)
+        self._clock["last"] = now
+
     def on_fit_start(self) -> None:
-        """Describe the run and measure the untouched base model."""
+        """Describe the run, check packing on this model, and measure the untouched base model."""
         if not self.trainer.is_global_zero:
             return
+        self._clock = {"start": time.perf_counter(), "last": time.perf_counter()}
+        datamodule = self.trainer.datamodule
         trainable, total = trainable_summary(self.model)
         console.print_run_summary(self.resolved, self.optimizer_plugin, trainable, total)
+        self.report.name = Path(self.trainer.default_root_dir).name
+        self.report.method = console.method_text(self.resolved)
+        self.report.batches = datamodule.batch_stats()
+        console.print_batches(self.report.batches)
+        if datamodule.packing and (leak := packing_leak(self.model)) > 1e-4:
+            raise ConfigError(f"packing is unsafe with this model: examples packed together change each "
+                              f"other's loss (relative difference {leak:.2e}); set data.packing: false")
         if self.hparams.compare_base:
-            self.report.base_metrics = self.evaluate()
+            self.report.base_metrics = self.evaluate_sets()
             self.report.base_samples = self.sample() if self.hparams.samples else []
+        self._lap("base_eval_s")
 
     def on_fit_end(self) -> None:
-        """Save the adapter atomically, evaluate the tuned model and print the result table."""
+        """Save the adapter atomically, evaluate the tuned model, write the report and the loss plot."""
         if not self.trainer.is_global_zero:
             return
+        self._lap("train_s")
         root = Path(self.trainer.default_root_dir)
         out = Path(self.hparams.adapter_dir) if self.hparams.adapter_dir else root / "adapter"
         save_adapter(self.model, self.resolved, out, tokenizer=self.trainer.datamodule.tokenizer)
         self.report.adapter = str(out)
-        self.report.tuned_metrics = self.evaluate()
+        self.report.tuned_metrics = self.evaluate_sets()
         self.report.tuned_samples = self.sample() if self.hparams.samples else []
         self.report.steps = self.trainer.global_step
-        self.report.write(root / "report.json")
+        self._lap("tuned_eval_s")
+        self.report.timings["total_s"] = round(time.perf_counter() - self._clock["start"], 1)
+        self.report.write(root / REPORT_FILE)
+        plot_losses([self.report], root / PLOT_FILE)
         console.print_report(self.report)
+
+    def on_validation_end(self) -> None:
+        """``deltatune validate``: run the evaluators on the validation set and print their table."""
+        if self.trainer.state.fn == "validate" and self.trainer.is_global_zero:
+            console.print_metrics("validation", self.evaluate_sets(["validation"]))
+
+    def on_test_end(self) -> None:
+        """``deltatune test``: run the evaluators on the test set and the extra sets; print the table."""
+        if self.trainer.is_global_zero:
+            names = [n for n in self.trainer.datamodule.eval_splits() if n != "validation"] or ["validation"]
+            console.print_metrics("test", self.evaluate_sets(names))

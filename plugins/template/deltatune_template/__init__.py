@@ -1,0 +1,97 @@
+"""FLAN-style templates: rows of any fields (JSONL, JSON, CSV or Parquet) become instruction/response
+pairs through user-written templates.
+
+Each template is a pair of Python format strings over the row's fields, e.g.
+``{prompt: "What is {a} plus {b}?", response: "{answer}"}``. With several templates, each row uses one
+drawn at random — reproducibly: the draw depends only on ``seed``, the split and the row's position
+in its file, not on the order rows are read or on ``limit``. Missing cells (empty CSV fields) format
+as empty text. The prompt becomes a user turn of the tokenizer's chat template (``chat: auto``);
+the loss covers the response only unless ``train_on_prompt``.
+"""
+
+from __future__ import annotations
+
+import random
+import string
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from deltatune import DataError, Row, hookimpl
+from deltatune.data import ChatMode, TruncationStats, encode_example, encode_records, passthrough, user_prompt
+
+
+class Template(BaseModel):
+    """One template: format strings for the prompt and the response."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    response: str = "{answer}"
+
+    @field_validator("prompt", "response")
+    @classmethod
+    def _parses(cls, value: str) -> str:
+        fields = template_fields(value)
+        if any(not f.isidentifier() for f in fields):
+            raise ValueError(f"template fields must be plain names like {{answer}}, got {sorted(fields)}")
+        return value
+
+
+def template_fields(text: str) -> set[str]:
+    """The field names a format string uses (a malformed string raises ``ValueError``)."""
+    return {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
+
+
+class TemplateConfig(BaseModel):
+    """Options of the ``template`` dataset builder."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="training file (.jsonl, .json, .csv, .parquet)")
+    validation_path: str | None = None
+    test_path: str | None = None
+    templates: list[Template] = Field(min_length=1)
+    seed: int = 0
+    chat: ChatMode = "auto"
+    train_on_prompt: bool = False
+    max_length: int = Field(512, gt=8)
+    limit: int | None = Field(None, gt=0, description="use at most this many rows per split")
+
+
+def fill(template: str, record: dict[str, Any], where: str, index: int) -> str:
+    """``template`` formatted with ``record``'s fields (``None`` as empty text)."""
+    missing = template_fields(template) - set(record)
+    if missing:
+        raise DataError(f"{where}: template {index} uses field(s) {sorted(missing)}, which the row lacks "
+                        f"(fields: {sorted(record)})")
+    return template.format(**{k: "" if v is None else v for k, v in record.items()})
+
+
+class TemplateBuilder:
+    """The ``template`` dataset builder."""
+
+    name: ClassVar[str] = "template"
+    Config: ClassVar[type[BaseModel]] = TemplateConfig
+
+    def build(self, cfg: TemplateConfig, tokenizer: Any, split: str) -> list[Row] | None:
+        """Rows of ``split``; ``None`` when no file is configured for it."""
+
+        def encode(record: dict[str, Any], where: str, line: int, stats: TruncationStats) -> Row | None:
+            index = random.Random(f"{cfg.seed}:{split}:{line}").randrange(len(cfg.templates))
+            template = cfg.templates[index]
+            prompt = fill(template.prompt, record, where, index)
+            response = fill(template.response, record, where, index)
+            row = encode_example(tokenizer, user_prompt(tokenizer, prompt, cfg.chat), response,
+                                 cfg.max_length, cfg.train_on_prompt, stats, line)
+            if row is not None:
+                row.update(passthrough(record), template=index)
+            return row
+
+        return encode_records(self.name, cfg, split, encode)
+
+
+@hookimpl
+def deltatune_register_dataset_builders(register) -> None:
+    """Provide ``template``."""
+    register(TemplateBuilder)

@@ -1,0 +1,78 @@
+"""Plain text for continued pre-training: documents are tokenised, each followed by the
+end-of-sequence token, concatenated, and cut into rows of ``max_length`` tokens with the loss on every
+token (GPT-style; a row may span two documents, separated by EOS).
+
+A ``.txt`` file is one document, or one per blank-line-separated paragraph with
+``paragraphs: true``; in JSONL, JSON, CSV or Parquet files each row's ``field`` (default ``text``) is
+a document. The last, shorter row is kept unless ``drop_last``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from deltatune import DataError, Row, hookimpl
+from deltatune.data import read_records, split_path
+
+
+class TextConfig(BaseModel):
+    """Options of the ``text`` dataset builder."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(description="training file (.txt, .jsonl, .json, .csv, .parquet)")
+    validation_path: str | None = None
+    test_path: str | None = None
+    field: str = Field("text", description="the text column of record files")
+    paragraphs: bool = Field(False, description=".txt: one document per blank-line-separated paragraph")
+    max_length: int = Field(512, gt=1)
+    drop_last: bool = False
+    limit: int | None = Field(None, gt=0, description="use at most this many rows per split")
+
+
+def documents(path: Path, cfg: TextConfig) -> Iterator[str]:
+    """The documents of ``path``; a record without a string ``field`` names its file and line."""
+    if path.suffix == ".txt":
+        if not path.is_file():
+            raise DataError(f"data file not found: {path}")
+        text = path.read_text(encoding="utf-8")
+        yield from (p.strip() for p in text.split("\n\n") if p.strip()) if cfg.paragraphs else [text]
+        return
+    for line, record in read_records(path):
+        value = record.get(cfg.field)
+        if not isinstance(value, str):
+            raise DataError(f"{path}:{line}: field '{cfg.field}' is missing or not a string (keys: {sorted(record)})")
+        yield value
+
+
+class TextBuilder:
+    """The ``text`` dataset builder."""
+
+    name: ClassVar[str] = "text"
+    Config: ClassVar[type[BaseModel]] = TextConfig
+
+    def build(self, cfg: TextConfig, tokenizer: Any, split: str) -> list[Row] | None:
+        """Rows of ``split`` (chunks of the concatenated documents); ``None`` when it has no file."""
+        path = split_path(cfg, split)
+        if path is None:
+            return None
+        stream: list[int] = []
+        for doc in documents(Path(path), cfg):
+            stream += tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            if cfg.limit and len(stream) >= cfg.limit * cfg.max_length:
+                break
+        chunks = [stream[i:i + cfg.max_length] for i in range(0, len(stream), cfg.max_length)]
+        if chunks and (len(chunks[-1]) < 2 or (cfg.drop_last and len(chunks[-1]) < cfg.max_length)):
+            chunks.pop()
+        chunks = chunks[: cfg.limit] if cfg.limit else chunks
+        return [{"input_ids": c, "labels": list(c)} for c in chunks]
+
+
+@hookimpl
+def deltatune_register_dataset_builders(register) -> None:
+    """Provide ``text``."""
+    register(TextBuilder)
