@@ -227,6 +227,7 @@ class DeltaTuneModule(L.LightningModule):
         console.print_run_summary(self.resolved, self.optimizer_plugin, trainable, total)
         self.report.name = Path(self.trainer.default_root_dir).name
         self.report.method = console.method_text(self.resolved)
+        self.report.parameters = {"trainable": trainable, "total": total}
         self.report.batches = datamodule.batch_stats()
         console.print_batches(self.report.batches)
         if datamodule.packing and (leak := packing_leak(self.model)) > 1e-4:

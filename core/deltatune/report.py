@@ -34,6 +34,7 @@ class RunReport:
     base_samples: list[tuple[str, str, str]] = field(default_factory=list)
     tuned_samples: list[tuple[str, str, str]] = field(default_factory=list)
     history: dict[str, list[tuple[int, float]]] = field(default_factory=lambda: {"train": [], "validation": []})
+    parameters: dict[str, int] = field(default_factory=dict)
     batches: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     adapter: str = ""

@@ -1,0 +1,147 @@
+"""Base vs tuned exact match of every delta method under one budget, written to docs/benchmarks.md.
+
+Each method trains SmolLM2-135M-Instruct on the bundled task suite with the demo's data, batch size,
+steps and evaluation (examples/lora-smollm2.yaml), changing only the method (and its learning rate,
+taken from the method's own example). Run it on an otherwise idle machine::
+
+    flock -x /tmp/deltatune-cpu.lock python benchmarks/methods.py --write
+
+A method whose plugin is not installed is listed as missing. ``--steps`` shortens every run alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "examples" / "lora-smollm2.yaml"
+DOC = ROOT / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- methods:begin -->", "<!-- methods:end -->"
+LORA = {"name": "lora", "config": {"r": 16, "alpha": 32, "targets": "all-linear"}}
+
+METHODS: dict[str, dict] = {
+    "LoRA": {"delta": [LORA], "lr": 1.0e-3, "needs": ["lora"]},
+    "DoRA": {"delta": [{"name": "dora", "config": {"r": 16, "alpha": 32, "targets": "all-linear"}}],
+             "lr": 1.0e-3, "needs": ["dora"]},
+    "VeRA": {"delta": [{"name": "vera", "config": {"r": 256, "targets": "all-linear"}}], "lr": 1.0e-2,
+             "needs": ["vera"]},
+    "BitFit": {"delta": [{"name": "bitfit", "config": {"targets": "all-linear", "add_missing": "auto"}}],
+               "lr": 3.0e-3, "needs": ["bitfit"]},
+    "QLoRA": {"delta": [LORA], "quantizer": {"name": "nf4"}, "lr": 1.0e-3, "needs": ["lora", "nf4"]},
+    "LOMO": {"delta": [], "optimizer": {"name": "lomo", "config": {"lr": 1.0e-2, "clip_grad_norm": 1.0,
+                                                                    "warmup_steps": 10}}, "needs": ["lomo"]},
+}
+
+
+def installed() -> set[str]:
+    """Names of the installed plugins (every kind)."""
+    out = subprocess.run([sys.executable, "-m", "deltatune.cli", "plugins", "--json"], capture_output=True,
+                         text=True, check=True, cwd=ROOT).stdout
+    return {p["name"] for p in json.loads(out)["installed"]}
+
+
+def overlay(method: dict, steps: int | None, root: Path) -> str:
+    """A YAML overlay (JSON is YAML) on the demo config for ``method``."""
+    model: dict = {"delta": method["delta"], "quantizer": method.get("quantizer"), "samples": 0}
+    model["optimizer"] = method.get("optimizer") or {"name": "adamw", "config": {"lr": method["lr"], "warmup_steps": 10}}
+    trainer: dict = {"default_root_dir": str(root)}
+    if steps:
+        trainer["max_steps"] = steps
+    return json.dumps({"model": model, "trainer": trainer})
+
+
+def run(name: str, method: dict, steps: int | None, out: Path) -> dict:
+    """Train one method; its report (``report.json``) as a dict, plus the wall time."""
+    root = out / name.lower()
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
+        fh.write(overlay(method, steps, root))
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "deltatune.cli", "fit", "--config", str(DEMO), "--config", fh.name],
+                          cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    (out / f"{name.lower()}.log").write_text(done.stdout + done.stderr)
+    if done.returncode != 0:
+        return {"error": (done.stdout + done.stderr).strip().splitlines()[-1][:200], "wall": wall}
+    report = json.loads((root / "report.json").read_text())
+    report["wall"] = wall
+    return report
+
+
+def cell(report: dict, split: str) -> str:
+    """``base → tuned (±points)`` exact match on ``split``."""
+    base = report["base_metrics"].get(split, {}).get("exact_match/accuracy")
+    tuned = report["tuned_metrics"].get(split, {}).get("exact_match/accuracy")
+    if base is None or tuned is None:
+        return "—"
+    return f"{100 * base:.1f}% → **{100 * tuned:.1f}%** ({100 * (tuned - base):+.1f})"
+
+
+def table(results: dict[str, dict], missing: list[str], steps: int | None) -> str:
+    """The markdown section for docs/benchmarks.md."""
+    lines = [BEGIN, "## Delta methods on the task suite: base vs tuned exact match (SmolLM2-135M-Instruct)", "",
+             f"Command: `flock -x /tmp/deltatune-cpu.lock python benchmarks/methods.py --write"
+             f"{f' --steps {steps}' if steps else ''}` (CPU, 2 cores). Every method gets the demo's budget "
+             "(`examples/lora-smollm2.yaml`: same data, batch size 8, same steps, same evaluation); only the "
+             "method and its learning rate (from the method's own example) change. `test`: the six trained "
+             "task families on problems never seen; `heldout`: two task families never trained on.", "",
+             "| method | trainable params | steps | exact match, test | exact match, heldout | val loss (tuned) | train time | wall time |",
+             "|---|---:|---:|---|---|---:|---:|---:|"]
+    for name, report in results.items():
+        if "error" in report:
+            lines.append(f"| {name} | — | — | failed: {report['error']} | | | | {report['wall']:.0f} s |")
+            continue
+        loss = report["tuned_metrics"].get("validation", {}).get("perplexity/loss")
+        lines.append(f"| {name} | {report.get('parameters', {}).get('trainable', 0):,} | {report['steps']} | {cell(report, 'test')} | "
+                     f"{cell(report, 'heldout')} | {loss:.3f} | {report['timings'].get('train_s', 0):.0f} s | "
+                     f"{report['wall']:.0f} s |")
+    if missing:
+        lines += ["", f"Not measured (plugin not installed when this ran): {', '.join(missing)}."]
+    lines.append(END)
+    return "\n".join(lines) + "\n"
+
+
+def write_section(text: str) -> None:
+    """Replace (or append) the methods section of docs/benchmarks.md."""
+    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    if BEGIN in doc:
+        doc = doc[: doc.index(BEGIN)] + text + doc[doc.index(END) + len(END) + 1:]
+    else:
+        doc = doc.rstrip() + "\n\n" + text
+    DOC.write_text(doc)
+
+
+def main() -> None:
+    """Run every available method and print (or write) the table."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, help="override max_steps for every method")
+    parser.add_argument("--only", nargs="*", help="methods to run (default: all)")
+    parser.add_argument("--out", default=str(ROOT / "runs" / "methods"), help="run folders and logs")
+    parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
+    args = parser.parse_args()
+    have = installed()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results, missing = {}, []
+    for name, method in METHODS.items():
+        if args.only and name not in args.only:
+            continue
+        if not set(method["needs"]) <= have:
+            missing.append(f"{name} (needs {', '.join(sorted(set(method['needs']) - have))})")
+            continue
+        print(f"{name} …", flush=True)
+        results[name] = run(name, method, args.steps, out)
+        print(json.dumps({k: results[name].get(k) for k in ("tuned_metrics", "timings", "wall", "error")}), flush=True)
+    text = table(results, missing, args.steps)
+    print(text)
+    if args.write:
+        write_section(text)
+
+
+if __name__ == "__main__":
+    main()
