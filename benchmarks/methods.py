@@ -15,9 +15,10 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "examples" / "lora-smollm2.yaml"
@@ -46,23 +47,26 @@ def installed() -> set[str]:
     return {p["name"] for p in json.loads(out)["installed"]}
 
 
-def overlay(method: dict, steps: int | None, root: Path) -> str:
-    """A YAML overlay (JSON is YAML) on the demo config for ``method``."""
-    model: dict = {"delta": method["delta"], "quantizer": method.get("quantizer"), "samples": 0}
+def method_config(method: dict, steps: int | None, root: Path) -> dict:
+    """The demo configuration with ``method`` in place of LoRA (a whole file: jsonargparse does not merge
+    a plugin reference across two --config files reliably)."""
+    config = yaml.safe_load(DEMO.read_text())
+    model = config["model"]
+    model.update(delta=method["delta"], quantizer=method.get("quantizer"), samples=0)
     model["optimizer"] = method.get("optimizer") or {"name": "adamw", "config": {"lr": method["lr"], "warmup_steps": 10}}
-    trainer: dict = {"default_root_dir": str(root)}
+    config["trainer"]["default_root_dir"] = str(root)
     if steps:
-        trainer["max_steps"] = steps
-    return json.dumps({"model": model, "trainer": trainer})
+        config["trainer"]["max_steps"] = steps
+    return config
 
 
 def run(name: str, method: dict, steps: int | None, out: Path) -> dict:
     """Train one method; its report (``report.json``) as a dict, plus the wall time."""
     root = out / name.lower()
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as fh:
-        fh.write(overlay(method, steps, root))
+    config = out / f"{name.lower()}.yaml"
+    config.write_text(yaml.safe_dump(method_config(method, steps, root), sort_keys=False))
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "deltatune.cli", "fit", "--config", str(DEMO), "--config", fh.name],
+    done = subprocess.run([sys.executable, "-m", "deltatune.cli", "fit", "--config", str(config)],
                           cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - start
     (out / f"{name.lower()}.log").write_text(done.stdout + done.stderr)

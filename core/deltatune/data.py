@@ -1,8 +1,12 @@
-"""Instruction data: encoding prompt/response pairs, batching, and the Lightning data module.
+"""Instruction data: encoding examples, reading data files, and the Lightning data module.
 
-Builders (plugins) turn files into rows with :func:`encode_example`; the core collates rows into
-padded batches (labels ``-100`` on padding and, by default, on the prompt), holds out a validation
-split when a builder has none, and reports truncation the same way for every builder.
+Builders (plugins) turn files into rows with :func:`encode_example` (a prompt and a response) or
+:func:`encode_segments` (a conversation), reading records with :func:`read_records` (JSON/JSONL here,
+CSV/Parquet through Hugging Face ``datasets``) or :func:`encode_records`, so every builder names a bad
+record by file and line and reports truncation the same way. The data module mixes several builders
+(:mod:`deltatune.mixing`), holds out a validation split when a builder has none, builds the
+``extra_eval`` sets, and batches training rows plainly, length-grouped or packed
+(:mod:`deltatune.packing`).
 """
 
 from __future__ import annotations
