@@ -38,6 +38,9 @@ def run_lightning(argv: list[str]) -> None:
             parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
                                  "checkpoint.every_n_train_steps": 50})
 
+        def before_fit(self) -> None:
+            self.model.check_trainer(self.trainer)
+
     sys.argv = [sys.argv[0], *argv]  # LightningCLI reads sys.argv (and warns when given both)
     DeltaTuneCLI(
         DeltaTuneModule,

@@ -94,5 +94,8 @@ def deltatune_register_optimizers(register: Register) -> None:
     ``create(named_params, cfg, total_steps)`` returns ``(optimizer, scheduler_or_None)``. An
     optimizer whose update happens inside backward (LOMO) subclasses
     :class:`deltatune.fused.FusedOptimizer`; the core then switches Lightning to manual optimisation
-    and calls ``optimizer.fused_backward(loss)`` instead of ``backward`` + ``step``.
+    and calls ``optimizer.step(closure=lambda: optimizer.fused_backward(loss))`` instead of
+    ``backward`` + ``step``; trainer settings it cannot honour (gradient accumulation, trainer-side
+    clipping, data parallelism, ``16-mixed``) are refused before training by
+    ``FusedOptimizer.check_trainer_compatible``.
     """

@@ -23,6 +23,7 @@ from . import console
 from .adapter import adapter_state, save_adapter
 from .config import PluginRef, ResolvedPlugin, coerce_ref, resolve
 from .errors import ConfigError
+from .fused import FusedOptimizer
 from .evaluation import EvaluatorRef
 from .generation import generate
 from .losses import token_loss
@@ -124,8 +125,9 @@ class DeltaTuneModule(L.LightningModule):
         self.report.history["train"].append((self.global_step + 1, float(loss.detach())))
         if not self.fused:
             return loss
-        optimizer = self.optimizers().optimizer
-        optimizer.fused_backward(loss)
+        optimizer = self.optimizers()
+        # step(closure) lets Lightning count the step (global_step, max_steps) for a fused update
+        optimizer.step(closure=lambda: optimizer.optimizer.fused_backward(loss))
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
@@ -168,18 +170,25 @@ class DeltaTuneModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def setup(self, stage: str) -> None:
-        """Reject trainer settings a fused optimizer cannot honour, before training."""
-        if not self.fused or stage != "fit":
+        """Reject trainer settings the optimizer cannot honour, before training."""
+        if stage == "fit":
+            self.check_trainer(self.trainer)
+
+    def check_trainer(self, trainer: L.Trainer) -> None:
+        """Raise :class:`ConfigError` for trainer settings a fused optimizer cannot honour.
+
+        The CLI calls this before Lightning validates its own loop configuration, so the user sees
+        deltatune's explanation rather than Lightning's generic manual-optimisation message.
+        """
+        if not self.fused:
             return
-        trainer = self.trainer
-        name = self.optimizer_plugin.name
-        if trainer.accumulate_grad_batches != 1:
-            raise ConfigError(f"optimizer '{name}' updates inside backward: accumulate_grad_batches must be 1")
-        if trainer.gradient_clip_val:
-            raise ConfigError(f"optimizer '{name}' clips inside backward: set its own clip_grad_norm option, "
-                              "not trainer.gradient_clip_val")
-        if str(trainer.precision).startswith("16"):
-            raise ConfigError(f"optimizer '{name}' does not support fp16 loss scaling; use bf16-mixed or 32")
+        try:
+            FusedOptimizer.check_trainer_compatible(
+                trainer.accumulate_grad_batches, gradient_clip_val=trainer.gradient_clip_val,
+                world_size=trainer.world_size, precision=trainer.precision, name=self.optimizer_plugin.name,
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     # -- reports ------------------------------------------------------------------------------
     def evaluate(self, split: str = "validation") -> dict[str, float]:

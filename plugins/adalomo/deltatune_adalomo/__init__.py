@@ -1,0 +1,197 @@
+"""AdaLomo (Lv et al., 2023): LOMO with an adaptive learning rate, as a deltatune optimizer plugin.
+
+AdaLomo keeps LOMO's update fused into backward (no gradients are held; each is freed as soon as its
+parameter is updated) and adds Adafactor's adaptive step: a second-moment estimate stored *factored*
+(one row and one column vector per matrix, ``O(n + m)`` instead of ``O(n m)``), so its only state is
+those statistics. For a parameter ``X`` with gradient ``G`` at step ``t``::
+
+    beta2  = 1 - t ** decay_rate                                  # decay_rate = -0.8
+    R      = beta2 R + (1 - beta2) mean_cols(G^2 + eps1)          # matrices: row statistics
+    C      = beta2 C + (1 - beta2) mean_rows(G^2 + eps1)          #           column statistics
+    V      = R C^T / mean(R)                                      # (vectors keep V itself)
+    U      = G / sqrt(V)
+    U      = U / max(1, RMS(U) / clip_threshold)                  # "grouped update normalization"
+    lr_t   = lr * max(eps2, RMS(X))                               # relative step size
+    X      = X (1 - lr_t wd) - lr_t U
+
+This is Adafactor without first moment, with ``relative_step=False`` and ``scale_parameter=True``.
+Precisely: with ``clip_grad_norm=None`` it equals
+``transformers.optimization.Adafactor(lr=lr, beta1=None, relative_step=False, scale_parameter=True,
+warmup_init=False, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate,
+weight_decay=weight_decay)`` up to float rounding, and with ``clip_grad_norm=c`` it equals that
+Adafactor run after :func:`torch.nn.utils.clip_grad_norm_` (``c``). Adafactor's ``beta1`` (a full
+first moment) and ``relative_step=True`` have no AdaLomo counterpart; the step counter is kept per
+parameter, as in Adafactor (``lomo_optim.AdaLomo`` keeps one global counter, which differs only when
+a parameter receives no gradient in some step).
+
+The AdaLomo paper replaces LOMO's global gradient-norm clipping (two backward passes) by the
+per-parameter update normalization above, so ``clip_grad_norm`` defaults to ``None`` here; setting it
+adds the extra backward pass (``optimizer.backward_passes`` counts it).
+
+Usage::
+
+    optimizer: {name: adalomo, config: {lr: 1.0e-3}}
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from deltatune import hookimpl
+from deltatune.fused import FusedOptimizer
+from deltatune.schedules import warmup_cosine
+
+__all__ = ["AdaLomo", "AdaLomoOptimizer", "Config"]
+
+
+class Config(BaseModel):
+    """Options of the ``adalomo`` optimizer."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lr: float = Field(1e-3, gt=0, description="peak relative learning rate (scaled by each parameter's RMS)")
+    clip_grad_norm: float | None = Field(
+        None, gt=0, description="clip the global gradient L2 norm to this value; costs a second backward pass"
+    )
+    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay, scaled by the relative step")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps before the cosine decay")
+    min_lr_ratio: float = Field(
+        0.0, ge=0, le=1, description="final learning rate as a fraction of lr (1.0: constant after warm-up)"
+    )
+    eps: tuple[float, float] = Field(
+        (1e-30, 1e-3), description="(added to squared gradients, lower bound of the parameter RMS)"
+    )
+    decay_rate: float = Field(-0.8, lt=0, description="second-moment decay: beta2_t = 1 - t ** decay_rate")
+    clip_threshold: float = Field(1.0, gt=0, description="update normalization: RMS(update) is capped at this")
+
+
+class AdaLomoOptimizer(FusedOptimizer):
+    """AdaLomo: factored adaptive learning rate, update fused into backward.
+
+    Its state per parameter is ``step`` and either ``exp_avg_sq_row``/``exp_avg_sq_col`` (tensors
+    with two or more dimensions) or ``exp_avg_sq`` (vectors), all ``float32``.
+
+    Args:
+        params: parameters, ``(name, parameter)`` pairs or parameter groups.
+        lr: relative learning rate (per group; schedulers may change it).
+        eps: ``(eps1, eps2)``: added to squared gradients; lower bound of the parameter RMS.
+        clip_threshold: cap on the RMS of each parameter's update.
+        decay_rate: ``beta2_t = 1 - t ** decay_rate``.
+        weight_decay: decoupled weight decay, multiplied by the relative step size.
+        clip_grad_norm: global gradient-norm clipping threshold, or ``None``.
+    """
+
+    plugin_name: ClassVar[str] = "adalomo"
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float = 1e-3,
+        eps: tuple[float, float] = (1e-30, 1e-3),
+        clip_threshold: float = 1.0,
+        decay_rate: float = -0.8,
+        weight_decay: float = 0.0,
+        clip_grad_norm: float | None = None,
+    ) -> None:
+        if decay_rate >= 0:
+            raise ValueError(f"adalomo: decay_rate must be negative, got {decay_rate}")
+        if clip_threshold <= 0:
+            raise ValueError(f"adalomo: clip_threshold must be positive, got {clip_threshold}")
+        if weight_decay < 0:
+            raise ValueError(f"adalomo: weight_decay must be >= 0, got {weight_decay}")
+        defaults = {
+            "lr": lr,
+            "eps": tuple(eps),
+            "clip_threshold": clip_threshold,
+            "decay_rate": decay_rate,
+            "weight_decay": weight_decay,
+        }
+        super().__init__(params, defaults, clip_grad_norm=clip_grad_norm)
+
+    def _init_state(self, param: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        """Zero statistics in fp32: row and column vectors for a matrix, a full vector otherwise."""
+        shape, device = param.shape, param.device
+        state["step"] = 0
+        if len(shape) >= 2:
+            state["exp_avg_sq_row"] = torch.zeros(shape[:-1], dtype=torch.float32, device=device)
+            state["exp_avg_sq_col"] = torch.zeros(shape[:-2] + shape[-1:], dtype=torch.float32, device=device)
+        else:
+            state["exp_avg_sq"] = torch.zeros(shape, dtype=torch.float32, device=device)
+
+    @staticmethod
+    def _rms(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.norm(2) / math.sqrt(tensor.numel())
+
+    def _update(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        """One AdaLomo step for ``param`` (fp32, in place); ``grad`` is consumed in place."""
+        eps1, eps2 = group["eps"]
+        factored = grad.dim() >= 2
+        if not state:
+            self._init_state(param, group, state)
+        state["step"] += 1
+        beta2t = 1.0 - math.pow(state["step"], group["decay_rate"])
+        lr = group["lr"] * torch.clamp(self._rms(param), min=eps2)  # relative step: uses X before the update
+
+        if factored:
+            # mean(G^2 + eps1) over columns / rows as reductions (no n x m temporary of G^2)
+            row_mean = torch.linalg.vector_norm(grad, 2, dim=-1).square_().div_(grad.shape[-1]).add_(eps1)
+            col_mean = torch.linalg.vector_norm(grad, 2, dim=-2).square_().div_(grad.shape[-2]).add_(eps1)
+            row, col = state["exp_avg_sq_row"], state["exp_avg_sq_col"]
+            row.mul_(beta2t).add_(row_mean, alpha=1.0 - beta2t)
+            col.mul_(beta2t).add_(col_mean, alpha=1.0 - beta2t)
+            # U = G * rsqrt(V) with V = R C^T / mean(R), computed in place on G (no n x m temporary)
+            update = grad.mul_((row / row.mean(dim=-1, keepdim=True)).rsqrt_().unsqueeze(-1))
+            update.mul_(col.unsqueeze(-2).rsqrt())
+        else:
+            v = state["exp_avg_sq"]
+            v.mul_(beta2t).add_(grad.square().add_(eps1), alpha=1.0 - beta2t)
+            update = grad.mul_(v.rsqrt())
+        update.div_((self._rms(update) / group["clip_threshold"]).clamp_(min=1.0))
+        update.mul_(lr)
+        if group["weight_decay"]:
+            param.mul_(1.0 - group["weight_decay"] * lr)
+        param.sub_(update)
+
+
+class AdaLomo:
+    """The ``adalomo`` optimizer factory registered with deltatune."""
+
+    name: ClassVar[str] = "adalomo"
+    Config: ClassVar[type[BaseModel]] = Config
+    fused: ClassVar[bool] = True
+
+    def create(
+        self, named_params: list[tuple[str, nn.Parameter]], cfg: BaseModel, total_steps: int
+    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
+        """An :class:`AdaLomoOptimizer` over ``named_params`` and a warm-up + cosine schedule."""
+        assert isinstance(cfg, Config)
+        optimizer = AdaLomoOptimizer(
+            list(named_params),
+            lr=cfg.lr,
+            eps=cfg.eps,
+            clip_threshold=cfg.clip_threshold,
+            decay_rate=cfg.decay_rate,
+            weight_decay=cfg.weight_decay,
+            clip_grad_norm=cfg.clip_grad_norm,
+        )
+        return optimizer, warmup_cosine(optimizer, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
+
+    @staticmethod
+    def check_trainer_compatible(accumulate_grad_batches: int = 1, **settings: Any) -> None:
+        """Raise :class:`ValueError` for trainer settings AdaLomo cannot honour: gradient accumulation,
+        trainer-side gradient clipping, several devices, ``16-mixed`` precision (keywords
+        ``gradient_clip_val``, ``world_size``, ``precision``; see
+        :meth:`deltatune.fused.FusedOptimizer.check_trainer_compatible`)."""
+        AdaLomoOptimizer.check_trainer_compatible(accumulate_grad_batches, **settings)
+
+
+@hookimpl
+def deltatune_register_optimizers(register: Any) -> None:
+    """Register the ``adalomo`` optimizer."""
+    register(AdaLomo)

@@ -1,0 +1,329 @@
+"""Oracle tests of the ``lomo`` optimizer: lomo_optim.Lomo, torch SGD, clip_grad_norm_."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any
+
+import lightning as L
+import lomo_optim
+import pytest
+import torch
+from deltatune.config import resolve
+from deltatune.errors import ConfigError
+from deltatune.fused import FusedOptimizer, is_fused
+from deltatune.models import tiny_llama
+from deltatune.plugins import PluginManager
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import deltatune_lomo
+from deltatune_lomo import Config, Lomo, LomoOptimizer
+
+STEPS = 4
+LR = 0.1
+
+
+def batches(n: int = STEPS, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 200, (2, 16), generator=g) for _ in range(n)]
+
+
+def loss_of(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    return model(input_ids=batch, labels=batch).loss
+
+
+def max_diff(a: nn.Module, b: nn.Module) -> float:
+    return max((p.float() - q.float()).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+
+
+def sgd_reference(model: nn.Module, clip: float | None, weight_decay: float = 0.0) -> None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=LR, weight_decay=weight_decay)
+    for b in batches():
+        loss_of(model, b).backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def lomo_run(model: nn.Module, clip: float | None, weight_decay: float = 0.0) -> LomoOptimizer:
+    opt = LomoOptimizer(model.named_parameters(), lr=LR, weight_decay=weight_decay, clip_grad_norm=clip)
+    for b in batches():
+        opt.fused_backward(loss_of(model, b))
+    return opt
+
+
+@pytest.fixture
+def base() -> nn.Module:
+    return tiny_llama(seed=1).train()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny models: one thread is much faster than two on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_matches_lomo_optim_with_schedule(base: nn.Module, clip: float | None) -> None:
+    """Same model, data and (scheduled) lr as the reference package lomo_optim.Lomo."""
+    ours, ref = copy.deepcopy(base), copy.deepcopy(base)
+    cfg = Config(lr=LR, clip_grad_norm=clip, warmup_steps=1, min_lr_ratio=0.1)
+    opt, sched = Lomo().create(list(ours.named_parameters()), cfg, total_steps=STEPS)
+    assert sched is not None
+    ref_opt = lomo_optim.Lomo(ref, lr=LR, clip_grad_norm=clip)
+    lrs = []
+    for b in batches():
+        lr = opt.param_groups[0]["lr"]
+        lrs.append(lr)
+        opt.fused_backward(loss_of(ours, b))
+        sched.step()
+        loss = loss_of(ref, b)
+        if clip is not None:
+            ref_opt.grad_norm(loss)
+        ref_opt.fused_backward(loss, lr)
+    assert len(set(lrs)) == STEPS  # the schedule really changed the lr every step
+    assert max_diff(base, ours) > 1e-3  # it trained
+    assert max_diff(ours, ref) < 1e-6
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_matches_sgd(base: nn.Module, clip: float | None, weight_decay: float) -> None:
+    """Without clipping LOMO is SGD; with clipping it is SGD after clip_grad_norm_."""
+    ours, ref = copy.deepcopy(base), copy.deepcopy(base)
+    opt = lomo_run(ours, clip, weight_decay)
+    sgd_reference(ref, clip, weight_decay)
+    assert max_diff(base, ours) > 1e-3
+    assert max_diff(ours, ref) < 1e-6
+    if clip is not None:
+        assert opt.last_grad_norm is not None and opt.last_grad_norm > clip  # clipping was active
+
+
+def test_clipping_cost_is_visible(base: nn.Module) -> None:
+    plain = lomo_run(copy.deepcopy(base), None)
+    clipped = lomo_run(copy.deepcopy(base), 0.5)
+    n_params = len(list(base.parameters()))
+    assert (plain.backward_passes, plain.norm_passes, plain.steps) == (STEPS, 0, STEPS)
+    assert (clipped.backward_passes, clipped.norm_passes, clipped.steps) == (2 * STEPS, STEPS, STEPS)
+    assert plain.param_updates == clipped.param_updates == STEPS * n_params
+    assert all(not state for state in plain.state.values())  # LOMO keeps no optimizer state
+
+
+class Recording(LomoOptimizer):
+    """LOMO that records, at each update, the parameter and how many .grad are alive."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.updated: list[int] = []
+        self.alive_grads: list[int] = []
+
+    def _update(self, param: torch.Tensor, grad: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
+        self.updated.append(param.data_ptr())
+        self.alive_grads.append(sum(p.grad is not None for g in self.param_groups for p in g["params"]))
+        super()._update(param, grad, group, state)
+
+
+def test_tied_weights_updated_exactly_once_per_step() -> None:
+    base = tiny_llama(seed=2, tie_word_embeddings=True).train()
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+    ours, ref = copy.deepcopy(base), copy.deepcopy(base)
+    opt = Recording(ours.named_parameters(), lr=LR, clip_grad_norm=0.5)
+    for b in batches():
+        opt.fused_backward(loss_of(ours, b))
+    sgd_reference(ref, 0.5)
+    tied = ours.model.embed_tokens.weight.data_ptr()
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
+    assert opt.updated.count(tied) == STEPS
+    n_params = len(list(ours.parameters()))  # named_parameters lists the tied weight once
+    assert len(opt.updated) == STEPS * n_params
+    # a double (or missed) update of the tied matrix would break the equality with SGD
+    assert max_diff(ours, ref) < 1e-6
+
+
+def test_gradients_are_freed_at_once(base: nn.Module) -> None:
+    model = copy.deepcopy(base)
+    opt = Recording(model.named_parameters(), lr=LR, clip_grad_norm=1.0)
+    for b in batches(2):
+        opt.fused_backward(loss_of(model, b))
+        assert all(p.grad is None for p in model.parameters())
+    # when any parameter is updated, no other parameter holds a gradient
+    assert opt.alive_grads and max(opt.alive_grads) == 0
+
+
+def test_only_the_given_parameters_train(base: nn.Module) -> None:
+    """As on top of a delta method: the optimizer gets (and changes) the trainable subset only."""
+    ours, ref = copy.deepcopy(base), copy.deepcopy(base)
+    for m in (ours, ref):
+        for name, p in m.named_parameters():
+            p.requires_grad_("q_proj" in name or "norm" in name)
+    trainable = [(n, p) for n, p in ours.named_parameters() if p.requires_grad]
+    opt = LomoOptimizer(trainable, lr=LR, clip_grad_norm=0.5)
+    for b in batches():
+        opt.fused_backward(loss_of(ours, b))
+    sgd_reference(ref, 0.5)
+    for (name, p), p0, q in zip(ours.named_parameters(), base.parameters(), ref.parameters()):
+        if "q_proj" in name or "norm" in name:
+            assert not torch.equal(p, p0), name
+            torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+        else:
+            assert torch.equal(p, p0), name
+    assert opt.param_updates == STEPS * len(trainable)
+
+
+def test_activation_checkpointing_matches_sgd(base: nn.Module) -> None:
+    ours, ref = copy.deepcopy(base), copy.deepcopy(base)
+    getattr(ours, "activation_checkpointing_enable", ours.gradient_checkpointing_enable)()
+    lomo_run(ours, 0.5)
+    sgd_reference(ref, 0.5)
+    assert max_diff(ours, ref) < 1e-6
+
+
+class SmallChunks(LomoOptimizer):
+    """LOMO up-casting low-precision weights in slices of 1000 elements (matrices here have more)."""
+
+    chunk_numel = 1000
+
+
+@pytest.mark.parametrize("cls", [LomoOptimizer, SmallChunks])
+def test_bf16_weights_update_in_fp32(base: nn.Module, cls: type[LomoOptimizer]) -> None:
+    """bf16 weights: the gradient and weight are up-cast, updated in fp32 and rounded back once
+    (whole, or slice by slice for large matrices: the result is the same bit for bit)."""
+    model = copy.deepcopy(base).to(torch.bfloat16)
+    probe = copy.deepcopy(model)
+    b = batches(1)[0]
+    loss_of(probe, b).backward()
+    expected = [p.float().add(p.grad.float(), alpha=-LR).to(torch.bfloat16) for p in probe.parameters()]
+    opt = cls(model.named_parameters(), lr=LR)
+    opt.fused_backward(loss_of(model, b))
+    assert opt.backward_passes == 1  # bf16 needs no loss scaling and no norm pass
+    for p, e in zip(model.parameters(), expected):
+        assert p.dtype == torch.bfloat16
+        assert torch.equal(p, e)
+    # the naive bf16 update (p - lr * g in bf16) rounds twice and differs somewhere
+    naive = [(p - LR * p.grad) for p in probe.parameters()]
+    assert any(not torch.equal(n, e) for n, e in zip(naive, expected))
+
+
+def test_fp16_uses_loss_scaling_and_skips_overflow(base: nn.Module) -> None:
+    model = copy.deepcopy(base).half()
+    opt = LomoOptimizer(model.named_parameters(), lr=LR)
+    b = batches(1)[0]
+    opt.fused_backward(loss_of(model, b))
+    assert (opt.backward_passes, opt.norm_passes, opt.steps) == (2, 1, 1)  # norm pass = overflow check
+    assert opt.loss_scale == 2.0**16
+    snapshot = copy.deepcopy(model)
+    opt.fused_backward(loss_of(model, b) * 1e5)  # scaled gradients overflow fp16
+    assert (opt.skipped_steps, opt.steps, opt.loss_scale) == (1, 1, 2.0**15)
+    assert max_diff(model, snapshot) == 0.0
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_trainer_settings_that_cannot_work_are_errors() -> None:
+    Lomo.check_trainer_compatible(1)
+    LomoOptimizer.check_trainer_compatible(accumulate_grad_batches=1, gradient_clip_val=None, world_size=1)
+    with pytest.raises(ValueError, match=r"'lomo'.*accumulate_grad_batches=4"):
+        Lomo.check_trainer_compatible(accumulate_grad_batches=4)
+    with pytest.raises(ValueError, match=r"'lomo'.*gradient_clip_val=1.0.*clip_grad_norm"):
+        Lomo.check_trainer_compatible(1, gradient_clip_val=1.0)
+    with pytest.raises(ValueError, match=r"'lomo'.*world_size=2"):
+        Lomo.check_trainer_compatible(1, world_size=2)
+    with pytest.raises(ValueError, match=r"'lomo'.*precision='16-mixed'.*16-true"):
+        Lomo.check_trainer_compatible(1, precision="16-mixed")
+    Lomo.check_trainer_compatible(1, precision="bf16-mixed")
+
+
+def test_step_and_plain_backward_explain_the_fused_api(base: nn.Module) -> None:
+    model = copy.deepcopy(base)
+    opt = LomoOptimizer(model.named_parameters(), lr=LR, clip_grad_norm=1.0)
+    assert is_fused(opt) and isinstance(opt, FusedOptimizer)
+    with pytest.raises(RuntimeError, match="fused_backward"):
+        opt.step()
+    with pytest.raises(RuntimeError, match="did not call fused_backward"):
+        opt.step(closure=lambda: None)
+    with pytest.raises(RuntimeError, match="fused_backward"):
+        loss_of(model, batches(1)[0]).backward()  # clipping cannot happen in a plain backward
+    # without clipping a plain backward is one fused SGD step
+    plain = copy.deepcopy(base)
+    LomoOptimizer(plain.named_parameters(), lr=LR)
+    ref = copy.deepcopy(base)
+    loss_of(plain, batches(1)[0]).backward()
+    sgd = torch.optim.SGD(ref.parameters(), lr=LR)
+    loss_of(ref, batches(1)[0]).backward()
+    sgd.step()
+    assert max_diff(plain, ref) < 1e-6
+    assert all(p.grad is None for p in plain.parameters())
+
+
+def test_registered_and_config_validated() -> None:
+    pm = PluginManager()
+    pm.register_module(deltatune_lomo, distribution="deltatune-lomo")
+    assert pm.get("optimizer", "lomo").cls is Lomo
+    resolved = resolve("optimizer", {"name": "lomo", "config": {"lr": 0.01, "clip_grad_norm": 1.0}}, pm)
+    assert resolved.cfg == Config(lr=0.01, clip_grad_norm=1.0)
+    with pytest.raises(ConfigError, match="momentum"):
+        resolve("optimizer", {"name": "lomo", "config": {"momentum": 0.9}}, pm)
+    with pytest.raises(ConfigError, match="clip_grad_norm"):
+        resolve("optimizer", {"name": "lomo", "config": {"clip_grad_norm": 0}}, pm)
+
+
+def test_a_new_optimizer_takes_over_hooked_parameters(base: nn.Module) -> None:
+    """Re-creating the optimizer (Lightning may call configure_optimizers again) must not leave the
+    old hooks behind: every parameter is still updated exactly once per step."""
+    model, ref = copy.deepcopy(base), copy.deepcopy(base)
+    first = LomoOptimizer(model.named_parameters(), lr=LR)
+    with pytest.warns(UserWarning, match="'lomo'.*no longer"):
+        second = LomoOptimizer(model.named_parameters(), lr=LR)
+    for b in batches():
+        second.fused_backward(loss_of(model, b))
+    sgd_reference(ref, None)
+    assert first.param_updates == 0
+    assert max_diff(model, ref) < 1e-6
+    second.remove_hooks()
+    before = copy.deepcopy(model)
+    loss_of(model, batches(1)[0]).backward()  # a detached optimizer no longer updates
+    assert max_diff(model, before) == 0.0
+    assert all(p.grad is not None for p in model.parameters())
+
+
+class ManualModule(L.LightningModule):
+    """The way a Lightning module drives a fused optimizer: manual optimisation, step(closure)."""
+
+    def __init__(self, model: nn.Module, clip: float | None) -> None:
+        super().__init__()
+        self.model, self.clip = model, clip
+        self.automatic_optimization = False
+
+    def configure_optimizers(self) -> Any:
+        cfg = Config(lr=LR, clip_grad_norm=self.clip, min_lr_ratio=1.0)  # constant lr
+        opt, sched = Lomo().create(list(self.model.named_parameters()), cfg, total_steps=STEPS)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
+        loss = loss_of(self.model, batch[0])
+        opt = self.optimizers()
+        opt.step(closure=lambda: opt.optimizer.fused_backward(loss))
+        self.lr_schedulers().step()
+
+
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_lightning_manual_optimisation_counts_steps_and_matches_sgd(base: nn.Module, clip: float | None) -> None:
+    ours, ref = copy.deepcopy(base), copy.deepcopy(base)
+    module = ManualModule(ours, clip)
+    data = DataLoader(TensorDataset(torch.cat(batches())), batch_size=2, shuffle=False)
+    trainer = L.Trainer(
+        max_steps=STEPS, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )
+    trainer.fit(module, data)
+    assert trainer.global_step == STEPS  # step(closure) is what Lightning counts
+    opt = module.optimizers().optimizer
+    assert opt.steps == STEPS and opt.backward_passes == (2 if clip else 1) * STEPS
+    sgd_reference(ref, clip)
+    assert max_diff(ours, ref) < 1e-6
