@@ -389,22 +389,26 @@ class LowRankDelta(Delta):
         """The dtype the pair multiplies in: the input's under autocast, else the adapter's."""
         return x.dtype if torch.is_autocast_enabled(x.device.type) else self.lora_A.weight.dtype
 
-    def lowrank(self, x: torch.Tensor) -> torch.Tensor:
-        """``B A x`` (unscaled, no dropout) in :meth:`compute_dtype`."""
-        return self.lora_B(self.lora_A(x.to(self.compute_dtype(x))))
+    def lowrank(self, x: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
+        """``scaling · B A x`` (no dropout) in :meth:`compute_dtype`; the scale multiplies the
+        rank-``r`` intermediate, which is ``out / r`` times smaller than the result."""
+        hidden = self.lora_A(x.to(self.compute_dtype(x)))
+        return self.lora_B(hidden * scaling if scaling != 1.0 else hidden)
 
     def forward(self, x: torch.Tensor, result: torch.Tensor, layer: DeltaLinear) -> torch.Tensor:
         """``result + s · B A dropout(x)``."""
-        return result + (self.lowrank(self.dropout(x)) * self.scaling).to(result.dtype)
+        return result + self.lowrank(self.dropout(x), self.scaling).to(result.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """``s · B A`` in fp32."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
 
+    @torch.no_grad()
     def merge_weight(self, weight: torch.Tensor, layer: DeltaLinear) -> torch.Tensor:
         """``W + s · B A``."""
         return weight + self.delta_weight()
 
+    @torch.no_grad()
     def unmerge_weight(self, weight: torch.Tensor, layer: DeltaLinear) -> torch.Tensor:
         """``W - s · B A``."""
         return weight - self.delta_weight()

@@ -1,0 +1,180 @@
+"""Mix and match: delta methods compose when they claim different parameters, train together, save
+and reload as one adapter bundle with identical logits, and merge/unmerge exactly; two methods on
+one parameter (or a non-additive method sharing a layer) is an error naming both and the module."""
+
+from __future__ import annotations
+
+import types
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict
+
+from deltatune import ConfigError, hookimpl
+from deltatune.adapter import load_adapter, save_adapter
+from deltatune.config import resolve
+from deltatune.models import tiny_llama, tiny_tokenizer
+from deltatune.pipeline import ModelSpec, build_model, claim_parameters, resolve_spec
+from deltatune.plugins import PluginManager
+
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MLP = ["gate_proj", "up_proj", "down_proj"]
+COMBINATIONS = {
+    "lora-attn+bitfit": [{"name": "lora", "config": {"r": 4, "targets": ATTN}}, "bitfit"],
+    "dora-mlp+lora-attn": [{"name": "dora", "config": {"r": 4, "targets": MLP}},
+                           {"name": "lora", "config": {"r": 4, "targets": ATTN}}],
+    "vera+bitfit(existing biases)": [{"name": "vera", "config": {"r": 8, "targets": ATTN + MLP}}, "bitfit"],
+    "lora+vera on the same layers": [{"name": "lora", "config": {"r": 2, "targets": "all-linear"}},
+                                     {"name": "vera", "config": {"r": 8, "targets": "all-linear"}}],
+}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute difference relative to the largest magnitude of ``b``."""
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+@pytest.fixture(scope="module")
+def biased_base(tmp_path_factory) -> str:
+    """A Hugging Face folder holding a tiny Llama with attention and MLP biases."""
+    folder = tmp_path_factory.mktemp("biased-base")
+    tiny_llama(attention_bias=True, mlp_bias=True).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return str(folder)
+
+
+def train(model: torch.nn.Module, steps: int = 3) -> None:
+    """A few real AdamW steps on random tokens."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=0.01)
+    gen = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(steps):
+        batch = torch.randint(0, 250, (4, 24), generator=gen)
+        model(input_ids=batch, labels=batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+
+
+@pytest.mark.parametrize("combo", list(COMBINATIONS))
+def test_combination_trains_saves_reloads_and_merges(tmp_path, biased_base, combo) -> None:
+    base = biased_base if "existing biases" in combo else "tiny-llama"
+    resolved = resolve_spec(ModelSpec(base=base, delta=COMBINATIONS[combo], base_dtype="fp32"))
+    model = build_model(resolved)
+    owners = claim_parameters(model, resolved)
+    assert set(owners.values()) == {d.name for d in resolved.deltas}  # every method owns something
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(model)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == set(owners)  # exactly the claimed parameters trained
+
+    batch = torch.randint(0, 250, (2, 31), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(input_ids=batch).logits
+    save_adapter(model, resolved, tmp_path / "adapter")
+    reloaded, again = load_adapter(tmp_path / "adapter")
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=batch).logits, logits)
+
+        weights = {n: p.detach().clone() for n, p in reloaded.named_parameters() if n.endswith("base_layer.weight")}
+        for delta in again.deltas:
+            delta.plugin.merge(reloaded)
+        assert rel(reloaded(input_ids=batch).logits, logits) <= 1e-5
+        for delta in reversed(again.deltas):
+            delta.plugin.unmerge(reloaded)
+        for name, param in reloaded.named_parameters():
+            if name in weights:
+                assert rel(param, weights[name]) <= 1e-6, name
+        assert rel(reloaded(input_ids=batch).logits, logits) <= 1e-6
+
+
+class ProbeConfig(BaseModel):
+    """No options."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class BiasProbe:
+    """A real (minimal) delta method that claims the attention query biases."""
+
+    name = "biasprobe"
+    Config = ProbeConfig
+    supports_quantized = True
+
+    def apply(self, model, cfg) -> None:
+        """Nothing to wrap."""
+
+    def trainable(self, name, param) -> bool:
+        """Claims ``…q_proj.bias``."""
+        return name.endswith("q_proj.bias")
+
+    def merge(self, model) -> None:
+        """No-op."""
+
+    def unmerge(self, model) -> None:
+        """No-op."""
+
+    def state_dict(self, model):
+        """Nothing of its own."""
+        return {}
+
+    def peft_config(self, cfg):
+        """No PEFT form."""
+        return None
+
+
+def probe_manager() -> PluginManager:
+    """The installed plugins plus ``biasprobe``, registered as a plugin module would be."""
+    manager = PluginManager()
+    manager.load_entry_points()
+    module = types.ModuleType("deltatune_biasprobe")
+
+    @hookimpl
+    def deltatune_register_delta_methods(register) -> None:
+        register(BiasProbe)
+
+    module.deltatune_register_delta_methods = deltatune_register_delta_methods
+    manager.register_module(module, distribution="deltatune-biasprobe")
+    return manager
+
+
+def test_two_methods_claiming_one_parameter_is_an_error_naming_both_and_the_module() -> None:
+    resolved = resolve_spec(ModelSpec(base="tiny-llama", delta=["bitfit", "biasprobe"]), probe_manager())
+    with pytest.raises(ConfigError) as error:
+        build_model(resolved)
+    message = str(error.value)
+    assert "'bitfit' and 'biasprobe'" in message
+    assert "module 'model.layers.0.self_attn.q_proj'" in message
+    # distinct parameters of one module compose
+    delta = [{"name": "bitfit", "config": {"targets": ["q_proj"]}}, {"name": "lora", "config": {"targets": ["q_proj"]}}]
+    fine = resolve_spec(ModelSpec(base="tiny-llama", delta=delta))
+    owners = claim_parameters(build_model(fine), fine)
+    assert owners["model.layers.0.self_attn.q_proj.base_layer.bias"] == "bitfit"
+    assert owners["model.layers.0.self_attn.q_proj.deltas.lora.lora_A.weight"] == "lora"
+
+
+@pytest.mark.parametrize("first, second", [("vera", "dora"), ("dora", "lora")])
+def test_a_non_additive_method_cannot_share_a_layer(first, second) -> None:
+    delta = [{"name": first, "config": {"r": 4, "targets": ["o_proj"]}},
+             {"name": second, "config": {"r": 4, "targets": ["v_proj", "o_proj"]}}]
+    with pytest.raises(ConfigError, match=rf"'{first}' and '{second}' .*module 'model\.layers\.0\.self_attn\.o_proj'"):
+        build_model(resolve_spec(ModelSpec(base="tiny-llama", delta=delta)))
+
+
+EXAMPLES = ["dora-smollm2.yaml", "vera-smollm2.yaml", "bitfit-smollm2.yaml", "lora-bitfit-smollm2.yaml",
+            "dora-lora-smollm2.yaml"]
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_configs_resolve(name) -> None:
+    """Every plugin and option in the example configs is valid (checked before any weight loads)."""
+    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "examples" / name).read_text())
+    model = config["model"]
+    resolved = resolve_spec(ModelSpec(base=model["base"], delta=model["delta"]))
+    assert [d.name for d in resolved.deltas] == [d["name"] for d in model["delta"]]
+    resolve("optimizer", model["optimizer"])
+    resolve("dataset_builder", config["data"]["builder"])
