@@ -364,6 +364,12 @@ class LowRankConfig(BaseModel):
         """The factor ``s`` applied to ``B A``."""
         return self.alpha / (math.sqrt(self.r) if self.rslora else self.r)
 
+    def peft_fields(self) -> dict[str, Any]:
+        """The PEFT ``LoraConfig`` fields these options correspond to (targets are filled in by
+        the exporter from the layers actually wrapped)."""
+        return {"peft_type": "LORA", "r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
+                "use_rslora": self.rslora, "bias": "none"}
+
 
 LOW_RANK_PEFT_FIELDS: dict[str, str] = {
     "r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "rslora": "use_rslora", "targets": "target_modules",
@@ -390,10 +396,10 @@ class LowRankDelta(Delta):
         return x.dtype if torch.is_autocast_enabled(x.device.type) else self.lora_A.weight.dtype
 
     def lowrank(self, x: torch.Tensor, scaling: float = 1.0) -> torch.Tensor:
-        """``scaling · B A x`` (no dropout) in :meth:`compute_dtype`; the scale multiplies the
-        rank-``r`` intermediate, which is ``out / r`` times smaller than the result."""
-        hidden = self.lora_A(x.to(self.compute_dtype(x)))
-        return self.lora_B(hidden * scaling if scaling != 1.0 else hidden)
+        """``scaling · B A x`` (no dropout) in :meth:`compute_dtype`. The scale multiplies the
+        output, in PEFT's order of operations, so results agree with PEFT to the last bits."""
+        update = self.lora_B(self.lora_A(x.to(self.compute_dtype(x))))
+        return update * scaling if scaling != 1.0 else update
 
     def forward(self, x: torch.Tensor, result: torch.Tensor, layer: DeltaLinear) -> torch.Tensor:
         """``result + s · B A dropout(x)``."""

@@ -155,15 +155,7 @@ class Dora(LayerDeltaMethod):
 
     def peft_config(self, cfg: BaseModel) -> dict[str, Any] | None:
         """PEFT ``LoraConfig(use_dora=True)`` fields equivalent to ``cfg``."""
-        return {
-            "peft_type": "LORA",
-            "use_dora": True,
-            "r": cfg.r,
-            "lora_alpha": cfg.alpha,
-            "lora_dropout": cfg.dropout,
-            "use_rslora": cfg.rslora,
-            "bias": "none",
-        }
+        return {**cfg.peft_fields(), "use_dora": True}
 
 
 @hookimpl
