@@ -7,6 +7,8 @@ taken from the method's own example). Run it on an otherwise idle machine::
     flock -x /tmp/deltatune-cpu.lock python benchmarks/methods.py --write
 
 A method whose plugin is not installed is listed as missing. ``--steps`` shortens every run alike.
+Methods that start from the untouched dense base (every one but QLoRA, whose base is 4-bit) share the
+base figures of the LoRA run instead of measuring the same model again.
 """
 
 from __future__ import annotations
@@ -28,14 +30,14 @@ LORA = {"name": "lora", "config": {"r": 16, "alpha": 32, "targets": "all-linear"
 
 METHODS: dict[str, dict] = {
     "LoRA": {"delta": [LORA], "lr": 1.0e-3, "needs": ["lora"]},
-    "DoRA": {"delta": [{"name": "dora", "config": {"r": 16, "alpha": 32, "targets": "all-linear"}}],
+    "DoRA": {"base_from": "LoRA", "delta": [{"name": "dora", "config": {"r": 16, "alpha": 32, "targets": "all-linear"}}],
              "lr": 1.0e-3, "needs": ["dora"]},
-    "VeRA": {"delta": [{"name": "vera", "config": {"r": 256, "targets": "all-linear"}}], "lr": 1.0e-2,
+    "VeRA": {"base_from": "LoRA", "delta": [{"name": "vera", "config": {"r": 256, "targets": "all-linear"}}], "lr": 1.0e-2,
              "needs": ["vera"]},
-    "BitFit": {"delta": [{"name": "bitfit", "config": {"targets": "all-linear", "add_missing": "auto"}}],
+    "BitFit": {"base_from": "LoRA", "delta": [{"name": "bitfit", "config": {"targets": "all-linear", "add_missing": "auto"}}],
                "lr": 3.0e-3, "needs": ["bitfit"]},
     "QLoRA": {"delta": [LORA], "quantizer": {"name": "nf4"}, "lr": 1.0e-3, "needs": ["lora", "nf4"]},
-    "LOMO": {"delta": [], "optimizer": {"name": "lomo", "config": {"lr": 1.0e-2, "clip_grad_norm": 1.0,
+    "LOMO": {"base_from": "LoRA", "delta": [], "optimizer": {"name": "lomo", "config": {"lr": 1.0e-2, "clip_grad_norm": 1.0,
                                                                     "warmup_steps": 10}}, "needs": ["lomo"]},
 }
 
@@ -52,7 +54,8 @@ def method_config(method: dict, steps: int | None, root: Path) -> dict:
     a plugin reference across two --config files reliably)."""
     config = yaml.safe_load(DEMO.read_text())
     model = config["model"]
-    model.update(delta=method["delta"], quantizer=method.get("quantizer"), samples=0)
+    model.update(delta=method["delta"], quantizer=method.get("quantizer"), samples=0,
+                 compare_base="base_from" not in method)
     model["optimizer"] = method.get("optimizer") or {"name": "adamw", "config": {"lr": method["lr"], "warmup_steps": 10}}
     config["trainer"]["default_root_dir"] = str(root)
     if steps:
@@ -140,7 +143,12 @@ def main() -> None:
             continue
         print(f"{name} …", flush=True)
         results[name] = run(name, method, args.steps, out)
+        source = results.get(method.get("base_from", ""), {})
+        if "error" not in results[name] and source.get("base_metrics"):
+            results[name]["base_metrics"] = source["base_metrics"]
         print(json.dumps({k: results[name].get(k) for k in ("tuned_metrics", "timings", "wall", "error")}), flush=True)
+        if args.write:  # after every method, so an interrupted run keeps what it measured
+            write_section(table(results, missing, args.steps))
     text = table(results, missing, args.steps)
     print(text)
     if args.write:
