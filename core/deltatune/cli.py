@@ -16,9 +16,25 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .errors import DeltaTuneError
+from .errors import ConfigError, DeltaTuneError
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def check_strategy(trainer: Any) -> None:
+    """Refuse FSDP where Lightning cannot run it (no CUDA), with what to use instead, before anything loads."""
+    strategy, accelerator = trainer.get("strategy"), str(trainer.get("accelerator") or "auto")
+    name = str(strategy.get("class_path", "") if hasattr(strategy, "get") else strategy).lower()
+    if "fsdp" not in name:
+        return
+    import torch
+
+    if accelerator not in ("cuda", "gpu", "auto") or not torch.cuda.is_available():
+        raise ConfigError(
+            f"strategy '{name}' (FSDP) needs CUDA GPUs: Lightning's FSDPStrategy refuses accelerator "
+            f"'{accelerator}'{'' if torch.cuda.is_available() else ' and no GPU is visible'}. On CPUs use "
+            "`trainer.strategy: ddp` (one process per device, gloo); for FSDP on GPUs see docs/scale-out.md"
+        )
 
 
 def run_lightning(argv: list[str]) -> None:
@@ -37,6 +53,9 @@ def run_lightning(argv: list[str]) -> None:
             parser.add_lightning_class_args(AtomicModelCheckpoint, "checkpoint")
             parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
                                  "checkpoint.every_n_train_steps": 50})
+
+        def before_instantiate_classes(self) -> None:
+            check_strategy(self.config[self.subcommand]["trainer"])
 
         def before_fit(self) -> None:
             self.model.check_trainer(self.trainer)

@@ -118,11 +118,24 @@ class DeltaTuneModule(L.LightningModule):
             return token_loss(self.model, batch)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
-        """Mean token loss; with a fused optimizer, backward and update happen here."""
+        """Mean token loss; with a fused optimizer, backward and update happen here.
+
+        With several processes (DDP) the loss is the mean over every labelled token of the *global*
+        batch: each rank divides its summed loss by the global token count (an all-reduce) and
+        multiplies by the world size, so that DDP's gradient averaging yields exactly the gradient of
+        one process holding the whole batch, however the tokens fall across ranks.
+        """
         total, count = self.forward_loss(batch)
-        loss = total / max(count, 1)
-        self.log("train_loss", loss, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        self.report.history["train"].append((self.global_step + 1, float(loss.detach())))
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1:
+            tokens = self.trainer.strategy.reduce(torch.tensor(float(count), device=total.device), reduce_op="sum")
+            loss = total * world / tokens.clamp_min(1.0)
+            mean = self.trainer.strategy.reduce(loss.detach(), reduce_op="mean")  # the global token mean
+        else:
+            loss = total / max(count, 1)
+            mean = loss.detach()
+        self.log("train_loss", mean, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.report.history["train"].append((self.global_step + 1, float(mean)))
         if not self.fused:
             return loss
         optimizer = self.optimizers()
