@@ -48,19 +48,20 @@ def _fmt(value: float | None) -> str:
 
 
 def _change(base: float | None, tuned: float | None, metric: str) -> str:
-    """``tuned - base``; accuracies and ROUGE (0–1) also in points."""
+    """``tuned - base``: in points for accuracies and ROUGE (0–1), plain for losses and perplexities."""
     if base is None or tuned is None:
         return ""
-    delta = tuned - base
-    points = "" if "loss" in metric or "perplexity" in metric else f" ({100 * delta:+.1f} pts)"
-    return f"{delta:+.4f}{points}"
+    if "loss" in metric or "perplexity" in metric:
+        return f"{tuned - base:+.4f}"
+    return f"{100 * (tuned - base):+.1f} pts"
 
 
 def print_report(report: "RunReport") -> None:
     """Base vs tuned for every evaluation set and evaluator, then sample generations."""
     table = Table(title=f"{report.name or 'run'}: base vs tuned" if report.name else "base vs tuned")
     for column in ("set", "metric", "base", "tuned", "change"):
-        table.add_column(column, justify="left" if column in ("set", "metric") else "right")
+        table.add_column(column, justify="left" if column in ("set", "metric") else "right",
+                         overflow="fold", no_wrap=column != "metric")
     for split, metric in report.metric_keys():
         base, tuned = report.value("base", split, metric), report.value("tuned", split, metric)
         table.add_row(split, metric, _fmt(base), _fmt(tuned), _change(base, tuned, metric))
@@ -121,7 +122,9 @@ def print_batches(stats: dict[str, Any]) -> None:
 
 
 def _short(prompt: str, limit: int = 160) -> str:
-    """The end of a prompt (chat templates put boilerplate first)."""
+    """The last user turn of a ChatML prompt (system boilerplate left out), else the prompt's end."""
+    if "<|im_start|>user\n" in prompt:
+        prompt = prompt.rsplit("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0]
     text = prompt.replace("<|im_start|>", "").replace("<|im_end|>", "").strip()
     return text if len(text) <= limit else "…" + text[-limit:]
 

@@ -84,8 +84,18 @@ def is_count(metric: str) -> bool:
     return metric.rsplit("/", 1)[-1] in ("tokens", "rows")
 
 
+def smooth(values: list[float] | tuple[float, ...], weight: float = 0.9) -> list[float]:
+    """Exponential moving average with bias correction (TensorBoard's smoothing)."""
+    out, mean = [], 0.0
+    for i, value in enumerate(values, start=1):
+        mean = weight * mean + (1 - weight) * value
+        out.append(mean / (1 - weight ** i))
+    return out
+
+
 def plot_losses(reports: list[RunReport], path: Path) -> Path:
-    """Plot training (thin) and validation (markers) loss against the step for every report; PNG."""
+    """Plot training loss (raw, faint; smoothed) and validation loss (markers) against the step, for
+    every report, into one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -97,7 +107,9 @@ def plot_losses(reports: list[RunReport], path: Path) -> Path:
         label = report.name or f"run {index + 1}"
         train = report.history.get("train", [])
         if train:
-            axes.plot(*zip(*train), color=color, alpha=0.5, linewidth=1, label=f"{label} train")
+            steps, losses = zip(*train)
+            axes.plot(steps, losses, color=color, alpha=0.2, linewidth=1)
+            axes.plot(steps, smooth(losses), color=color, linewidth=1.5, label=f"{label} train (smoothed)")
         validation = report.history.get("validation", [])
         if validation:
             axes.plot(*zip(*validation), color=color, marker="o", linewidth=2, label=f"{label} validation")
