@@ -71,3 +71,24 @@ def test_collate_pads_with_ignored_labels():
     assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_encode_segments_labels_flagged_segments_and_accounts_for_cuts(tokenizer):
+    from deltatune.data import encode_segments
+
+    stats = TruncationStats()
+    row = encode_segments(tokenizer, [("ask: ", False), ("answer", True), ("\n", False)], 64, stats)
+    assert [t for t in row["labels"] if t != IGNORE_INDEX] == tokenizer("answer")["input_ids"]
+    assert len(row["input_ids"]) == len(row["labels"]) == len("ask: answer\n")
+    cut = encode_segments(tokenizer, [("p" * 10, False), ("r" * 20, True)], 16, stats)
+    assert len(cut["input_ids"]) == 16 and stats.responses_cut == 1
+    assert encode_segments(tokenizer, [("p" * 30, False), ("r", True)], 16, stats, line=7) is None
+    assert stats.dropped == 1 and stats.dropped_lines == [7] and stats.examples == 3
+
+
+def test_user_prompt_modes(tokenizer):
+    from deltatune.data import user_prompt
+
+    assert user_prompt(tokenizer, "hi", "plain") == "hi"
+    assert user_prompt(tokenizer, "hi", "auto") == user_prompt(tokenizer, "hi", "chat") == (
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
