@@ -46,6 +46,7 @@ class DeltaTuneModule(L.LightningModule):
         base_dtype: DType = "auto",
         trainable_dtype: str = "fp32",
         gradient_checkpointing: bool = False,
+        fast_path: bool = True,
         trust_remote_code: bool = False,
         compare_base: bool = True,
         samples: int = 3,
@@ -64,6 +65,9 @@ class DeltaTuneModule(L.LightningModule):
             base_dtype: dtype of the frozen weights (``auto``: bf16 where the hardware supports it).
             trainable_dtype: dtype of the trained weights (``fp32`` or ``bf16``).
             gradient_checkpointing: recompute activations in backward to save memory.
+            fast_path: compute the loss with :mod:`deltatune.fastpath` where it applies (Llama-family
+                decoders: unpadded tokens, fused LoRA; same loss and gradients); ``false`` always runs
+                the plain Hugging Face forward.
             trust_remote_code: allow a local model folder's own Python code (off by default).
             compare_base: evaluate the untouched base before training, for the final table.
             samples: how many validation prompts to generate for in the final report.
@@ -97,8 +101,9 @@ class DeltaTuneModule(L.LightningModule):
         self.model = build_model(self.resolved)
         self.model.train()
         if self.hparams.gradient_checkpointing:
+            # the training loss asks for no KV cache itself (losses.hidden_states); the config keeps
+            # use_cache, so a full fine-tune saves (and exports) a model that generates with its cache
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            self.model.config.use_cache = False
 
     def trainable_state_keys(self) -> set[str]:
         """Keys (under ``model.``) of everything a checkpoint must hold."""
@@ -115,7 +120,7 @@ class DeltaTuneModule(L.LightningModule):
     def forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """Summed token loss and token count, in the base's compute dtype."""
         with compute_context(self.model):
-            return token_loss(self.model, batch)
+            return token_loss(self.model, batch, fast=self.hparams.get("fast_path", True))
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         """Mean token loss; with a fused optimizer, backward and update happen here.
