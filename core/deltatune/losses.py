@@ -2,19 +2,24 @@
 
 Instruction tuning masks the prompt and the padding, so most positions carry no loss. Instead of
 projecting every hidden state through the LM head (``batch x length x vocabulary`` logits), the loss
-gathers the hidden states of labelled positions first and projects only those, in chunks, so the
-fp32 logits never exceed ``chunk x vocabulary`` at a time beyond what backward keeps.
+gathers the hidden states of labelled positions first and projects only those, in chunks: each
+chunk's fp32 logits are turned into its loss and its gradients at once and freed
+(:class:`deltatune.fastpath.LinearCrossEntropy`), so logits never exceed one chunk, in forward or
+backward.
+
+For a recognised decoder (Llama family) :func:`token_loss` takes the fast path of
+:mod:`deltatune.fastpath` — unpadded tokens, fused LoRA, hand-written backward — which computes the
+same loss; ``fast=False``, or anything that path does not recognise, uses the plain Hugging Face
+decoder forward below.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .data import IGNORE_INDEX
-
-CHUNK_TOKENS = 2048
+from .fastpath import fast_token_loss, head_loss
+from .packing import IGNORE_INDEX
 
 
 def hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -26,22 +31,25 @@ def hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
     return decoder(**kwargs, use_cache=False).last_hidden_state
 
 
-def token_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """``(sum of token cross-entropies, number of labelled tokens)`` of next-token prediction."""
+def token_loss(model: nn.Module, batch: dict[str, torch.Tensor], fast: bool = True) -> tuple[torch.Tensor, int]:
+    """``(sum of token cross-entropies, number of labelled tokens)`` of next-token prediction.
+
+    ``fast`` allows :mod:`deltatune.fastpath` (same result, computed faster) where it applies.
+    """
+    if fast:
+        result = fast_token_loss(model, batch)
+        if result is not None:
+            return result
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE_INDEX
     count = int(mask.sum())
+    if count == 0:
+        return next(model.parameters()).new_zeros((), dtype=torch.float32), 0
     hidden = hidden_states(model, batch)[:, :-1][mask]
-    targets = labels[mask]
-    head = model.get_output_embeddings()
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, count, CHUNK_TOKENS):
-        logits = head(hidden[start:start + CHUNK_TOKENS]).float()
-        total = total + F.cross_entropy(logits, targets[start:start + CHUNK_TOKENS], reduction="sum")
-    return total, count
+    return head_loss(model.get_output_embeddings(), hidden, labels[mask]), count
 
 
-def mean_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def mean_loss(model: nn.Module, batch: dict[str, torch.Tensor], fast: bool = True) -> torch.Tensor:
     """Mean cross-entropy over labelled tokens (0 when the batch has none)."""
-    total, count = token_loss(model, batch)
+    total, count = token_loss(model, batch, fast)
     return total / max(count, 1)

@@ -161,14 +161,22 @@ def cast_parameters(model: nn.Module, frozen: torch.dtype, trainable: torch.dtyp
 def build_model(resolved: ResolvedSpec, model: nn.Module | None = None) -> nn.Module:
     """The model ``resolved`` describes, ready to train (loaded from its base unless given)."""
     spec = resolved.spec
+    dtype = compute_dtype(spec.base_dtype)
+    loaded = torch.float32
     if model is None:
-        model = models.load_model(spec.base, torch.float32, spec.trust_remote_code)
+        # The frozen base ends up in ``dtype``: load it so (no transient fp32 copy of the whole base)
+        # unless a quantizer reads the fp32 weights or no delta method (full fine-tuning) trains them.
+        if dtype != torch.float32 and resolved.deltas and not resolved.quantizer:
+            loaded = dtype
+        model = models.load_model(spec.base, loaded, spec.trust_remote_code)
     if resolved.quantizer:
         apply_quantizer(model, resolved.quantizer)
     for delta in resolved.deltas:
         delta.plugin.apply(model, delta.cfg)
     claim_parameters(model, resolved)
-    dtype = compute_dtype(spec.base_dtype)
+    if loaded != torch.float32 and any(p.requires_grad and ".deltas." not in n for n, p in model.named_parameters()):
+        # a method trains weights of the base itself (BitFit's biases, norms): they start from fp32
+        return build_model(resolved, models.load_model(spec.base, torch.float32, spec.trust_remote_code))
     cast_parameters(model, dtype, torch.bfloat16 if spec.trainable_dtype == "bf16" else torch.float32)
     return model
 

@@ -1,0 +1,604 @@
+"""The fast training path: a Llama-family decoder computed on unpadded tokens, with fused LoRA.
+
+Hugging Face's decoder forward, run on a padded batch under autocast, spends most of a CPU training
+step outside the matrix products that do the work: on padding rows, on skinny LoRA products
+(``x Aᵀ`` has 16 columns), on autocast re-casting the fp32 adapters at every op, on a chain of
+small element-wise kernels per norm and per rotary embedding, and on a CPU bf16 attention kernel
+that is slower than three plain batched products for sequences this short. This module computes
+the *same function* (``tests/test_fast_paths.py`` checks loss and gradients against the plain
+path) with these changes:
+
+1. **Unpadded tokens.** The real tokens of a batch — ``attention_mask == 1``, or every token of
+   packed rows — are gathered into one ``(tokens x hidden)`` matrix, and every linear layer, norm
+   and activation runs on those rows only. Examples are told apart as Hugging Face does (a new row,
+   or ``position_ids`` not increasing by one: packing); only attention needs them, and it runs in
+   an ``(examples x longest example)`` layout. Examples without a labelled target are dropped
+   before the first layer: nothing they compute reaches the loss.
+2. **Fused low-rank deltas.** Linear layers that read the same input (q/k/v, gate/up) compute
+   their LoRA ``A`` products as one product, and their ``B`` products as one with a block-diagonal
+   matrix. A hand-written backward computes only the gradients needed — input, ``A``, ``B``, never
+   the frozen base weight's, and not even the input's before the first trainable parameter. The
+   fp32 ``A``/``B`` (trainable master weights; the optimizer keeps fp32 state) are copied to the
+   compute dtype once per optimizer step — when their version counter changes — not at every op.
+3. **bf16 without autocast.** Frozen weights are held in bf16 (see
+   :func:`deltatune.pipeline.compute_dtype`); products run in bf16, norms and softmax accumulate in
+   fp32 exactly where Hugging Face does.
+4. **Hand-written backward** for RMSNorm, rotary embedding + attention and the SiLU gate: fewer
+   saved tensors and fewer passes over memory than autograd's chain of small ops.
+
+Anything not recognised is left to the module itself: a linear layer with another delta (DoRA,
+VeRA, several deltas), a quantized base, dropout while training, or a forward hook runs its own
+``forward`` inside the fast path; an unknown architecture, a hooked norm/attention/MLP, or a batch
+whose labelled positions follow padding makes :func:`fast_token_loss` return ``None``, and the
+caller uses the plain Hugging Face forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+from .layers import DeltaLinear, LowRankDelta
+from .packing import IGNORE_INDEX
+
+LOSS_CHUNK_BYTES = 32 * 2**20
+"""Bytes of fp32 logits one chunk of the LM-head cross-entropy may hold (about 170 rows of a
+49k vocabulary): logits exist one chunk at a time, in forward and in backward."""
+
+SUPPORTED_MODEL_TYPES = ("llama",)
+
+
+def _no_autocast(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
+    return torch.autocast(tensor.device.type, enabled=False)
+
+
+# -- the LM head and cross-entropy, chunked ----------------------------------------------------------
+class LinearCrossEntropy(torch.autograd.Function):
+    """``sum_i CE(hidden_i @ weightᵀ + bias, target_i)`` without ever holding more than one chunk of
+    logits: each chunk's logits are computed, turned into the loss *and* into the gradients of
+    ``hidden`` (and ``weight``/``bias`` when they train) at once, and freed; backward only scales
+    the stored gradients. Logits are computed in the weight's dtype and the softmax in fp32, as
+    ``head(hidden).float()`` followed by ``F.cross_entropy`` does."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor, chunk: int) -> torch.Tensor:
+        with _no_autocast(hidden):
+            hidden = hidden.to(weight.dtype)
+            grad_on = torch.is_grad_enabled() or any(ctx.needs_input_grad[:3])
+            need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            need_b = bias is not None and ctx.needs_input_grad[2]
+            total = hidden.new_zeros((), dtype=torch.float32)
+            dh = torch.empty_like(hidden) if need_h else None
+            dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+            db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+            for start in range(0, hidden.shape[0], chunk):
+                h, t = hidden[start:start + chunk], targets[start:start + chunk]
+                logits = F.linear(h, weight, bias).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                if not (grad_on and (need_h or need_w or need_b)):
+                    continue
+                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
+                grad[torch.arange(len(t), device=t.device), t] -= 1.0
+                low = grad.to(weight.dtype)
+                if need_h:
+                    torch.mm(low, weight, out=dh[start:start + chunk])
+                if need_w:
+                    dw.add_((low.t() @ h).float())
+                if need_b:
+                    db += grad.sum(0)
+        ctx.save_for_backward(*(g for g in (dh, dw, db) if g is not None))
+        ctx.have = (dh is not None, dw is not None, db is not None)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: torch.Tensor):
+        saved = iter(ctx.saved_tensors)
+        dh, dw, db = (next(saved) if have else None for have in ctx.have)
+        scale = grad_total
+        return (dh * scale.to(dh.dtype) if dh is not None else None,
+                (dw * scale).to(ctx.dtypes[0]) if dw is not None else None,
+                (db * scale).to(ctx.dtypes[1]) if db is not None else None, None, None)
+
+
+def loss_chunk_rows(vocab: int) -> int:
+    """Rows per chunk of :class:`LinearCrossEntropy` for a vocabulary of ``vocab`` tokens."""
+    return max(16, LOSS_CHUNK_BYTES // (4 * max(vocab, 1)))
+
+
+def head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of ``head(hidden)`` against ``targets`` (every target is labelled),
+    chunked; a head that is not a plain ``nn.Linear`` (a delta on it) is called chunk by chunk."""
+    if type(head) is nn.Linear and not (head._forward_hooks or head._forward_pre_hooks):
+        return LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, loss_chunk_rows(head.out_features))
+    total = hidden.new_zeros((), dtype=torch.float32)
+    chunk = loss_chunk_rows(getattr(head, "out_features", 50_000))
+    for start in range(0, hidden.shape[0], chunk):
+        logits = head(hidden[start:start + chunk]).float()
+        total = total + F.cross_entropy(logits, targets[start:start + chunk], reduction="sum")
+    return total
+
+
+# -- element-wise pieces with hand-written backward ---------------------------------------------------
+class RMSNorm(torch.autograd.Function):
+    """Hugging Face's ``LlamaRMSNorm``: ``weight * (x.float() * rsqrt(mean(x²) + eps)).to(x.dtype)``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        with _no_autocast(x):
+            x32 = x.to(torch.float32, copy=True)
+            rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True).add_(eps))
+            normed = x32.mul_(rstd).to(x.dtype)
+            out = weight * normed
+        ctx.save_for_backward(x, weight, rstd)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        x, weight, rstd = ctx.saved_tensors
+        with _no_autocast(x):
+            dx = dw = None
+            if ctx.needs_input_grad[0]:
+                g = (grad * weight).float()
+                xhat = x.to(torch.float32, copy=True).mul_(rstd)
+                dot = (g * xhat).mean(-1, keepdim=True)
+                dx = g.sub_(xhat.mul_(dot)).mul_(rstd).to(x.dtype)
+            if ctx.needs_input_grad[1]:
+                normed = (x.float() * rstd).to(x.dtype)
+                dw = (grad.float() * normed.float()).sum(0).to(weight.dtype)
+        return dx, dw, None
+
+
+class SiluGate(torch.autograd.Function):
+    """``silu(gate) * up`` of a ``(tokens, 2 x intermediate)`` tensor holding ``[gate | up]``."""
+
+    @staticmethod
+    def forward(ctx: Any, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        with _no_autocast(gate_up):
+            out = F.silu(gate).mul_(up)
+        ctx.save_for_backward(gate_up)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        (gate_up,) = ctx.saved_tensors
+        gate, up = gate_up.chunk(2, dim=-1)
+        out = torch.empty_like(gate_up)
+        dgate, dup = out.chunk(2, dim=-1)
+        with _no_autocast(gate_up):
+            torch.mul(grad, F.silu(gate), out=dup)
+            dgate.copy_(torch.ops.aten.silu_backward(grad * up, gate))
+        return out
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Rotary embedding of ``x`` (``tokens x heads x head_dim``): ``x cos + rotate_half(x) sin``
+    (Hugging Face's ``apply_rotary_pos_emb``); ``inverse`` applies its transpose (the backward)."""
+    half = x.shape[-1] // 2
+    out = x * cos
+    s = -sin if inverse else sin
+    out[..., :half].addcmul_(x[..., half:], s[..., :half], value=-1.0)
+    out[..., half:].addcmul_(x[..., :half], s[..., half:])
+    return out
+
+
+@dataclass
+class TokenLayout:
+    """Where the real tokens of a batch are, and how they form examples.
+
+    ``index`` holds, for each of the ``T`` computed tokens, its position in the flattened
+    ``(batch x length)`` input; ``positions`` its rotary position. Attention runs in a padded
+    ``(examples x width)`` layout in which token ``t`` sits at ``slots[t]``.
+    """
+
+    index: torch.Tensor
+    positions: torch.Tensor
+    slots: torch.Tensor
+    examples: int
+    width: int
+    targets: torch.Tensor
+    """Next-token target of each computed token (-100: none)."""
+    count: int
+    """Labelled targets (equal to the plain path's count)."""
+
+    @staticmethod
+    def build(batch: dict[str, torch.Tensor]) -> TokenLayout | None:
+        """The layout of ``batch``, or ``None`` when a labelled target follows a padding position
+        (the plain path would read a padding position's output there)."""
+        input_ids, labels = batch["input_ids"], batch["labels"]
+        rows, length = input_ids.shape
+        device = input_ids.device
+        targets = torch.cat([labels[:, 1:], labels.new_full((rows, 1), IGNORE_INDEX)], dim=1).reshape(-1)
+        mask = batch.get("attention_mask")
+        if mask is None:
+            index = torch.arange(rows * length, device=device)
+        else:
+            index = mask.reshape(-1).nonzero().squeeze(1)
+        flat_targets = targets[index]
+        labelled = flat_targets != IGNORE_INDEX
+        count = int(labelled.sum())
+        if count != int((labels[:, 1:] != IGNORE_INDEX).sum()):
+            return None
+        position_ids = batch.get("position_ids")
+        if position_ids is None:
+            positions = index % length
+        else:
+            positions = position_ids.expand(rows, length).reshape(-1)[index]
+        row = torch.div(index, length, rounding_mode="floor")
+        starts = torch.ones_like(index, dtype=torch.bool)
+        starts[1:] = (row[1:] != row[:-1]) | (positions[1:] != positions[:-1] + 1)
+        segment = starts.cumsum(0) - 1
+        # only examples with a labelled target are computed: attention never crosses examples
+        wanted = torch.zeros(int(segment[-1]) + 1 if len(segment) else 0, dtype=torch.bool, device=device)
+        wanted[segment[labelled]] = True
+        keep = wanted[segment]
+        if not bool(keep.all()):
+            index, positions, starts, flat_targets = index[keep], positions[keep], starts[keep], flat_targets[keep]
+            segment = starts.cumsum(0) - 1
+        lengths = torch.bincount(segment) if len(segment) else segment
+        examples = len(lengths)
+        width = int(lengths.max()) if examples else 0
+        first = torch.cumsum(lengths, 0) - lengths
+        offset = torch.arange(len(index), device=device) - first[segment]
+        return TokenLayout(index=index, positions=positions, slots=segment * width + offset, examples=examples,
+                           width=width, targets=flat_targets, count=count)
+
+    def to_examples(self, x: torch.Tensor) -> torch.Tensor:
+        """``(T, C)`` token rows → ``(examples * width, C)`` (zeros where an example is shorter)."""
+        out = x.new_zeros((self.examples * self.width, x.shape[1]))
+        return out.index_copy_(0, self.slots, x)
+
+    def to_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """``(examples * width, C)`` → ``(T, C)``."""
+        return x.index_select(0, self.slots)
+
+
+class Attention(torch.autograd.Function):
+    """Rotary embedding and causal grouped-query attention per example, from the fused ``[q | k | v]``
+    projections of the tokens to the ``(tokens, heads x head_dim)`` attention output.
+
+    Scores and weighted sums are batched products in the compute dtype; the softmax is computed
+    in fp32 (as Hugging Face's eager attention). Query heads share key/value heads without copies:
+    a key/value head's ``group`` query heads are stacked as one ``(group x width)`` query matrix.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: TokenLayout,
+                heads: int, kv_heads: int, head_dim: int, scaling: float) -> torch.Tensor:
+        tokens = qkv.shape[0]
+        q_end, k_end = heads * head_dim, (heads + kv_heads) * head_dim
+        group, S, W = heads // kv_heads, layout.examples, layout.width
+        with _no_autocast(qkv):
+            qk = rope(qkv[:, :k_end].view(tokens, heads + kv_heads, head_dim), cos, sin)
+            qk = layout.to_examples(qk.view(tokens, k_end))
+            v = layout.to_examples(qkv[:, k_end:])
+            q = qk[:, :q_end].view(S, W, kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+            q = q.reshape(S * kv_heads, group * W, head_dim)
+            k = qk[:, q_end:].view(S, W, kv_heads, head_dim).transpose(1, 2).reshape(S * kv_heads, W, head_dim)
+            v = v.view(S, W, kv_heads, head_dim).transpose(1, 2).reshape(S * kv_heads, W, head_dim)
+            scores = torch.bmm(q, k.transpose(1, 2)).float().mul_(scaling)
+            causal = torch.ones(W, W, dtype=torch.bool, device=qkv.device).triu_(1)
+            scores.view(S * kv_heads, group, W, W).masked_fill_(causal, float("-inf"))
+            probs = torch.softmax(scores, dim=-1).to(qkv.dtype)
+            del scores
+            out = torch.bmm(probs, v).view(S, kv_heads, group, W, head_dim).permute(0, 3, 1, 2, 4)
+            out = layout.to_tokens(out.reshape(S * W, heads * head_dim))
+        ctx.save_for_backward(q, k, v, probs, cos, sin)
+        ctx.layout, ctx.shape = layout, (heads, kv_heads, head_dim, scaling)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        q, k, v, probs, cos, sin = ctx.saved_tensors
+        layout = ctx.layout
+        heads, kv_heads, head_dim, scaling = ctx.shape
+        group, S, W = heads // kv_heads, layout.examples, layout.width
+        tokens = grad.shape[0]
+        q_end, k_end = heads * head_dim, (heads + kv_heads) * head_dim
+        with _no_autocast(grad):
+            dout = layout.to_examples(grad.contiguous()).view(S, W, kv_heads, group, head_dim)
+            dout = dout.permute(0, 2, 3, 1, 4).reshape(S * kv_heads, group * W, head_dim)
+            dv = torch.bmm(probs.transpose(1, 2), dout)
+            dprobs = torch.bmm(dout, v.transpose(1, 2)).float()
+            p32 = probs.float()
+            dscores = dprobs.sub_((dprobs * p32).sum(-1, keepdim=True)).mul_(p32).mul_(scaling).to(grad.dtype)
+            del dprobs, p32
+            dq = torch.bmm(dscores, k)
+            dk = torch.bmm(dscores.transpose(1, 2), q)
+            dqkv = torch.empty((tokens, k_end + kv_heads * head_dim), dtype=grad.dtype, device=grad.device)
+            dq = dq.view(S, kv_heads, group, W, head_dim).permute(0, 3, 1, 2, 4).reshape(S * W, q_end)
+            dk = dk.view(S, kv_heads, W, head_dim).transpose(1, 2).reshape(S * W, k_end - q_end)
+            dv = dv.view(S, kv_heads, W, head_dim).transpose(1, 2).reshape(S * W, k_end - q_end)
+            dqk = layout.to_tokens(torch.cat([dq, dk], dim=1)).view(tokens, heads + kv_heads, head_dim)
+            dqkv[:, :k_end] = rope(dqk, cos, sin, inverse=True).view(tokens, k_end)
+            dqkv[:, k_end:] = layout.to_tokens(dv)
+        return dqkv, None, None, None, None, None, None, None
+
+
+# -- linear layers sharing one input, with their low-rank deltas fused ------------------------------------
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or getattr(module, "_backward_pre_hooks", None))
+
+
+def _frozen_dense(module: nn.Module) -> bool:
+    return (type(module) is nn.Linear and not _hooked(module) and not module.weight.requires_grad
+            and (module.bias is None or not module.bias.requires_grad))
+
+
+def _plain_lowrank(delta: nn.Module) -> bool:
+    """A LoRA pair whose forward is exactly ``result + s · B A dropout(x)`` with no dropout at work."""
+    if not isinstance(delta, LowRankDelta) or type(delta).forward is not LowRankDelta.forward:
+        return False
+    if type(delta).lowrank is not LowRankDelta.lowrank or _hooked(delta):
+        return False
+    if isinstance(delta.dropout, nn.Dropout) and delta.training and delta.dropout.p > 0:
+        return False
+    return all(type(m) is nn.Linear and m.bias is None and not _hooked(m) for m in (delta.lora_A, delta.lora_B))
+
+
+@dataclass
+class Member:
+    """One linear layer of a group: a frozen dense base and at most one plain LoRA pair."""
+
+    base: nn.Linear
+    delta: LowRankDelta | None
+
+    @staticmethod
+    def of(module: nn.Module) -> Member | None:
+        if _frozen_dense(module):
+            return Member(module, None)
+        if type(module) is not DeltaLinear or _hooked(module) or not _frozen_dense(module.base_layer):
+            return None
+        active = [d for key, d in module.deltas.items() if key not in module.merged]
+        if not active:
+            return Member(module.base_layer, None)
+        if len(active) == 1 and _plain_lowrank(active[0]):
+            return Member(module.base_layer, active[0])
+        return None
+
+
+class LowRankWeights:
+    """The compute-dtype copies of a group's LoRA pairs — ``A`` stacked (``R x in``) and the scaled
+    ``B`` blocks on a block diagonal (``out x R``) — rebuilt only when a master weight changed."""
+
+    def __init__(self) -> None:
+        self.key: tuple | None = None
+        self.a: torch.Tensor | None = None
+        self.b: torch.Tensor | None = None
+
+    def get(self, members: list[Member], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        params = [p for m in members if m.delta is not None for p in (m.delta.lora_A.weight, m.delta.lora_B.weight)]
+        key = (dtype, *((p.data_ptr(), p._version) for p in params),
+               *(m.delta.scaling if m.delta is not None else None for m in members))
+        if key != self.key:
+            with torch.no_grad():
+                a = torch.cat([m.delta.lora_A.weight for m in members if m.delta is not None]).to(dtype)
+                blocks = [m.delta.lora_B.weight.float() * m.delta.scaling if m.delta is not None
+                          else m.base.weight.new_zeros((m.base.out_features, 0), dtype=torch.float32)
+                          for m in members]
+                b = torch.block_diag(*blocks).to(dtype)
+            self.key, self.a, self.b = key, a, b
+        return self.a, self.b
+
+
+class LowRankGroup(torch.autograd.Function):
+    """``[x W_iᵀ + b_i + s_i (x A_iᵀ) B_iᵀ]_i`` for linear layers reading the same ``x``, as one
+    ``(tokens, Σ out_i)`` tensor. The trainable ``A_i``, ``B_i`` are inputs (fp32 masters are fine:
+    their gradients come back in their dtype); the frozen bases get no gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, members: list[Member], cache: LowRankWeights, *params: torch.Tensor):
+        with _no_autocast(x):
+            outs = [F.linear(x, m.base.weight, m.base.bias) for m in members]
+            out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+            a = None
+            if params:
+                a_w, b_w = cache.get(members, x.dtype)
+                a = x @ a_w.t()
+                out.addmm_(a, b_w.t())
+        ctx.save_for_backward(x, a if a is not None else x.new_empty(0), *((a_w, b_w) if params else ()))
+        ctx.members = members
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor):
+        x, a, *lowrank = ctx.saved_tensors
+        members: list[Member] = ctx.members
+        grad = grad.contiguous()
+        dx = None
+        grads: list[torch.Tensor | None] = []
+        with _no_autocast(grad):
+            da = grad @ lowrank[1] if lowrank else None
+            if ctx.needs_input_grad[0]:
+                start = 0
+                for m in members:
+                    part = grad[:, start:start + m.base.out_features]
+                    dx = part @ m.base.weight if dx is None else dx.addmm_(part, m.base.weight)
+                    start += m.base.out_features
+                if da is not None:
+                    dx.addmm_(da, lowrank[0])
+            if lowrank:
+                da_w = da.t() @ x
+                db_w = grad.t() @ a
+                out_start = r_start = 0
+                for m in members:
+                    out_end = out_start + m.base.out_features
+                    if m.delta is not None:
+                        r_end = r_start + m.delta.lora_A.out_features
+                        grads.append(da_w[r_start:r_end].to(m.delta.lora_A.weight.dtype))
+                        grads.append((db_w[out_start:out_end, r_start:r_end].float() * m.delta.scaling)
+                                     .to(m.delta.lora_B.weight.dtype))
+                        r_start = r_end
+                    out_start = out_end
+        return (dx, None, None, *grads)
+
+
+class Group:
+    """Linear layers of a decoder layer that read the same input (``q/k/v``, ``gate/up``, or one)."""
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self.modules = modules
+        self.cache = LowRankWeights()
+
+    def __call__(self, x: torch.Tensor, autocast: tuple[bool, torch.dtype]) -> torch.Tensor:
+        members = [Member.of(m) for m in self.modules]
+        if all(m is not None for m in members) and all(m.base.weight.dtype == x.dtype for m in members):
+            params = [p for m in members if m.delta is not None
+                      for p in (m.delta.lora_A.weight, m.delta.lora_B.weight)]
+            return LowRankGroup.apply(x, members, self.cache, *params)
+        with torch.autocast(x.device.type, dtype=autocast[1], enabled=autocast[0]):
+            outs = [m(x) for m in self.modules]
+        outs = [o.to(x.dtype) for o in outs]
+        return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+
+
+# -- the model ---------------------------------------------------------------------------------------------
+def _llama_classes() -> tuple[type, ...]:
+    from transformers.models.llama import modeling_llama as llama
+
+    return llama.LlamaModel, llama.LlamaDecoderLayer, llama.LlamaAttention, llama.LlamaMLP, llama.LlamaRMSNorm
+
+
+class Plan:
+    """The pieces of one recognised decoder, checked once and re-checked cheaply at every call."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        decoder = model.get_decoder()
+        self.decoder = decoder
+        self.config = decoder.config
+        self.layers = list(decoder.layers[: self.config.num_hidden_layers])
+        self.groups = [
+            (Group([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]), Group([l.self_attn.o_proj]),
+             Group([l.mlp.gate_proj, l.mlp.up_proj]), Group([l.mlp.down_proj]))
+            for l in self.layers
+        ]
+        self.heads = self.config.num_attention_heads
+        self.kv_heads = self.config.num_key_value_heads
+        self.head_dim = self.layers[0].self_attn.head_dim
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        """Whether ``model`` is a decoder this path computes exactly (checked module by module)."""
+        getter = getattr(model, "get_decoder", None)
+        config = getattr(model, "config", None)
+        if not callable(getter) or config is None or getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+            return False
+        try:
+            decoder = getter()
+        except Exception:  # noqa: BLE001 - an unusual model: use the plain path
+            return False
+        model_cls, layer_cls, attn_cls, mlp_cls, norm_cls = _llama_classes()
+        rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+        if type(decoder) is not model_cls or rope != "default" or config.hidden_act != "silu":
+            return False
+        if getattr(decoder.rotary_emb, "attention_scaling", 1.0) != 1.0:
+            return False
+        if type(decoder.embed_tokens) is not nn.Embedding or type(decoder.norm) is not norm_cls:
+            return False
+        if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+            return False
+        for module in (model, decoder, decoder.embed_tokens, decoder.norm):
+            if _hooked(module):
+                return False
+        for layer in decoder.layers:
+            parts = (layer, layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm)
+            if (type(layer) is not layer_cls or type(layer.self_attn) is not attn_cls or type(layer.mlp) is not mlp_cls
+                    or type(layer.input_layernorm) is not norm_cls or type(layer.post_attention_layernorm) is not norm_cls
+                    or any(_hooked(p) for p in parts)):
+                return False
+        return True
+
+    def current(self) -> bool:
+        """Whether the model still has the modules this plan was made for."""
+        if self.model.get_decoder() is not self.decoder:
+            return False
+        for layer, (qkv, o, gate_up, down) in zip(self.layers, self.groups):
+            attn, mlp = layer.self_attn, layer.mlp
+            if (qkv.modules != [attn.q_proj, attn.k_proj, attn.v_proj] or o.modules[0] is not attn.o_proj
+                    or gate_up.modules != [mlp.gate_proj, mlp.up_proj] or down.modules[0] is not mlp.down_proj):
+                return False
+        return True
+
+    def layer(self, index: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: TokenLayout,
+              autocast: tuple[bool, torch.dtype]) -> torch.Tensor:
+        """One decoder layer on the token rows ``hidden``."""
+        layer = self.layers[index]
+        qkv, o, gate_up, down = self.groups[index]
+        attn = layer.self_attn
+        x = RMSNorm.apply(hidden, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
+        heads = Attention.apply(qkv(x, autocast), cos, sin, layout, self.heads, self.kv_heads, self.head_dim,
+                                attn.scaling)
+        hidden = hidden + o(heads, autocast)
+        x = RMSNorm.apply(hidden, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
+        return hidden + down(SiluGate.apply(gate_up(x, autocast)), autocast)
+
+    def rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos``, ``sin`` of ``positions`` (``tokens x 1 x head_dim``), as ``LlamaRotaryEmbedding``."""
+        inv_freq = self.decoder.rotary_emb.inv_freq.float()
+        freqs = positions[:, None].float() * inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+
+    def token_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int] | None:
+        """``(summed cross-entropy, labelled tokens)`` of ``batch``, or ``None`` (use the plain path)."""
+        embed = self.decoder.embed_tokens
+        dtype = embed.weight.dtype
+        if not dtype.is_floating_point or self.config.attention_dropout and self.model.training:
+            return None
+        layout = TokenLayout.build(batch)
+        if layout is None:
+            return None
+        head = self.model.get_output_embeddings()
+        if layout.count == 0:
+            return embed.weight.new_zeros((), dtype=torch.float32), 0
+        device = embed.weight.device
+        autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
+        with torch.autocast(device.type, enabled=False):
+            hidden = F.embedding(batch["input_ids"].reshape(-1)[layout.index], embed.weight, embed.padding_idx)
+            cos, sin = self.rotary(layout.positions, dtype)
+            checkpoint = self.decoder.gradient_checkpointing and self.model.training and torch.is_grad_enabled()
+            for index in range(len(self.layers)):
+                if checkpoint:
+                    hidden = torch.utils.checkpoint.checkpoint(self.layer, index, hidden, cos, sin, layout, autocast,
+                                                               use_reentrant=False)
+                else:
+                    hidden = self.layer(index, hidden, cos, sin, layout, autocast)
+            labelled = layout.targets != IGNORE_INDEX
+            norm = self.decoder.norm
+            hidden = RMSNorm.apply(hidden[labelled], norm.weight, norm.variance_epsilon)
+            total = head_loss(head, hidden, layout.targets[labelled])
+        return total, layout.count
+
+
+_PLANS: weakref.WeakKeyDictionary[nn.Module, Plan] = weakref.WeakKeyDictionary()
+
+
+def plan_for(model: nn.Module) -> Plan | None:
+    """The fast-path plan of ``model`` (made once, re-checked at every call), or ``None``."""
+    plan = _PLANS.get(model)
+    if plan is not None and plan.current() and Plan.supports(model):
+        return plan
+    if not Plan.supports(model):
+        _PLANS.pop(model, None)
+        return None
+    plan = Plan(model)
+    _PLANS[model] = plan
+    return plan
+
+
+def fast_token_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int] | None:
+    """The fast path's ``(summed token loss, labelled tokens)``, or ``None`` when it does not apply."""
+    plan = plan_for(model)
+    return plan.token_loss(batch) if plan is not None else None

@@ -1,0 +1,231 @@
+"""The fast paths compute what the plain path computes.
+
+Speed is measured by ``benchmarks/speed.py``, never asserted here. These tests check that every fast
+path — the chunked LM-head cross-entropy, the unpadded/fused Llama forward of
+:mod:`deltatune.fastpath`, its gradient checkpointing and the layers it leaves to their own forward —
+gives the plain path's loss and gradients: to 1e-5 in fp32, and close (bf16 rounding) in bf16.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deltatune import fastpath
+from deltatune.losses import token_loss
+from deltatune.packing import collate, collate_packed, pack_rows
+from deltatune.pipeline import build_model, compute_context, resolve_spec
+
+LORA_ALL = {"name": "lora", "config": {"r": 4, "alpha": 8, "targets": "all-linear"}}
+
+
+def make_model(base: str = "tiny-llama", delta: list | None = None, dtype: str = "fp32", seed: int = 0):
+    """A tiny model with its deltas, every LoRA ``B`` random (so the deltas change the output)."""
+    spec = resolve_spec({"base": base, "delta": [LORA_ALL] if delta is None else delta, "base_dtype": dtype})
+    torch.manual_seed(seed)
+    model = build_model(spec)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name or "magnitude" in name:
+                param.add_(torch.randn(param.shape, generator=generator).to(param.dtype) * 0.1)
+    return model.train()
+
+
+def make_rows(lengths=(7, 12, 5, 9, 11), seed: int = 1) -> list[dict]:
+    """Rows whose first half is prompt (no loss) and second half response."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for n in lengths:
+        ids = torch.randint(0, 256, (n,), generator=generator).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * (n // 2) + ids[n // 2:]})
+    return rows
+
+
+def loss_and_grads(model, batch, fast: bool):
+    model.zero_grad(set_to_none=True)
+    with compute_context(model):
+        total, count = token_loss(model, batch, fast=fast)
+    (total / count).backward()
+    grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return float(total), count, grads
+
+
+def assert_close_grads(a: dict, b: dict, rtol: float) -> None:
+    assert a.keys() == b.keys() and a
+    for name in a:
+        scale = a[name].abs().max().clamp_min(1e-12)
+        assert float((a[name] - b[name]).abs().max() / scale) < rtol, name
+
+
+BATCHES = {
+    "padded": lambda: collate(make_rows(), pad_id=0),
+    "packed": lambda: collate_packed(pack_rows(make_rows(), 24), pad_id=0),
+    "row without labels": lambda: collate(make_rows() + [{"input_ids": [5, 6, 7, 8], "labels": [-100] * 4}], pad_id=0),
+}
+
+
+# -- the chunked LM head ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("trainable_head", [False, True])
+def test_chunked_cross_entropy_equals_full_logits(trainable_head: bool):
+    generator = torch.Generator().manual_seed(0)
+    hidden = torch.randn(50, 16, generator=generator, requires_grad=True)
+    head = torch.nn.Linear(16, 300, bias=trainable_head)
+    head.requires_grad_(trainable_head)
+    targets = torch.randint(0, 300, (50,), generator=generator)
+
+    full = F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+    grads_full = torch.autograd.grad(full, [hidden, *(p for p in head.parameters() if p.requires_grad)])
+    chunked = fastpath.LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, 16)  # 4 chunks
+    grads_chunked = torch.autograd.grad(chunked, [hidden, *(p for p in head.parameters() if p.requires_grad)])
+
+    assert abs(float(full.detach()) - float(chunked.detach())) < 1e-5 * abs(float(full.detach()))
+    for a, b in zip(grads_full, grads_chunked):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_cross_entropy_keeps_no_logits():
+    """Backward keeps the gradient of the hidden states only — no chunk of logits survives forward."""
+    hidden = torch.randn(40, 16, requires_grad=True)
+    weight = torch.randn(1000, 16)
+    loss = fastpath.LinearCrossEntropy.apply(hidden, weight, None, torch.randint(0, 1000, (40,)), 8)
+    saved = loss.grad_fn.saved_tensors
+    assert sum(t.numel() for t in saved) == hidden.numel()
+
+
+def test_chunk_rows_bound_logit_memory():
+    rows = fastpath.loss_chunk_rows(49152)
+    assert rows * 49152 * 4 <= fastpath.LOSS_CHUNK_BYTES and rows >= 16
+
+
+# -- the fast decoder forward -------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", BATCHES)
+def test_fast_path_equals_plain_fp32(kind: str):
+    model = make_model()
+    batch = BATCHES[kind]()
+    assert fastpath.plan_for(model) is not None
+    plain = loss_and_grads(model, batch, fast=False)
+    fast = loss_and_grads(model, batch, fast=True)
+    assert plain[1] == fast[1]
+    assert abs(plain[0] - fast[0]) <= 1e-5 * abs(plain[0])
+    assert_close_grads(plain[2], fast[2], 1e-5)
+
+
+@pytest.mark.parametrize("setup", [
+    {"base": "tiny-llama-tied", "delta": None},
+    {"base": "tiny-llama", "delta": [{"name": "lora", "config": {"r": 2, "targets": ["q_proj", "v_proj", "down_proj"]}}]},
+    {"base": "tiny-llama", "delta": []},  # full fine-tuning: every layer runs its own forward
+    {"base": "tiny-llama", "delta": [{"name": "dora", "config": {"r": 2, "targets": ["q_proj", "v_proj"]}},
+                                     {"name": "lora", "config": {"r": 2, "targets": ["o_proj", "gate_proj"]}}]},
+], ids=["tied head", "some targets", "full fine-tune", "dora + lora"])
+def test_fast_path_equals_plain_for_other_setups(setup: dict):
+    if any(d["name"] == "dora" for d in setup["delta"] or []):
+        pytest.importorskip("deltatune_dora")
+    model = make_model(setup["base"], setup["delta"])
+    batch = collate(make_rows(), pad_id=0)
+    plain = loss_and_grads(model, batch, fast=False)
+    fast = loss_and_grads(model, batch, fast=True)
+    assert abs(plain[0] - fast[0]) <= 1e-5 * abs(plain[0])
+    assert_close_grads(plain[2], fast[2], 1e-5)
+
+
+def test_bf16_path_close_to_fp32():
+    batch = collate(make_rows(), pad_id=0)
+    reference = loss_and_grads(make_model(dtype="fp32"), batch, fast=False)
+    for fast in (False, True):
+        loss, count, grads = loss_and_grads(make_model(dtype="bf16"), batch, fast=fast)
+        assert count == reference[1]
+        assert abs(loss - reference[0]) < 1e-2 * abs(reference[0])
+        for name, grad in grads.items():
+            cosine = F.cosine_similarity(grad.flatten(), reference[2][name].flatten(), dim=0)
+            assert cosine > 0.99, name
+
+
+def test_bf16_fast_path_keeps_fp32_masters_and_no_fp32_base():
+    model = make_model(dtype="bf16")
+    for name, param in model.named_parameters():
+        assert param.dtype == (torch.float32 if param.requires_grad else torch.bfloat16), name
+    loss_and_grads(model, collate(make_rows(), pad_id=0), fast=True)
+    trained = {n: p for n, p in model.named_parameters() if p.grad is not None}
+    assert trained and all("lora_" in n for n in trained)
+    assert all(p.grad.dtype == torch.float32 for p in trained.values())  # fp32 gradients reach the masters
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    batch = collate(make_rows(), pad_id=0)
+    model = make_model()
+    expected = loss_and_grads(model, batch, fast=True)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    got = loss_and_grads(model, batch, fast=True)
+    assert abs(expected[0] - got[0]) <= 1e-6 * abs(expected[0])
+    assert_close_grads(expected[2], got[2], 1e-6)
+
+
+def test_no_grad_evaluation_matches():
+    model = make_model().eval()
+    batch = collate(make_rows(), pad_id=0)
+    with torch.no_grad():
+        plain, _ = token_loss(model, batch, fast=False)
+        fast, _ = token_loss(model, batch, fast=True)
+    assert abs(float(plain) - float(fast)) <= 1e-5 * abs(float(plain))
+
+
+# -- what the fast path leaves alone --------------------------------------------------------------------------
+def test_hooked_linear_layer_runs_its_own_forward():
+    model = make_model()
+    calls = []
+    layer = model.model.layers[0].self_attn.k_proj
+    layer.register_forward_hook(lambda module, args, out: calls.append(out.shape))
+    batch = collate(make_rows(), pad_id=0)
+    plain = loss_and_grads(model, batch, fast=False)
+    fast = loss_and_grads(model, batch, fast=True)
+    assert len(calls) == 2  # the hook ran on both paths
+    assert abs(plain[0] - fast[0]) <= 1e-5 * abs(plain[0])
+    assert_close_grads(plain[2], fast[2], 1e-5)
+
+
+def test_unrecognised_model_uses_the_plain_path():
+    model = make_model()
+    model.model.layers[1].mlp.register_forward_hook(lambda *args: None)
+    assert fastpath.plan_for(model) is None
+
+
+def test_lora_dropout_in_training_is_left_to_the_layer():
+    model = make_model(delta=[{"name": "lora", "config": {"r": 4, "dropout": 0.5, "targets": "all-linear"}}])
+    layer = model.model.layers[0].self_attn.q_proj
+    assert fastpath.Member.of(layer) is None
+    model.eval()
+    assert fastpath.Member.of(layer) is not None
+
+
+def test_merged_delta_is_read_from_the_base_weight():
+    model = make_model()
+    batch = collate(make_rows(), pad_id=0)
+    plain = loss_and_grads(model, batch, fast=False)
+    for module in model.modules():
+        if hasattr(module, "merge_delta") and "lora" in getattr(module, "deltas", {}):
+            module.merge_delta("lora")
+    with torch.no_grad():
+        merged, _ = token_loss(model, batch, fast=True)
+    assert abs(plain[0] - float(merged)) <= 1e-4 * abs(plain[0])
+
+
+def test_adapter_update_is_seen_by_the_next_step():
+    """The compute-dtype copies of the LoRA weights follow the optimizer's in-place updates."""
+    model = make_model()
+    batch = collate(make_rows(), pad_id=0)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(2):
+        loss_and_grads(model, batch, fast=True)
+        optimizer.step()
+    plain = loss_and_grads(model, batch, fast=False)
+    fast = loss_and_grads(model, batch, fast=True)
+    assert abs(plain[0] - fast[0]) <= 1e-5 * abs(plain[0])
+
+
+def test_layout_of_packed_rows_separates_examples():
+    batch = collate_packed(pack_rows(make_rows((3, 4)), 10), pad_id=0)
+    layout = fastpath.TokenLayout.build(batch)
+    assert layout.examples == 2 and layout.width == 4  # the padding segment has no label: dropped
+    assert layout.positions.tolist() == [0, 1, 2, 0, 1, 2, 3]
