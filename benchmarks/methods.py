@@ -77,7 +77,14 @@ def run(name: str, method: dict, steps: int | None, out: Path) -> dict:
         return {"error": (done.stdout + done.stderr).strip().splitlines()[-1][:200], "wall": wall}
     report = json.loads((root / "report.json").read_text())
     report["wall"] = wall
+    (out / f"{name.lower()}.result.json").write_text(json.dumps(report))
     return report
+
+
+def previous(name: str, out: Path) -> dict | None:
+    """The result of an earlier run of ``name`` in ``out`` (kept by ``--only`` runs of other methods)."""
+    path = out / f"{name.lower()}.result.json"
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def cell(report: dict, split: str) -> str:
@@ -89,8 +96,17 @@ def cell(report: dict, split: str) -> str:
     return f"{100 * base:.1f}% → **{100 * tuned:.1f}%** ({100 * (tuned - base):+.1f})"
 
 
+def share_base(results: dict[str, dict]) -> None:
+    """Give methods that start from the dense base the base figures the LoRA run measured."""
+    for name, report in results.items():
+        source = results.get(METHODS[name].get("base_from", ""), {})
+        if "error" not in report and source.get("base_metrics"):
+            report["base_metrics"] = source["base_metrics"]
+
+
 def table(results: dict[str, dict], missing: list[str], steps: int | None) -> str:
     """The markdown section for docs/benchmarks.md."""
+    share_base(results)
     lines = [BEGIN, "## Delta methods on the task suite: base vs tuned exact match (SmolLM2-135M-Instruct)", "",
              f"Command: `flock -x /tmp/deltatune-cpu.lock python benchmarks/methods.py --write"
              f"{f' --steps {steps}' if steps else ''}` (CPU, 2 cores). Every method gets the demo's budget "
@@ -107,6 +123,15 @@ def table(results: dict[str, dict], missing: list[str], steps: int | None) -> st
         lines.append(f"| {name} | {report.get('parameters', {}).get('trainable', 0):,} | {report['steps']} | {cell(report, 'test')} | "
                      f"{cell(report, 'heldout')} | {loss:.3f} | {report['timings'].get('train_s', 0):.0f} s | "
                      f"{report['wall']:.0f} s |")
+    lines += ["", "QLoRA's base is the 4-bit (NF4) model, measured on its own; every other method starts from the "
+              "same dense model, whose figures the LoRA run measured once. Train time is the training loop alone; "
+              "wall time is the whole `deltatune fit` process (model loading, evaluations, adapter)."]
+    demo = results.get("LoRA", {})
+    if demo.get("timings"):
+        t = demo["timings"]
+        lines += ["", f"The LoRA row is `make demo` (`examples/lora-smollm2.yaml`, less its 4 sample generations): "
+                  f"{demo['wall']:.0f} s in all — base evaluation {t['base_eval_s']:.0f} s, training "
+                  f"{t['train_s']:.0f} s ({demo['steps']} steps), tuned evaluation {t['tuned_eval_s']:.0f} s."]
     if missing:
         lines += ["", f"Not measured (plugin not installed when this ran): {', '.join(missing)}."]
     lines.append(END)
@@ -127,25 +152,25 @@ def main() -> None:
     """Run every available method and print (or write) the table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, help="override max_steps for every method")
-    parser.add_argument("--only", nargs="*", help="methods to run (default: all)")
+    parser.add_argument("--only", nargs="*", help="methods to run (default: all); the others keep their last results")
     parser.add_argument("--out", default=str(ROOT / "runs" / "methods"), help="run folders and logs")
     parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
+    parser.add_argument("--rewrite", action="store_true", help="run nothing: rebuild the table from the last results")
     args = parser.parse_args()
     have = installed()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results, missing = {}, []
     for name, method in METHODS.items():
-        if args.only and name not in args.only:
+        if args.rewrite or (args.only and name not in args.only):
+            if (earlier := previous(name, out)) is not None:
+                results[name] = earlier
             continue
         if not set(method["needs"]) <= have:
             missing.append(f"{name} (needs {', '.join(sorted(set(method['needs']) - have))})")
             continue
         print(f"{name} …", flush=True)
         results[name] = run(name, method, args.steps, out)
-        source = results.get(method.get("base_from", ""), {})
-        if "error" not in results[name] and source.get("base_metrics"):
-            results[name]["base_metrics"] = source["base_metrics"]
         print(json.dumps({k: results[name].get(k) for k in ("tuned_metrics", "timings", "wall", "error")}), flush=True)
         if args.write:  # after every method, so an interrupted run keeps what it measured
             write_section(table(results, missing, args.steps))
