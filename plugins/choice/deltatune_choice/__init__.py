@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from deltatune import Row, hookimpl
+from deltatune import DataError, Row, hookimpl
 from deltatune.data import encode_example
 from deltatune.evaluation import sequence_logprobs, summarize
 
@@ -52,6 +52,9 @@ class Choice:
         for row in rows:
             for text in row["choices"]:
                 encoded = encode_example(tokenizer, row["prompt"], str(text), cfg.max_length)
+                if encoded is None:
+                    raise DataError(f"choice: option {text!r} does not fit in max_length={cfg.max_length} after its "
+                                    "prompt; raise the evaluator's max_length")
                 if not cfg.eos:
                     encoded["labels"][-1] = -100
                 options.append(encoded)
