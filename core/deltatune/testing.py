@@ -195,6 +195,12 @@ def _tiny_base_folder(factory: pytest.TempPathFactory, overrides: dict[str, Any]
     return _TINY_FOLDERS[key]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the markers deltatune's test suites use."""
+    config.addinivalue_line(
+        "markers", "measured: measures this machine (peak memory of real runs in fresh processes); slower")
+
+
 # -- fixtures -------------------------------------------------------------------------------------
 @pytest.fixture
 def tiny_tokenizer() -> Any:
@@ -293,7 +299,8 @@ class DeltaMethodContract(PluginContract):
     Checked on :attr:`base` (fp32) with :attr:`config`:
 
     * only the parameters the method claims train, each claimed parameter receives a gradient, and a
-      training step changes nothing else; its ``state_dict`` holds every parameter it trains;
+      training step changes nothing else; none is a weight matrix of the base model (unless
+      :attr:`trains_base_weights`); its ``state_dict`` holds every parameter it trains;
     * at initialisation the outputs equal the base model's when :attr:`promises_identity_at_init`
       (else they are finite and of the same shape);
     * ``merge`` keeps the outputs, and ``unmerge`` restores the base weights (up to float rounding);
@@ -313,6 +320,9 @@ class DeltaMethodContract(PluginContract):
     supports_nf4: ClassVar[bool] = True
     nf4_config: ClassVar[dict[str, Any]] = {}
     compose_with: ClassVar[dict[str, Any] | None] = {"name": "lora", "config": {"targets": ["o_proj"]}}
+    trains_base_weights: ClassVar[bool] = False
+    """Whether the method trains weight matrices of the base model itself (not its own tensors);
+    biases and norms (1-D) are always allowed."""
     perturbation: ClassVar[float] = 0.05
     """Standard deviation of the noise added to trained tensors, so that deltas are not trivial."""
     merge_tolerance: ClassVar[float] = 1e-4
@@ -373,6 +383,11 @@ class DeltaMethodContract(PluginContract):
                 owners[name] = claimers[0]
         for delta in resolved.deltas:
             assert delta.name in owners.values(), f"'{delta.name}' claims no parameter with config {delta.cfg}"
+        if not self.trains_base_weights:
+            base = {n for n, p in models.load_model(self.base, torch.float32).named_parameters() if p.ndim >= 2}
+            moved = {n.replace(".base_layer.", ".") for n in owners}
+            foreign = sorted(n for n in moved if n in base)
+            assert not foreign, f"trains weight matrices of the base model: {foreign[:5]} (trains_base_weights = False)"
         total = sum(p.numel() for p in model.parameters())
         assert sum(p.numel() for p in model.parameters() if p.requires_grad) < total, "everything trains"
         before = _snapshot(model)
@@ -514,10 +529,13 @@ class DatasetBuilderContract(PluginContract):
     and overrides :meth:`write` / :meth:`make_config` when its files are not JSONL with a ``path``
     option. Checked:
 
-    * ``build(cfg, tokenizer, "train")`` gives one row per record, each with ``input_ids`` and
-      ``labels`` of equal length, every label ``-100`` or the token at its position;
-    * the prompt is masked: the first label is ``-100``, and the labelled tokens spell the row's
-      ``response``; when :attr:`prompt_fully_masked`, every token of the row's ``prompt`` is masked;
+    * ``build(cfg, tokenizer, "train")`` gives one row per record (when :attr:`one_row_per_record`;
+      else at least one row), each with ``input_ids`` and ``labels`` of equal length, every label
+      ``-100`` or the token at its position;
+    * when :attr:`masks_prompt`, the prompt is masked: the first label is ``-100``, and the labelled
+      tokens spell the row's ``response``; when also :attr:`prompt_fully_masked`, every token of the
+      row's ``prompt`` is masked. A builder for continued pre-training (``masks_prompt = False``)
+      must label every token instead;
     * a file with a malformed record raises :class:`deltatune.errors.DataError` naming the file and
       the line (:meth:`bad_line`);
     * a split with no data is ``None``;
@@ -529,6 +547,8 @@ class DatasetBuilderContract(PluginContract):
     records: ClassVar[list[Any]] = []
     malformed: ClassVar[list[Any]] = []
     suffix: ClassVar[str] = ".jsonl"
+    one_row_per_record: ClassVar[bool] = True
+    masks_prompt: ClassVar[bool] = True
     prompt_fully_masked: ClassVar[bool] = True
 
     def write(self, path: Path, records: list[Any]) -> None:
@@ -559,7 +579,9 @@ class DatasetBuilderContract(PluginContract):
     def test_rows_are_tokenised_with_aligned_labels(self, manager: PluginManager, tmp_path: Path) -> None:
         """One row per record; ``input_ids``/``labels`` of equal length; labels are -100 or the token."""
         rows, _ = self.build(manager, tmp_path, list(self.records))
-        assert isinstance(rows, list) and len(rows) == len(self.records)
+        assert isinstance(rows, list) and rows, "no rows"
+        if self.one_row_per_record:
+            assert len(rows) == len(self.records), f"{len(rows)} rows from {len(self.records)} records"
         for row in rows:
             ids, labels = row["input_ids"], row["labels"]
             assert len(ids) == len(labels) > 0
@@ -567,12 +589,15 @@ class DatasetBuilderContract(PluginContract):
             assert all(label in (-100, token) for label, token in zip(labels, ids)), "a label is neither -100 nor its token"
             assert any(label != -100 for label in labels), "a row has no labelled token"
 
-    def test_prompt_is_masked_and_response_labelled(self, manager: PluginManager, tmp_path: Path) -> None:
-        """The loss covers the response, not the prompt."""
+    def test_labels_mask_the_prompt_or_cover_every_token(self, manager: PluginManager, tmp_path: Path) -> None:
+        """The loss covers the response, not the prompt (or, without :attr:`masks_prompt`, every token)."""
         tokenizer = self.tokenizer()
         rows, _ = self.build(manager, tmp_path, list(self.records))
         for row in rows:
             labels = row["labels"]
+            if not self.masks_prompt:
+                assert labels == row["input_ids"], "a pre-training builder must label every token"
+                continue
             assert labels[0] == -100, "the first token (prompt) carries a label"
             labelled = [t for t in labels if t != -100]
             if row.get("response"):
