@@ -28,5 +28,9 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
+# `make bench`: training speed against PEFT + transformers.Trainer (docs/benchmarks.md, speed section)
+bench: setup
+	$(PY) -m benchmarks.speed --write
+
 clean:
 	rm -rf runs lightning_logs

@@ -1,0 +1,496 @@
+"""Training speed on the CPU: deltatune against PEFT + ``transformers.Trainer``, same model, data and steps.
+
+Every configuration trains SmolLM2-135M-Instruct (``deltatune.models.load_base``) on the bundled
+instruction suite (``examples/data/tasks-train.jsonl``, tokenised once by the ``alpaca`` builder:
+chat-template prompt, loss on the response) for the same steps on the *same batches*: one seeded
+order of the examples, cut into batches of ``--batch-size``; the supervised tokens per step are
+therefore identical. LoRA is r=16, alpha=32, every linear layer but the LM head, no dropout; AdamW at
+a constant learning rate, gradient norm clipped to 1.0, in every configuration.
+
+* ``deltatune``: the Lightning ``DeltaTuneModule`` trained by ``lightning.Trainer`` (its real
+  ``training_step``, so the fast path of :mod:`deltatune.fastpath` and the bf16 base of
+  :func:`deltatune.pipeline.compute_dtype` are what a run gets), batches from deltatune's collator.
+* ``peft-bf16`` / ``peft-fp32``: ``peft.get_peft_model`` on the fp32 model and ``transformers.Trainer``
+  with ``bf16=True`` (autocast) / in fp32, batches padded by ``DataCollatorForSeq2Seq``.
+* DoRA, QLoRA (NF4 base) and LOMO (full fine-tuning, update fused into backward) rows, each beside
+  its PEFT/Trainer peer where one is installed.
+
+Each configuration runs in its own subprocess (peak memory is that process's ``VmHWM``: over the
+whole process, and over training alone after a reset before the first step), alternating between
+configurations over ``--rounds``; the table shows the median over rounds. Timing starts after the
+first ``--warmup`` steps and includes data loading and the optimizer. Model FLOPs utilisation (MFU)
+counts only the arithmetic a step cannot avoid on the real, unpadded tokens — frozen linear layers
+forward and input-gradient (4 FLOPs per weight per token), trained weights forward, input- and
+weight-gradient (6), causal attention (12·heads·head_dim per query-key pair per layer), the LM head
+only at labelled positions (4·vocab·hidden, or 6 when it trains) — against a bf16 matrix-product
+peak measured in the same invocation (the best of square products of 1024 to 4096).
+
+Usage::
+
+    python -m benchmarks.speed                 # print the table (about 15 minutes on 2 cores)
+    python -m benchmarks.speed --write         # and update the speed section of docs/benchmarks.md
+    make bench                                 # the same, with --write
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs" / "benchmarks.md"
+BEGIN, END = "<!-- speed:begin -->", "<!-- speed:end -->"
+MODEL = "smollm2-135m-instruct"
+TRAIN = ROOT / "examples" / "data" / "tasks-train.jsonl"
+VALIDATION = ROOT / "examples" / "data" / "tasks-validation.jsonl"
+LORA = {"r": 16, "alpha": 32, "targets": "all-linear"}
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    "deltatune": {"kind": "ours", "delta": [{"name": "lora", "config": LORA}]},
+    "peft-bf16": {"kind": "peft", "bf16": True, "peer_of": "deltatune"},
+    "peft-fp32": {"kind": "peft", "bf16": False, "peer_of": "deltatune"},
+    "deltatune-plain": {"kind": "ours", "delta": [{"name": "lora", "config": LORA}], "fast_path": False},
+    "deltatune-dora": {"kind": "ours", "delta": [{"name": "dora", "config": LORA}], "needs": "deltatune_dora"},
+    "peft-dora-bf16": {"kind": "peft", "bf16": True, "dora": True, "peer_of": "deltatune-dora"},
+    "deltatune-qlora": {"kind": "ours", "delta": [{"name": "lora", "config": LORA}], "quantizer": {"name": "nf4"},
+                        "needs": "deltatune_nf4"},
+    "peft-qlora-bf16": {"kind": "peft", "bf16": True, "nf4": True, "peer_of": "deltatune-qlora", "needs": "bitsandbytes"},
+    "deltatune-lomo": {"kind": "ours", "delta": [], "optimizer": "lomo", "needs": "deltatune_lomo"},
+    "trainer-lomo-bf16": {"kind": "peft", "bf16": True, "lomo": True, "peer_of": "deltatune-lomo", "needs": "lomo_optim"},
+}
+DEFAULT_CONFIGS = list(CONFIGS)
+
+
+# -- measurements shared by the children ----------------------------------------------------------------------
+def status_kib() -> dict[str, int]:
+    """``VmRSS`` and ``VmHWM`` of this process, in KiB."""
+    text = Path("/proc/self/status").read_text()
+    return {line.split(":")[0]: int(line.split()[1]) for line in text.splitlines()
+            if line.startswith(("VmRSS", "VmHWM"))}
+
+
+def reset_peak() -> None:
+    """Reset ``VmHWM`` to the current RSS (Linux)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def batch_plan(steps: int, batch_size: int, seed: int) -> list[list[int]]:
+    """The same batches for every configuration: a seeded order of the training rows, cut up."""
+    rows = sum(1 for line in TRAIN.read_text().splitlines() if line.strip())
+    order = list(range(rows))
+    random.Random(seed).shuffle(order)
+    if steps * batch_size > rows:
+        raise SystemExit(f"{steps} steps of {batch_size} need {steps * batch_size} rows; the suite has {rows}")
+    return [order[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
+
+
+def suite_rows(tokenizer: Any, path: Path) -> list[dict]:
+    """Rows of ``path`` as the ``alpaca`` builder makes them (chat template, loss on the response)."""
+    from deltatune.config import resolve
+
+    builder = resolve("dataset_builder", {"name": "alpaca", "config": {"path": str(path), "max_length": 256}})
+    return builder.plugin.build(builder.cfg, tokenizer, "train")
+
+
+def step_flops(config: Any, rows: list[dict], lora_params: int, full: bool) -> float:
+    """Unavoidable FLOPs of one training step on ``rows`` (see the module docstring)."""
+    hidden, layers = config.hidden_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or hidden // config.num_attention_heads
+    kv = config.num_key_value_heads * head_dim
+    linear = layers * (hidden * (hidden + 2 * kv) + config.num_attention_heads * head_dim * hidden
+                       + 3 * hidden * config.intermediate_size)
+    per_weight = 6 if full else 4
+    flops = 0.0
+    for row in rows:
+        n = len(row["input_ids"])
+        labelled = sum(1 for label in row["labels"][1:] if label != -100)
+        flops += n * (per_weight * linear + 6 * lora_params)
+        flops += 12 * config.num_attention_heads * head_dim * layers * n * (n + 1) / 2
+        flops += labelled * per_weight * config.vocab_size * hidden
+    return flops
+
+
+# -- one configuration, in its own process ----------------------------------------------------------------------
+class StepClock:
+    """Wall-clock time of each step (end to end: data, forward, backward, optimizer)."""
+
+    def __init__(self) -> None:
+        self.ends: list[float] = [time.perf_counter()]
+
+    def tick(self) -> None:
+        self.ends.append(time.perf_counter())
+
+
+def run_ours(cfg: dict, plan: list[list[int]], args: argparse.Namespace) -> dict:
+    import lightning as L
+    import torch
+
+    from deltatune.losses import token_loss
+    from deltatune.models import load_tokenizer
+    from deltatune.module import DeltaTuneModule
+    from deltatune.packing import collate
+    from deltatune.pipeline import compute_context
+
+    tokenizer = load_tokenizer(MODEL)
+    rows = suite_rows(tokenizer, TRAIN)
+    batches = [collate([rows[i] for i in b], tokenizer.pad_token_id) for b in plan]
+    lomo = cfg.get("optimizer") == "lomo"
+    optimizer = ({"name": "lomo", "config": {"lr": args.lomo_lr}} if lomo else
+                 {"name": "adamw", "config": {"lr": args.lr, "schedule": False}})
+
+    class Module(DeltaTuneModule):
+        """The real module; only the run reports (base evaluation, samples, adapter) are left out."""
+
+        def on_fit_start(self) -> None:
+            pass
+
+        def on_fit_end(self) -> None:
+            pass
+
+    module = Module(base=MODEL, delta=cfg["delta"], quantizer=cfg.get("quantizer"), optimizer=optimizer,
+                    trainable_dtype="bf16" if lomo else "fp32", fast_path=cfg.get("fast_path", True),
+                    compare_base=False, samples=0)
+    clock = StepClock()
+
+    class Clock(L.Callback):
+        def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            reset_peak()
+            clock.ends = [time.perf_counter()]
+
+        def on_train_batch_end(self, *args: Any) -> None:
+            clock.tick()
+
+    trainer = L.Trainer(max_steps=len(plan), accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, gradient_clip_val=None if lomo else 1.0, callbacks=[Clock()],
+                        default_root_dir=tempfile.mkdtemp(prefix="speed-"))
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False)
+    load_rss = status_kib()["VmRSS"]
+    trainer.fit(module, train_dataloaders=loader)
+    train_peak = status_kib()["VmHWM"]
+    losses = [loss for _, loss in module.report.history["train"]]
+    model = module.model
+    model.eval()
+    val = suite_rows(tokenizer, VALIDATION)
+    total = count = 0.0
+    with torch.no_grad(), compute_context(model):
+        for start in range(0, len(val), 16):
+            t, c = token_loss(model, collate(val[start:start + 16], tokenizer.pad_token_id))
+            total, count = total + float(t), count + c
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"step_ends": clock.ends, "losses": losses, "val_loss": total / count, "train_peak_kib": train_peak,
+            "load_rss_kib": load_rss, "trainable": trainable, "full": not cfg["delta"], "rows": rows}
+
+
+def run_peft(cfg: dict, plan: list[list[int]], args: argparse.Namespace) -> dict:
+    import torch
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+
+    from deltatune.losses import token_loss
+    from deltatune.models import load_model, load_tokenizer, resolve_base
+    from deltatune.packing import collate
+
+    tokenizer = load_tokenizer(MODEL)
+    rows = suite_rows(tokenizer, TRAIN)
+    ordered = [{"input_ids": rows[i]["input_ids"], "labels": rows[i]["labels"]} for b in plan for i in b]
+    if cfg.get("nf4"):
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_pretrained(resolve_base(MODEL), quantization_config=quant,
+                                                     dtype=torch.float32, local_files_only=True)
+    else:
+        model = load_model(MODEL, torch.float32)
+    if not cfg.get("lomo"):
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0,
+                                                 target_modules="all-linear", use_dora=bool(cfg.get("dora"))))
+    clock = StepClock()
+    losses: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_train_begin(self, *a: Any, **k: Any) -> None:
+            reset_peak()
+            clock.ends = [time.perf_counter()]
+
+        def on_step_end(self, *a: Any, **k: Any) -> None:
+            clock.tick()
+
+        def on_log(self, _args: Any, state: Any, control: Any, logs: dict | None = None, **k: Any) -> None:
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    class InOrder(Trainer):
+        """Trainer reading the dataset in order: its batches are the benchmark's batches."""
+
+        def _get_train_sampler(self, *a: Any, **k: Any) -> torch.utils.data.Sampler:
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    lomo = cfg.get("lomo")
+    targs = TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="speed-"), max_steps=len(plan), per_device_train_batch_size=len(plan[0]),
+        learning_rate=args.lomo_lr if lomo else args.lr, lr_scheduler_type="constant", warmup_steps=0,
+        weight_decay=0.0, max_grad_norm=0.0 if lomo else 1.0, bf16=bool(cfg["bf16"]), logging_steps=1,
+        save_strategy="no", report_to=[], disable_tqdm=True, dataloader_num_workers=0, use_cpu=True,
+        optim="lomo" if lomo else "adamw_torch", seed=0, remove_unused_columns=False,
+    )
+    trainer = InOrder(model=model, args=targs, train_dataset=ordered, callbacks=[Clock()],
+                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100))
+    load_rss = status_kib()["VmRSS"]
+    trainer.train()
+    train_peak = status_kib()["VmHWM"]
+    model.eval()
+    val = suite_rows(tokenizer, VALIDATION)
+    total = count = 0.0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(cfg["bf16"])):
+        for start in range(0, len(val), 16):
+            t, c = token_loss(model, collate(val[start:start + 16], tokenizer.pad_token_id), fast=False)
+            total, count = total + float(t), count + c
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"step_ends": clock.ends, "losses": losses, "val_loss": total / count, "train_peak_kib": train_peak,
+            "load_rss_kib": load_rss, "trainable": trainable, "full": bool(lomo), "rows": rows}
+
+
+def bf16_peak(threads: int) -> float:
+    """The best bf16 matrix-product rate (GFLOP/s) of square products from 1024 to 4096."""
+    import torch
+
+    torch.set_num_threads(threads)
+    best = 0.0
+    for n in (1024, 2048, 4096):
+        a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+        for _ in range(2):
+            a @ b
+        for _ in range(5 if n < 4096 else 3):
+            start = time.perf_counter()
+            a @ b
+            best = max(best, 2 * n**3 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def child(name: str, args: argparse.Namespace) -> dict:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    if name == "peak":
+        return {"peak_gflops": bf16_peak(args.threads)}
+    cfg = CONFIGS[name]
+    plan = batch_plan(args.steps, args.batch_size, args.seed)
+    result = (run_ours if cfg["kind"] == "ours" else run_peft)(cfg, plan, args)
+    from transformers import AutoConfig
+
+    from deltatune.models import resolve_base
+
+    rows = result.pop("rows")
+    config = AutoConfig.from_pretrained(resolve_base(MODEL), local_files_only=True)
+    lora = 0 if result["full"] else result["trainable"]
+    flops = [step_flops(config, [rows[i] for i in b], lora, result["full"]) for b in plan]
+    ends = result.pop("step_ends")
+    timed = slice(args.warmup, len(plan))
+    seconds = ends[-1] - ends[args.warmup]
+    supervised = [sum(1 for i in b for label in rows[i]["labels"][1:] if label != -100) for b in plan]
+    real = [sum(len(rows[i]["input_ids"]) for i in b) for b in plan]
+    losses = result["losses"]
+    tail = losses[-max(1, len(losses) // 5):]
+    return {
+        "name": name, "steps": len(ends) - 1, "step_s": seconds / (len(plan) - args.warmup),
+        "supervised_tok_s": sum(supervised[timed]) / seconds, "tok_s": sum(real[timed]) / seconds,
+        "gflops": sum(flops[timed]) / seconds / 1e9, "supervised_tokens": sum(supervised),
+        "final_loss": statistics.fmean(tail) if tail else float("nan"), "val_loss": result["val_loss"],
+        "peak_mib": status_kib()["VmHWM"] / 1024, "train_peak_mib": result["train_peak_kib"] / 1024,
+        "load_rss_mib": result["load_rss_kib"] / 1024,
+    }
+
+
+# -- the parent: alternate, collect, tabulate -----------------------------------------------------------------------
+def available(name: str) -> bool:
+    import importlib.util
+
+    needs = CONFIGS[name].get("needs")
+    return needs is None or importlib.util.find_spec(needs) is not None
+
+
+def run_child(name: str, args: argparse.Namespace) -> dict | None:
+    cmd = [sys.executable, "-m", "benchmarks.speed", "--child", name, "--steps", str(args.steps),
+           "--batch-size", str(args.batch_size), "--warmup", str(args.warmup), "--threads", str(args.threads),
+           "--seed", str(args.seed), "--lr", str(args.lr), "--lomo-lr", str(args.lomo_lr)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if out.returncode != 0 or not lines:
+        print(f"  {name}: failed (exit {out.returncode})\n{out.stderr[-3000:]}", file=sys.stderr)
+        return None
+    result = json.loads(lines[-1][len("RESULT "):])
+    shown = ", ".join(f"{k}={v:.4g}" for k, v in result.items() if isinstance(v, float))
+    print(f"  {name}: {shown}", flush=True)
+    return result
+
+
+def median_rows(results: dict[str, list[dict]]) -> dict[str, dict]:
+    rows = {}
+    for name, runs in results.items():
+        if runs:
+            rows[name] = {k: statistics.median([r[k] for r in runs]) if isinstance(runs[0][k], (int, float)) else runs[0][k]
+                          for k in runs[0]}
+    return rows
+
+
+def machine() -> str:
+    import torch
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    flags = Path("/proc/cpuinfo").read_text()
+    isa = [f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    memory = next((int(line.split()[1]) // 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                   if line.startswith("MemTotal")), 0)
+    return (f"{model}, {os.cpu_count()} cores ({', '.join(isa) or 'no bf16 ISA flags'}), {memory // 1024} GiB; "
+            f"torch {torch.__version__}, Python {platform.python_version()}")
+
+
+def table(rows: dict[str, dict], peak: float) -> str:
+    import peft
+    import transformers
+
+    lines = [
+        "| configuration | supervised tok/s | vs peer | tok/s (all real) | step (s) | GFLOP/s | MFU | "
+        "peak RSS (MiB) | peak RSS in training | final train loss | validation loss |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, row in rows.items():
+        peer = CONFIGS[name].get("peer_of")
+        ratio = (f"{rows[peer]['supervised_tok_s'] / row['supervised_tok_s']:.2f}x slower than {peer}"
+                 if peer in rows else "")
+        if name == "deltatune" and "peft-bf16" in rows:
+            ratio = f"**{row['supervised_tok_s'] / rows['peft-bf16']['supervised_tok_s']:.2f}x** peft-bf16"
+        elif not peer:
+            for other, cfg in CONFIGS.items():
+                if cfg.get("peer_of") == name and other in rows and name != "deltatune":
+                    ratio = f"{row['supervised_tok_s'] / rows[other]['supervised_tok_s']:.2f}x {other}"
+        lines.append(
+            f"| {name} | {row['supervised_tok_s']:.1f} | {ratio} | {row['tok_s']:.0f} | {row['step_s']:.3f} | "
+            f"{row['gflops']:.0f} | {row['gflops'] / peak:.1%} | {row['peak_mib']:.0f} | {row['train_peak_mib']:.0f} | "
+            f"{row['final_loss']:.4f} | {row['val_loss']:.4f} |")
+    lines.append("")
+    lines.append(f"peft {peft.__version__}, transformers {transformers.__version__}; bf16 matrix-product peak "
+                 f"measured in this run: {peak:.0f} GFLOP/s.")
+    return "\n".join(lines)
+
+
+def write_section(text: str) -> None:
+    current = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
+    block = f"{BEGIN}\n{text.strip()}\n{END}"
+    if BEGIN in current and END in current:
+        head, rest = current.split(BEGIN, 1)
+        current = head + block + rest.split(END, 1)[1]
+    else:
+        current = current.rstrip() + "\n\n" + block + "\n"
+    DOCS.write_text(current)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=40, help="training steps per configuration")
+    parser.add_argument("--batch-size", type=int, default=8, help="examples per step")
+    parser.add_argument("--warmup", type=int, default=4, help="first steps left out of the timing")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds over all configurations")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (LoRA, DoRA, QLoRA)")
+    parser.add_argument("--lomo-lr", type=float, default=1e-3, help="LOMO learning rate")
+    parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS))
+    parser.add_argument("--write", action="store_true", help="update the speed section of docs/benchmarks.md")
+    parser.add_argument("--check", action="store_true", help="exit 1 unless the targets are met")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print("RESULT " + json.dumps(child(args.child, args)), flush=True)
+        return
+
+    names = [n for n in args.configs if available(n)]
+    skipped = [n for n in args.configs if n not in names]
+    results: dict[str, list[dict]] = {n: [] for n in names}
+    peaks: list[float] = []
+    started = time.time()
+    for round_ in range(args.rounds):
+        order = names if round_ % 2 == 0 else names[::-1]
+        print(f"round {round_ + 1}/{args.rounds}", flush=True)
+        peak = run_child("peak", args)
+        if peak:
+            peaks.append(peak["peak_gflops"])
+        for name in order:
+            result = run_child(name, args)
+            if result:
+                results[name].append(result)
+    rows = median_rows(results)
+    peak = max(peaks) if peaks else float("nan")
+    text = table(rows, peak)
+    print(text)
+    verdict = targets(rows, peak)
+    print("\n".join(verdict))
+    if args.write:
+        cmd = "python -m benchmarks.speed --write" + (
+            f" --steps {args.steps}" if args.steps != 40 else "") + (
+            f" --batch-size {args.batch_size}" if args.batch_size != 8 else "")
+        notes = [
+            "## Training speed: deltatune against PEFT + Trainer (CPU)",
+            "",
+            f"Command: `{cmd}` (or `make bench`); {args.rounds} alternating rounds, "
+            f"{args.steps} steps of {args.batch_size} examples (the same batches for every configuration, "
+            f"{rows.get('deltatune', next(iter(rows.values()), {})).get('supervised_tokens', 0):.0f} supervised "
+            f"tokens), the first {args.warmup} steps untimed; medians over rounds; "
+            f"{(time.time() - started) / 60:.0f} minutes in all.",
+            "",
+            f"Machine: {machine()}; {args.threads} threads. The machine was shared with other jobs while "
+            "this ran; every figure is a median of alternating runs, the peak is the best seen.",
+            "",
+            text,
+            "",
+            *verdict,
+            *( [f"", f"Not run (not installed): {', '.join(skipped)}."] if skipped else []),
+        ]
+        write_section("\n".join(notes))
+    if args.check and any(line.startswith("- MISSED") for line in verdict):
+        raise SystemExit(1)
+
+
+def targets(rows: dict[str, dict], peak: float) -> list[str]:
+    """The issue's targets, each marked met or missed."""
+    out = ["Targets:"]
+    ours, peer = rows.get("deltatune"), rows.get("peft-bf16")
+    if ours and peer:
+        ratio = ours["supervised_tok_s"] / peer["supervised_tok_s"]
+        loss = abs(ours["final_loss"] - peer["final_loss"]) / peer["final_loss"]
+        val = abs(ours["val_loss"] - peer["val_loss"]) / peer["val_loss"]
+        memory = ours["peak_mib"] <= peer["peak_mib"]
+        out.append(f"- {'met' if ratio >= 3 else 'MISSED'}: deltatune at {ratio:.2f}x the supervised tokens/s of "
+                   "PEFT + Trainer (bf16) (target 3x)")
+        out.append(f"- {'met' if loss <= 0.02 else 'MISSED'}: final training loss within {loss:.1%} of PEFT's "
+                   f"(validation loss within {val:.1%}; target 2%)")
+        out.append(f"- {'met' if memory else 'MISSED'}: peak RSS {ours['peak_mib']:.0f} MiB against PEFT's "
+                   f"{peer['peak_mib']:.0f} MiB (target: no more)")
+    if ours:
+        mfu = ours["gflops"] / peak
+        out.append(f"- {'met' if mfu >= 0.4 else 'MISSED'}: model FLOPs utilisation {mfu:.1%} of the measured "
+                   f"bf16 peak (target 40%)")
+    return out
+
+
+if __name__ == "__main__":
+    main()
