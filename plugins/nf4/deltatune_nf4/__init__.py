@@ -41,7 +41,10 @@ bitsandbytes on CPU (checked with 0.50.2)
   batch of 256 rows, and turning the layout back (``state_dict()``, ``.cuda()``) is lossy with double
   quantization and garbles the weights without it (absmax left transposed). It is therefore off
   (``cpu_fused_inference: false``); :meth:`NF4.dequantize_weight` reads either layout.
-* ``Linear4bit.forward`` casts a bias to the compute dtype in place on its first call.
+* ``Linear4bit.forward`` casts the bias parameter to the compute dtype *in place*, which would turn
+  a trainable fp32 bias (BitFit) into bf16 — its gradient, optimizer state and saved adapter too.
+  The layers built here are :class:`Linear4bit`, which hands bitsandbytes an out-of-place cast
+  instead (same numbers, parameter untouched).
 * Paged optimizers are CUDA-only (they page optimizer state through CUDA unified memory; on CPU
   bitsandbytes 0.50 silently falls back to a plain optimizer). They are an optimizer matter, not a
   quantizer option: asking for one here is a configuration error that says so.
@@ -73,6 +76,7 @@ from deltatune.pipeline import compute_dtype
 __all__ = [
     "NF4",
     "NF4Config",
+    "Linear4bit",
     "dequantize_weight",
     "is_quantized",
     "memory_report",
@@ -209,6 +213,28 @@ def dequantize_weight(module: nn.Module, dtype: torch.dtype = torch.float32) -> 
     return bnbF.dequantize_4bit(data, state)
 
 
+class Linear4bit(bnb.nn.Linear4bit):
+    """``bnb.nn.Linear4bit`` that never changes its bias parameter's dtype.
+
+    bitsandbytes' forward runs ``bias.data = bias.data.to(compute dtype)`` whenever the dtypes
+    differ, so a bias that trains in fp32 (BitFit on an NF4 base, bf16 compute) silently became a
+    bf16 parameter on the first forward. Here bitsandbytes gets the bias already cast, out of place
+    and differentiably, for the duration of the call: the output is bitsandbytes' own, bit for bit,
+    and gradients reach the fp32 parameter.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias
+        target = self.compute_dtype or x.dtype  # what bitsandbytes casts the input and the bias to
+        if bias is None or bias.dtype == target:
+            return super().forward(x)
+        self._parameters["bias"] = bias.to(target)
+        try:
+            return super().forward(x)
+        finally:
+            self._parameters["bias"] = bias
+
+
 def _fusable(out_features: int, in_features: int, blocksize: int) -> bool:
     """The fused CPU kernel's layout needs ``out % 32 == 0`` and ``in % blocksize == 0``."""
     return out_features % 32 == 0 and in_features % blocksize == 0
@@ -228,7 +254,7 @@ def _quantized_linear(
     if weight.is_meta:
         raise ConfigError("nf4: the weights are on the meta device; load them before quantizing")
     out_features, in_features = weight.shape
-    layer = bnb.nn.Linear4bit(
+    layer = Linear4bit(
         in_features,
         out_features,
         bias=bias is not None,
