@@ -263,13 +263,21 @@ def export_peft(adapter_dir: str | Path, out: str | Path, manager: PluginManager
 
 
 def _load_for_export(folder: Path, manager: PluginManager | None) -> tuple[nn.Module, ResolvedSpec]:
-    """The adapter's model with an fp32 base (so merging is exact), in eval mode."""
+    """The adapter's model with an fp32 base (so merging is exact), in eval mode.
+
+    Quantized layers multiply in fp32 too: their own compute dtype (bf16 for nf4 ``auto`` on bf16
+    hardware) would otherwise round both the reference logits and, through
+    :meth:`~deltatune.layers.DeltaLinear.merge_delta`, the merged weights.
+    """
     data = read_manifest(folder)
     spec = spec_from_manifest(data).model_copy(update={"base_dtype": "fp32"})
     if data["weights"] == FULL_MODEL:
         spec = spec.model_copy(update={"base": str(folder / FULL_MODEL)})
     resolved = resolve_spec(spec, manager)
     model = build_model(resolved)
+    for module in model.modules():
+        if layers.is_quantized(module) and getattr(module, "compute_dtype", None) is not None:
+            module.compute_dtype = torch.float32
     if not resolved.full_finetune:
         load_adapter_weights(model, resolved, folder)
     model.eval()
