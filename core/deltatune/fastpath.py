@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
@@ -45,6 +46,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from .fused import DeferredGrad, deferred_tied_head
 from .layers import DeltaLinear, LowRankDelta
 from .packing import IGNORE_INDEX
 
@@ -65,15 +67,19 @@ class LinearCrossEntropy(torch.autograd.Function):
     logits: each chunk's logits are computed, turned into the loss *and* into the gradients of
     ``hidden`` (and ``weight``/``bias`` when they train) at once, and freed; backward only scales
     the stored gradients. Logits are computed in the weight's dtype and the softmax in fp32, as
-    ``head(hidden).float()`` followed by ``F.cross_entropy`` does."""
+    ``head(hidden).float()`` followed by ``F.cross_entropy`` does.
+
+    With a :class:`deltatune.fused.DeferredGrad` (a tied head trained by a fused optimizer) the
+    weight's gradient is not computed here: backward hands :func:`head_weight_grad` to it, which
+    recomputes it when backward reaches the tied embedding."""
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor, chunk: int) -> torch.Tensor:
+                targets: torch.Tensor, chunk: int, deferred: DeferredGrad | None = None) -> torch.Tensor:
         with _no_autocast(hidden):
             hidden = hidden.to(weight.dtype)
             grad_on = torch.is_grad_enabled() or any(ctx.needs_input_grad[:3])
-            need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1] and deferred is None
             need_b = bias is not None and ctx.needs_input_grad[2]
             total = hidden.new_zeros((), dtype=torch.float32)
             dh = torch.empty_like(hidden) if need_h else None
@@ -95,9 +101,12 @@ class LinearCrossEntropy(torch.autograd.Function):
                     dw.add_((low.t() @ h).float())
                 if need_b:
                     db += grad.sum(0)
-        ctx.save_for_backward(*(g for g in (dh, dw, db) if g is not None))
+        late = (hidden, weight, targets) if deferred is not None and ctx.needs_input_grad[1] else ()
+        ctx.save_for_backward(*(g for g in (dh, dw, db) if g is not None), *late)
         ctx.have = (dh is not None, dw is not None, db is not None)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        ctx.deferred = deferred if late else None
+        ctx.chunk, ctx.bias = chunk, bias
         return total
 
     @staticmethod
@@ -105,9 +114,29 @@ class LinearCrossEntropy(torch.autograd.Function):
         saved = iter(ctx.saved_tensors)
         dh, dw, db = (next(saved) if have else None for have in ctx.have)
         scale = grad_total
+        if ctx.deferred is not None:  # the weight's gradient is computed where the tied embedding is
+            hidden, weight, targets = saved
+            ctx.deferred.defer(partial(head_weight_grad, hidden, weight, ctx.bias, targets, ctx.chunk, scale))
         return (dh * scale.to(dh.dtype) if dh is not None else None,
                 (dw * scale).to(ctx.dtypes[0]) if dw is not None else None,
-                (db * scale).to(ctx.dtypes[1]) if db is not None else None, None, None)
+                (db * scale).to(ctx.dtypes[1]) if db is not None else None, None, None, None)
+
+
+def head_weight_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
+                     chunk: int, scale: torch.Tensor) -> torch.Tensor:
+    """The gradient of ``scale * LinearCrossEntropy(hidden, weight, bias, targets)`` with respect to
+    ``weight``, recomputing the logits chunk by chunk (for a :class:`deltatune.fused.DeferredGrad`).
+    It is accumulated in place in the weight's dtype: one weight-sized tensor, no temporary."""
+    with _no_autocast(hidden):
+        dw = torch.zeros_like(weight, memory_format=torch.contiguous_format)
+        for start in range(0, hidden.shape[0], chunk):
+            h, t = hidden[start:start + chunk], targets[start:start + chunk]
+            grad = F.linear(h, weight, bias).float()
+            grad.sub_(grad.amax(dim=-1, keepdim=True)).exp_()  # softmax in place: no logits-sized temporary
+            grad.div_(grad.sum(dim=-1, keepdim=True))
+            grad[torch.arange(len(t), device=t.device), t] -= 1.0
+            dw.addmm_(grad.to(weight.dtype).t(), h)
+        return dw.mul_(scale.to(dw.dtype))
 
 
 def loss_chunk_rows(vocab: int) -> int:
@@ -115,11 +144,15 @@ def loss_chunk_rows(vocab: int) -> int:
     return max(16, LOSS_CHUNK_BYTES // (4 * max(vocab, 1)))
 
 
-def head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
+              deferred: DeferredGrad | None = None) -> torch.Tensor:
     """Summed cross-entropy of ``head(hidden)`` against ``targets`` (every target is labelled),
-    chunked; a head that is not a plain ``nn.Linear`` (a delta on it) is called chunk by chunk."""
+    chunked; a head that is not a plain ``nn.Linear`` (a delta on it) is called chunk by chunk.
+    ``deferred`` (:func:`deltatune.fused.deferred_tied_head`) moves the head weight's gradient to
+    the end of backward, where the tied embedding is reached."""
     if type(head) is nn.Linear and not (head._forward_hooks or head._forward_pre_hooks):
-        return LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, loss_chunk_rows(head.out_features))
+        return LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, loss_chunk_rows(head.out_features),
+                                        deferred)
     total = hidden.new_zeros((), dtype=torch.float32)
     chunk = loss_chunk_rows(getattr(head, "out_features", 50_000))
     for start in range(0, hidden.shape[0], chunk):
@@ -566,7 +599,10 @@ class Plan:
         device = embed.weight.device
         autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
         with torch.autocast(device.type, enabled=False):
-            hidden = F.embedding(batch["input_ids"].reshape(-1)[layout.index], embed.weight, embed.padding_idx)
+            deferred = deferred_tied_head(self.model)  # a tied head trained by LOMO/AdaLomo
+            weight = embed.weight if deferred is None else deferred.attach()
+            hidden = F.embedding(batch["input_ids"].reshape(-1)[layout.index], weight, embed.padding_idx,
+                                 sparse=deferred is not None)
             cos, sin = self.rotary(layout.positions, dtype)
             checkpoint = self.decoder.gradient_checkpointing and self.model.training and torch.is_grad_enabled()
             for index in range(len(self.layers)):
@@ -578,7 +614,7 @@ class Plan:
             labelled = layout.targets != IGNORE_INDEX
             norm = self.decoder.norm
             hidden = RMSNorm.apply(hidden[labelled], norm.weight, norm.variance_epsilon)
-            total = head_loss(head, hidden, layout.targets[labelled])
+            total = head_loss(head, hidden, layout.targets[labelled], deferred)
         return total, layout.count
 
 

@@ -40,16 +40,19 @@ so a parameter is never updated twice per backward; :meth:`FusedOptimizer.remove
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, ClassVar, Literal
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["FusedOptimizer", "is_fused"]
+__all__ = ["DeferredGrad", "FusedOptimizer", "deferred_lookup", "deferred_tied_head", "is_fused", "updated_in_backward"]
 
 _Mode = Literal["idle", "norm", "update"]
 
@@ -61,6 +64,114 @@ def is_fused(optimizer: Any) -> bool:
     """Whether ``optimizer`` (or a Lightning wrapper around one) updates inside backward."""
     inner = getattr(optimizer, "optimizer", optimizer)  # LightningOptimizer wraps the real one
     return bool(getattr(inner, "fused", False) or getattr(type(inner), "fused", False))
+
+
+def updated_in_backward(param: torch.Tensor) -> bool:
+    """Whether a fused optimizer updates ``param`` inside backward (its gradient is consumed there)."""
+    ref = _OWNERS.get(param)
+    owner = ref() if ref is not None else None
+    return owner is not None and id(param) in owner._handles
+
+
+# -- a tied LM head ----------------------------------------------------------------------------
+class DeferredGrad:
+    """The LM head's gradient contribution to a weight tied to the input embedding, computed at the end
+    of backward instead of at its start.
+
+    A tied head is used last in forward, so backward produces the head's (vocabulary x hidden) weight
+    gradient first — and autograd holds it until the embedding lookup, at the very end, has added its
+    part; only then is the tied weight's gradient complete and the weight updated. With a fused
+    optimizer nothing else of that size is held across backward (108 MiB in fp32 for SmolLM2-135M),
+    and at the end the lookup's dense gradient, another such matrix, is added to it. Instead:
+
+    * the loss records what the head's weight gradient needs (:meth:`defer`: a closure over the hidden
+      states, targets and output gradient, which are small) and returns none for the weight;
+    * the lookup reads the weight through :meth:`attach` and gives a *sparse* gradient (the rows of the
+      batch's tokens);
+    * when backward reaches the weight — last — the head's part is computed and the lookup's rows are
+      added into it in place; the sum, exactly the usual gradient, goes to the weight (and its fused
+      update) as its only contribution.
+
+    The head's weight gradient then lives only while the weight is updated. Recomputing it costs one
+    more product with the head (the logits, chunk by chunk) at the end of backward.
+    """
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        self.weight = weight
+        self._compute: Callable[[], torch.Tensor] | None = None
+
+    def defer(self, compute: Callable[[], torch.Tensor]) -> None:
+        """Record how to compute the head's contribution (called in backward by the loss)."""
+        self._compute = compute
+
+    def attach(self) -> torch.Tensor:
+        """The weight, for the embedding lookup (look up with ``sparse=True``); its gradient gets the
+        deferred contribution added."""
+        return _Deliver.apply(self.weight, self)
+
+    def take(self) -> torch.Tensor | None:
+        """The deferred contribution, computed now (once), or ``None`` when nothing was deferred."""
+        compute, self._compute = self._compute, None
+        return compute() if compute is not None else None
+
+
+class _Deliver(torch.autograd.Function):
+    """Identity on ``weight``; its backward adds the deferred contribution to the lookup's gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: torch.Tensor, slot: DeferredGrad) -> torch.Tensor:
+        ctx.slot = slot
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        total = ctx.slot.take()
+        if total is None:
+            return grad, None
+        return total.add_(grad.to(total.dtype)), None  # a sparse lookup gradient is added in place
+
+
+def _tied_embedding(model: nn.Module) -> nn.Embedding | None:
+    """The input embedding of ``model`` when it is a plain ``nn.Embedding`` whose weight a plain
+    ``nn.Linear`` LM head shares and which trains now (grad enabled)."""
+    getters = (getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None))
+    if not all(callable(g) for g in getters) or not torch.is_grad_enabled():
+        return None
+    embedding, head = (g() for g in getters)
+    if type(embedding) is not nn.Embedding or embedding.max_norm is not None or type(head) is not nn.Linear:
+        return None
+    weight = embedding.weight
+    return embedding if getattr(head, "weight", None) is weight and weight.requires_grad else None
+
+
+def deferred_tied_head(model: nn.Module) -> DeferredGrad | None:
+    """A :class:`DeferredGrad` for ``model``'s tied LM-head weight when deferring pays: the head shares
+    its weight with a plain ``nn.Embedding``, and a fused optimizer updates that weight inside backward
+    (other optimizers keep every gradient until ``step()`` anyway). ``None`` otherwise."""
+    embedding = _tied_embedding(model)
+    if embedding is None or not updated_in_backward(embedding.weight):
+        return None
+    return DeferredGrad(embedding.weight)
+
+
+@contextlib.contextmanager
+def deferred_lookup(model: nn.Module, deferred: DeferredGrad | None) -> Iterator[None]:
+    """Within the block, ``model``'s embedding module looks up through ``deferred`` (sparsely) —
+    for a loss that runs the model's own forward. Nothing changes when ``deferred`` is ``None``."""
+    if deferred is None:
+        yield
+        return
+    embedding = _tied_embedding(model)
+
+    def lookup(module: nn.Embedding, args: tuple, out: torch.Tensor) -> torch.Tensor:
+        return F.embedding(args[0], deferred.attach(), module.padding_idx, None, module.norm_type,
+                           module.scale_grad_by_freq, sparse=True)
+
+    handle = embedding.register_forward_hook(lookup)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -356,6 +467,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             return
         param.grad = None  # freed right away: from here on only the local ``grad`` holds it
         with torch.no_grad():
+            if grad.is_sparse:  # an embedding looked up sparsely, with no dense contribution to add to
+                grad = grad.to_dense()
             if self._mode == "norm":
                 self._norms.append(torch.linalg.vector_norm(grad, 2.0, dtype=torch.float32))
                 return

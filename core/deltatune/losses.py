@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .fastpath import fast_token_loss, head_loss
+from .fused import deferred_lookup, deferred_tied_head
 from .packing import IGNORE_INDEX
 
 
@@ -45,8 +46,10 @@ def token_loss(model: nn.Module, batch: dict[str, torch.Tensor], fast: bool = Tr
     count = int(mask.sum())
     if count == 0:
         return next(model.parameters()).new_zeros((), dtype=torch.float32), 0
-    hidden = hidden_states(model, batch)[:, :-1][mask]
-    return head_loss(model.get_output_embeddings(), hidden, labels[mask]), count
+    deferred = deferred_tied_head(model)
+    with deferred_lookup(model, deferred):
+        hidden = hidden_states(model, batch)[:, :-1][mask]
+    return head_loss(model.get_output_embeddings(), hidden, labels[mask], deferred), count
 
 
 def mean_loss(model: nn.Module, batch: dict[str, torch.Tensor], fast: bool = True) -> torch.Tensor:

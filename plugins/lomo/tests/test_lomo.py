@@ -147,6 +147,68 @@ def test_tied_weights_updated_exactly_once_per_step() -> None:
     assert max_diff(ours, ref) < 1e-6
 
 
+def labelled(batch: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``batch`` as deltatune's loss takes it, with the first tokens of every row unlabelled."""
+    labels = batch.clone()
+    labels[:, :4] = -100
+    return {"input_ids": batch, "labels": labels, "attention_mask": torch.ones_like(batch)}
+
+
+def sgd_reference_token_loss(model: nn.Module, clip: float | None) -> None:
+    """SGD on deltatune's loss computed the plain way: every logit, then cross-entropy."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=LR)
+    for b in batches():
+        batch = labelled(b)
+        logits, targets = model(input_ids=b).logits[:, :-1].float(), batch["labels"][:, 1:]
+        mask = targets != -100
+        torch.nn.functional.cross_entropy(logits[mask], targets[mask]).backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("clip", [None, 0.5])
+def test_tied_head_gradient_is_deferred_to_the_end_of_backward(fast: bool, clip: float | None) -> None:
+    """Through deltatune's loss (fast and plain path), a tied LM head's weight gradient is computed
+    when backward reaches the embedding — after every other parameter is updated — and only then;
+    the result is still exactly SGD's."""
+    from deltatune import fused
+    from deltatune.losses import token_loss
+
+    base = tiny_llama(seed=2, tie_word_embeddings=True).train()
+    ours, ref = copy.deepcopy(base), copy.deepcopy(base)
+    opt = Recording(ours.named_parameters(), lr=LR, clip_grad_norm=clip)
+    tied = ours.model.embed_tokens.weight
+    taken: list[int] = []
+    take = fused.DeferredGrad.take
+
+    def spy(self: fused.DeferredGrad) -> torch.Tensor | None:
+        taken.append(len(opt.updated))
+        return take(self)
+
+    n_params = len(list(ours.parameters()))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fused.DeferredGrad, "take", spy)
+        assert fused.deferred_tied_head(ours) is not None
+        for b in batches():
+            total, count = token_loss(ours, labelled(b), fast=fast)
+            opt.fused_backward(total / count)
+    sgd_reference_token_loss(ref, clip)
+    assert max_diff(ours, ref) < 1e-6
+    passes = 2 if clip else 1
+    assert len(taken) == STEPS * passes  # once per backward pass…
+    updates = [n_params * (step // passes) + (n_params - 1 if step % passes == passes - 1 else 0)
+               for step in range(STEPS * passes)]
+    assert taken == updates  # …after every other parameter of that pass was updated (norm pass: none)
+    assert opt.updated.count(tied.data_ptr()) == STEPS
+    # nothing is deferred without a fused optimizer driving the tied weight
+    assert fused.deferred_tied_head(ref) is None
+    assert fused.deferred_tied_head(tiny_llama(seed=2)) is None  # untied
+
+
 def test_gradients_are_freed_at_once(base: nn.Module) -> None:
     model = copy.deepcopy(base)
     opt = Recording(model.named_parameters(), lr=LR, clip_grad_norm=1.0)
