@@ -526,6 +526,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         state_dict = dict(state_dict)
         fused = state_dict.pop("fused", None)
         super().load_state_dict(state_dict)
+        # torch replaces every group dict by a new one; the hooks must read the new groups, which the
+        # schedulers now drive (the old ones kept the learning rate of the moment the optimizer was
+        # created: a warm-up's first, tiny rate, for ever)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) in self._handles:
+                    self._group_of[id(p)] = group
         # torch casts floating state to each parameter's dtype (bf16 weights would round the
         # statistics); fused optimizers keep their state in fp32, so restore it from the source
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]

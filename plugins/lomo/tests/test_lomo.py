@@ -106,6 +106,25 @@ def test_matches_sgd(base: nn.Module, clip: float | None, weight_decay: float) -
         assert opt.last_grad_norm is not None and opt.last_grad_norm > clip  # clipping was active
 
 
+def test_after_load_state_dict_updates_use_the_scheduled_rate(base: nn.Module) -> None:
+    """``load_state_dict`` replaces every param-group dict; the hooks must then read the new groups
+    (the ones a scheduler drives), not the dicts of the moment the optimizer was built (a resumed
+    warm-up otherwise stepped for ever at its first, tiny rate)."""
+    ours, ref = copy.deepcopy(base), copy.deepcopy(base)
+    opt = LomoOptimizer(ours.named_parameters(), lr=LR * 1e-3)
+    opt.load_state_dict(LomoOptimizer(copy.deepcopy(base).named_parameters(), lr=LR).state_dict())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 + step)
+    reference = torch.optim.SGD(ref.parameters(), lr=LR)
+    for step, b in enumerate(batches()):
+        opt.fused_backward(loss_of(ours, b))
+        scheduler.step()
+        loss_of(ref, b).backward()
+        reference.step()
+        reference.zero_grad(set_to_none=True)
+        reference.param_groups[0]["lr"] = LR * (step + 2)
+    assert max_diff(ours, ref) < 1e-6
+
+
 def test_clipping_cost_is_visible(base: nn.Module) -> None:
     plain = lomo_run(copy.deepcopy(base), None)
     clipped = lomo_run(copy.deepcopy(base), 0.5)
