@@ -28,6 +28,7 @@ from pathlib import Path
 import bitsandbytes
 import torch
 
+from common import publish
 from deltatune.models import load_base
 from deltatune_nf4 import NF4, NF4Config, dequantize_weight, is_quantized, memory_report, select_layers
 
@@ -180,18 +181,6 @@ Notes:
 {END}"""
 
 
-def write_section(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    current = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in current and END in current:
-        head, rest = current.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        updated = head + text + tail
-    else:
-        updated = current.rstrip("\n") + "\n\n" + text + "\n"
-    path.write_text(updated)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--write", action="store_true", help="update the nf4 section of docs/benchmarks.md")
@@ -199,10 +188,7 @@ def main() -> None:
     args = parser.parse_args()
     rows, meta = run()
     text = section(rows, meta)
-    print(text)
-    if args.write:
-        write_section(text, args.docs)
-        print(f"\nwrote {args.docs}")
+    publish(text, args.docs, args.write, BEGIN, END)
 
 
 if __name__ == "__main__":
