@@ -253,8 +253,8 @@ def section(rows: list[dict], steps: int, command: str) -> str:
 ## QLoRA vs LoRA: memory and validation loss (SmolLM2-135M-Instruct)
 
 Command: `{command}` (CPU only, {first['threads']} threads, on {machine()}; bitsandbytes
-{bitsandbytes.__version__}; the machine is shared with other work, which the exclusive lock keeps off it
-during the run).
+{bitsandbytes.__version__}). The machine is shared: the exclusive lock keeps the jobs that take it off the
+CPUs during the run, others may not be, so take the times as indicative; memory is per process.
 
 Both rows train LoRA (r=16, alpha=32, all-linear: {first['trainable']:,} trainable fp32 parameters) for
 {steps} steps of batch 8 on `examples/data/tasks-train.jsonl` (the demo's data: alpaca builder, max length
