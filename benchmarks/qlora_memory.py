@@ -51,7 +51,7 @@ CONFIGS: dict[str, tuple[str, dict | None]] = {
 
 
 # -- one configuration (child process) ---------------------------------------------------------
-def child(name: str, steps: int, threads: int) -> dict:
+def child(name: str, steps: int, threads: int, seed: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -70,10 +70,11 @@ def child(name: str, steps: int, threads: int) -> dict:
     builder = {"name": "alpaca", "config": {"path": str(DATA / "tasks-train.jsonl"),
                                             "validation_path": str(DATA / "tasks-validation.jsonl"),
                                             "max_length": 256}}
-    data = InstructionDataModule(builder=builder, base=MODEL, batch_size=8, eval_batch_size=16, group_by_length=True)
+    data = InstructionDataModule(builder=builder, base=MODEL, batch_size=8, eval_batch_size=16, group_by_length=True,
+                                 seed=seed)
     data.setup("fit")
     resolved = resolve_spec(ModelSpec(base=MODEL, quantizer=quantizer, delta=[LORA], base_dtype="bf16"))
-    torch.manual_seed(0)  # the same LoRA initialisation in both configurations
+    torch.manual_seed(seed)  # the same LoRA initialisation in both configurations
     trim()
     reset_peak()
     start = time.perf_counter()
@@ -129,6 +130,7 @@ def child(name: str, steps: int, threads: int) -> dict:
     return {
         "name": name,
         "steps": steps,
+        "seed": seed,
         "after_imports_kib": after_imports["VmRSS"],
         "load_peak_kib": load_peak,
         "loaded_kib": loaded["VmRSS"],
@@ -158,8 +160,8 @@ def child(name: str, steps: int, threads: int) -> dict:
 
 
 # -- driver ------------------------------------------------------------------------------------
-def run(names: list[str], steps: int, threads: int) -> list[dict]:
-    args = ["--steps", str(steps), "--threads", str(threads)]
+def run(names: list[str], steps: int, threads: int, seed: int) -> list[dict]:
+    args = ["--steps", str(steps), "--threads", str(threads), "--seed", str(seed)]
     return [run_child(name, [sys.executable, __file__, "--child", name, *args], ROOT) for name in names]
 
 
@@ -188,7 +190,8 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def notes_for(rows: list[dict]) -> str:
+def notes_for(rows: list[dict], others: list[dict]) -> str:
+    """Notes on ``rows`` (one seed); ``others``: the rows of further seeds, for the validation loss."""
     by = {r["name"]: r for r in rows}
     out = ["Notes:"]
     if {"lora", "qlora"} <= by.keys():
@@ -198,9 +201,24 @@ def notes_for(rows: list[dict]) -> str:
             f"- Validation loss after {q['steps']} steps: QLoRA {q['val_loss']:.4f} vs LoRA {lora['val_loss']:.4f} "
             f"({gap:+.1%}; target within {LOSS_TARGET:.0%}: {'met' if abs(gap) <= LOSS_TARGET else 'NOT met'}). "
             f"Before training the 4-bit base alone costs {q['val_loss_before'] - lora['val_loss_before']:+.4f} "
-            f"({q['val_loss_before']:.4f} vs {lora['val_loss_before']:.4f}). One run each with one seed "
-            "(the same LoRA initialisation and batches): the margin is a measurement, not a confidence interval."
+            f"({q['val_loss_before']:.4f} vs {lora['val_loss_before']:.4f}). Seed {q.get('seed', 0)}: the same batch "
+            "order and LoRA initialisation for both."
         )
+        for seed in dict.fromkeys(r["seed"] for r in others):
+            pair = {r["name"]: r for r in others if r["seed"] == seed}
+            if {"lora", "qlora"} <= pair.keys():
+                gap = pair["qlora"]["val_loss"] / pair["lora"]["val_loss"] - 1
+                out.append(
+                    f"- The same with seed {seed} (another batch order and LoRA initialisation): QLoRA "
+                    f"{pair['qlora']['val_loss']:.4f} vs LoRA {pair['lora']['val_loss']:.4f} ({gap:+.1%}; "
+                    f"{'met' if abs(gap) <= LOSS_TARGET else 'NOT met'}); peak RSS in training "
+                    f"{mib(pair['qlora']['peak_train_kib'])} vs {mib(pair['lora']['peak_train_kib'])} "
+                    f"({pair['qlora']['peak_train_kib'] / pair['lora']['peak_train_kib']:.2f}x). The peaks depend on "
+                    f"the batch order (seed {lora.get('seed', 0)}'s and seed {seed}'s differ by up to "
+                    f"{max(abs(pair[k]['peak_train_kib'] - by[k]['peak_train_kib']) for k in pair) / 1024:,.0f} MiB), "
+                    "as much as QLoRA saves at the peak; the saving after loading does not "
+                    f"({(pair['lora']['loaded_kib'] - pair['qlora']['loaded_kib']) / 1024:,.0f} MiB with this seed)."
+                )
         saved = (lora["peak_train_kib"] - q["peak_train_kib"]) / 1024
         base_weights = q["total"] - q["trainable"]
         rows_, cols = q["embedding_shape"]
@@ -247,13 +265,22 @@ def notes_for(rows: list[dict]) -> str:
 
 def section(rows: list[dict], steps: int, command: str) -> str:
     first = rows[0]
+    seeds = list(dict.fromkeys(r.get("seed", 0) for r in rows))
+    main = [r for r in rows if r.get("seed", 0) == seeds[0]]
+    if len(seeds) == 1:
+        commands = f"Command: `{command}{f' --seed {seeds[0]}' if seeds[0] else ''} --write`"
+    else:
+        saved = [f"`{command}{f' --seed {s}' if s else ''} --save seed{s}.json`" for s in seeds]
+        files = " ".join(f"seed{s}.json" for s in seeds)
+        commands = (f"Commands: {', '.join(saved)}, then `python benchmarks/qlora_memory.py --rows {files} --write` "
+                    f"(the table is seed {seeds[0]}'s, the notes give the others' validation loss)")
     import bitsandbytes
 
     return f"""{BEGIN}
 ## QLoRA vs LoRA: memory and validation loss (SmolLM2-135M-Instruct)
 
-Command: `{command}` (CPU only, {first['threads']} threads, on {machine()}; bitsandbytes
-{bitsandbytes.__version__}). The machine is shared: the exclusive lock keeps the jobs that take it off the
+{commands}. CPU only, {first['threads']} threads, on {machine()}; bitsandbytes
+{bitsandbytes.__version__}. The machine is shared: the exclusive lock keeps the jobs that take it off the
 CPUs during the run, others may not be, so take the times as indicative; memory is per process.
 
 Both rows train LoRA (r=16, alpha=32, all-linear: {first['trainable']:,} trainable fp32 parameters) for
@@ -268,9 +295,9 @@ first step and read after the last (AdamW's state is allocated inside); "above i
 peaks minus each process's RSS after imports. Validation loss is the mean over every labelled token of
 the {first['val_rows']} rows of `tasks-validation.jsonl`.
 
-{table(rows)}
+{table(main)}
 
-{notes_for(rows)}
+{notes_for(main, [r for r in rows if r.get("seed", 0) != seeds[0]])}
 {END}"""
 
 
@@ -282,20 +309,22 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--only", nargs="*", choices=list(CONFIGS), help="run only these configurations")
     parser.add_argument("--save", type=Path, help="also save the measured rows as JSON")
-    parser.add_argument("--rows", type=Path, help="render rows saved by --save instead of measuring")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the batch order and the LoRA initialisation")
+    parser.add_argument("--rows", type=Path, nargs="+", help="render rows saved by --save (one or more files, "
+                        "e.g. of several seeds: the first seed makes the table) instead of measuring")
     parser.add_argument("--child", choices=list(CONFIGS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.steps, args.threads)))
+        print(json.dumps(child(args.child, args.steps, args.threads, args.seed)))
         return
     if args.rows:
-        rows = json.loads(args.rows.read_text())
-        args.steps = rows[0]["steps"]
+        rows = [row for path in args.rows for row in json.loads(path.read_text())]
+        args.steps, args.threads = rows[0]["steps"], rows[0]["threads"]
     else:
-        rows = run(args.only or list(CONFIGS), args.steps, args.threads)
+        rows = run(args.only or list(CONFIGS), args.steps, args.threads, args.seed)
     if args.save:
         args.save.write_text(json.dumps(rows, indent=1))
-    command = "flock -x /tmp/deltatune-cpu.lock python benchmarks/qlora_memory.py --write"
+    command = "flock -x /tmp/deltatune-cpu.lock python benchmarks/qlora_memory.py"
     if args.steps != 100:
         command += f" --steps {args.steps}"
     if args.threads != 2:
