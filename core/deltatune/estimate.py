@@ -878,7 +878,7 @@ def validation_table(folder: Path) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # python -m deltatune.estimate: measure this machine (docs/benchmarks.md)
+if __name__ == "__main__":  # python -m deltatune.estimate: measure this machine (docs/scale-out.md)
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
