@@ -208,3 +208,22 @@ def test_predicts_the_measured_peak_of_a_real_run_within_15_percent(run, tmp_pat
     # the estimate is not carried by its constant: the model's share alone is within 20 %
     model_share = measured - CPU_RUNTIME_BYTES
     assert abs(predicted.peak - predicted.runtime - model_share) <= 0.20 * model_share
+
+
+def test_a_config_json_and_a_model_folder_estimate_like_the_stored_architecture(tmp_path):
+    """``--base`` as a Hugging Face ``config.json`` or folder (built without downloading anything)."""
+    from transformers import LlamaConfig
+
+    stored = load_config("llama-7b")
+    data = LlamaConfig(**{k: getattr(stored, k) for k in (
+        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+        "vocab_size", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings")}).to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    qlora = ([LORA_QV], {"name": "nf4"})
+    want = estimate("llama-7b", *qlora, batch=2, seq=256, device="cuda")
+    for base in (str(tmp_path / "config.json"), str(tmp_path)):
+        got = estimate(base, *qlora, batch=2, seq=256, device="cuda")
+        assert (got.total_params, got.trainable_params, got.peak) == (want.total_params, want.trainable_params, want.peak)
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(Exception, match="model_type"):
+        estimate(str(tmp_path / "bad.json"))
