@@ -8,6 +8,9 @@ gives the plain path's loss and gradients: to 1e-5 in fp32, and close (bf16 roun
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,8 +18,12 @@ import torch.nn.functional as F
 from deltatune import fastpath
 from deltatune.losses import token_loss
 from deltatune.packing import collate, collate_packed, pack_rows
-from deltatune.pipeline import build_model, compute_context, resolve_spec
+from deltatune.cli import main
+from deltatune.errors import ConfigError
+from deltatune.module import DeltaTuneModule
+from deltatune.pipeline import build_model, compile_decoder_layers, compute_context, resolve_spec
 
+TINY_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny-lora.yaml"
 LORA_ALL = {"name": "lora", "config": {"r": 4, "alpha": 8, "targets": "all-linear"}}
 
 
@@ -229,3 +236,46 @@ def test_layout_of_packed_rows_separates_examples():
     layout = fastpath.TokenLayout.build(batch)
     assert layout.examples == 2 and layout.width == 4  # the padding segment has no label: dropped
     assert layout.positions.tolist() == [0, 1, 2, 0, 1, 2, 3]
+
+
+# -- model.compile: compiled decoder layers ----------------------------------------------------------------
+DORA = [{"name": "dora", "config": {"r": 4, "alpha": 8, "targets": "all-linear"}}]
+
+
+def test_compiled_layers_give_the_same_loss_and_gradients():
+    """DoRA (left to the plain forward by the fast path) on padded batches, fp32: to 1e-5."""
+    plain, compiled = make_model(delta=DORA), make_model(delta=DORA)
+    assert compile_decoder_layers(compiled) == len(compiled.model.layers)
+    assert compiled.state_dict().keys() == plain.state_dict().keys()  # saving and loading are unchanged
+    for name in ("padded", "packed"):
+        batch = BATCHES[name]()
+        loss_a, count_a, grads_a = loss_and_grads(plain, batch, fast=False)
+        loss_b, count_b, grads_b = loss_and_grads(compiled, batch, fast=False)
+        assert count_a == count_b
+        assert abs(loss_a - loss_b) <= 1e-5 * abs(loss_a)
+        assert_close_grads(grads_a, grads_b, 1e-4)
+    assert all(layer._compiled_call_impl is not None for layer in compiled.model.layers)
+
+
+def test_a_model_without_decoder_layers_is_a_clear_error():
+    with pytest.raises(ConfigError, match="no decoder layers to compile"):
+        compile_decoder_layers(torch.nn.Linear(4, 4))
+
+
+def test_fit_with_compile_trains(tmp_path):
+    """A real ``deltatune fit`` with ``model.compile: true`` (DoRA through the compiled plain
+    forward): the validation loss falls and the adapter is written."""
+    code = main(["fit", "--config", str(TINY_CONFIG), f"--trainer.default_root_dir={tmp_path}",
+                 f"--model.delta={json.dumps(DORA)}", "--model.compile=true", "--model.samples=0",
+                 "--trainer.max_steps=8"])
+    assert code == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["tuned_metrics"]["validation"]["perplexity/loss"] < report["base_metrics"]["validation"]["perplexity/loss"]
+    assert (tmp_path / "adapter" / "deltatune.json").is_file()
+
+
+def test_compile_option_compiles_the_decoder_layers():
+    module = DeltaTuneModule(base="tiny-llama", delta=DORA, compile=True, compare_base=False, samples=0)
+    module.configure_model()
+    assert all(layer._compiled_call_impl is not None for layer in module.model.model.layers)
+    assert not module.uses_fast_path  # training runs the compiled layers, not the hand-fused path

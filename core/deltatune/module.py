@@ -28,7 +28,8 @@ from .evaluation import EvaluatorRef
 from .generation import generate
 from .losses import token_loss
 from .models import DEFAULT_MODEL
-from .pipeline import DType, ModelSpec, build_model, compute_context, resolve_spec, trainable_summary
+from .pipeline import (DType, ModelSpec, build_model, compile_decoder_layers, compute_context, resolve_spec,
+                       trainable_summary)
 from .packing import packing_leak
 from .report import PLOT_FILE, REPORT_FILE, RunReport, plot_losses
 
@@ -47,6 +48,7 @@ class DeltaTuneModule(L.LightningModule):
         trainable_dtype: str = "fp32",
         gradient_checkpointing: bool = False,
         fast_path: bool = True,
+        compile: bool = False,
         trust_remote_code: bool = False,
         compare_base: bool = True,
         samples: int = 3,
@@ -68,6 +70,10 @@ class DeltaTuneModule(L.LightningModule):
             fast_path: compute the loss with :mod:`deltatune.fastpath` where it applies (Llama-family
                 decoders: unpadded tokens, fused LoRA; same loss and gradients); ``false`` always runs
                 the plain Hugging Face forward.
+            compile: compile every decoder layer with ``torch.compile`` (dynamic shapes) and train
+                through the plain Hugging Face forward, compiled, instead of the hand-fused fast path.
+                The first steps pay the compilation (about a minute on 2 CPU cores); which is faster
+                depends on the method and model (measured in docs/benchmarks.md).
             trust_remote_code: allow a local model folder's own Python code (off by default).
             compare_base: evaluate the untouched base before training, for the final table.
             samples: how many validation prompts to generate for in the final report.
@@ -104,6 +110,8 @@ class DeltaTuneModule(L.LightningModule):
             # the training loss asks for no KV cache itself (losses.hidden_states); the config keeps
             # use_cache, so a full fine-tune saves (and exports) a model that generates with its cache
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.hparams.get("compile", False):
+            compile_decoder_layers(self.model)
 
     def trainable_state_keys(self) -> set[str]:
         """Keys (under ``model.``) of everything a checkpoint must hold."""
@@ -116,11 +124,16 @@ class DeltaTuneModule(L.LightningModule):
         keep = self.trainable_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
 
+    @property
+    def uses_fast_path(self) -> bool:
+        """Whether the loss may take :mod:`deltatune.fastpath` (``compile`` runs the compiled plain forward)."""
+        return self.hparams.get("fast_path", True) and not self.hparams.get("compile", False)
+
     # -- steps --------------------------------------------------------------------------------
     def forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """Summed token loss and token count, in the base's compute dtype."""
         with compute_context(self.model):
-            return token_loss(self.model, batch, fast=self.hparams.get("fast_path", True))
+            return token_loss(self.model, batch, fast=self.uses_fast_path)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
         """Mean token loss; with a fused optimizer, backward and update happen here.

@@ -201,3 +201,18 @@ def compute_context(model: nn.Module) -> torch.autocast:
     device = next(model.parameters()).device.type
     enabled = model_dtype(model) == torch.bfloat16
     return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=enabled)
+
+
+def compile_decoder_layers(model: nn.Module) -> int:
+    """Compile every decoder layer of ``model`` in place with ``torch.compile`` (dynamic shapes:
+    batches of every length share one graph); parameters and state-dict keys are unchanged.
+    Returns the number of layers compiled; a model without ``get_decoder().layers`` is a
+    :class:`~deltatune.errors.ConfigError`."""
+    getter = getattr(model, "get_decoder", None)
+    layers_ = getattr(getter(), "layers", None) if callable(getter) else None
+    if not isinstance(layers_, nn.ModuleList) or len(layers_) == 0:
+        raise ConfigError(f"model.compile: {type(model).__name__} has no decoder layers to compile "
+                          "(expected model.get_decoder().layers); set compile: false")
+    for layer in layers_:
+        layer.compile(dynamic=True)
+    return len(layers_)
