@@ -60,7 +60,10 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "peft-bf16": {"kind": "peft", "bf16": True, "peer_of": "deltatune"},
     "peft-fp32": {"kind": "peft", "bf16": False, "peer_of": "deltatune"},
     "deltatune-plain": {"kind": "ours", "delta": [{"name": "lora", "config": LORA}], "fast_path": False},
+    "deltatune-compile": {"kind": "ours", "delta": [{"name": "lora", "config": LORA}], "compile": True},
     "deltatune-dora": {"kind": "ours", "delta": [{"name": "dora", "config": LORA}], "needs": "deltatune_dora"},
+    "deltatune-dora-compile": {"kind": "ours", "delta": [{"name": "dora", "config": LORA}], "compile": True,
+                               "needs": "deltatune_dora"},
     "peft-dora-bf16": {"kind": "peft", "bf16": True, "dora": True, "peer_of": "deltatune-dora"},
     "deltatune-qlora": {"kind": "ours", "delta": [{"name": "lora", "config": LORA}], "quantizer": {"name": "nf4"},
                         "needs": "deltatune_nf4"},
@@ -69,6 +72,29 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "trainer-lomo-bf16": {"kind": "peft", "bf16": True, "lomo": True, "peer_of": "deltatune-lomo", "needs": "lomo_optim"},
 }
 DEFAULT_CONFIGS = list(CONFIGS)
+NOTES = """Reading the table:
+- `deltatune` is the Lightning module as a run gets it: the fast path of `deltatune.fastpath` (unpadded tokens,
+  LoRA fused per group of layers reading the same input, hand-written backward, LM head and loss only at labelled
+  positions, chunked). `deltatune-plain` is the same module with `fast_path: false` (Hugging Face's forward, bf16
+  base under autocast, loss only at labelled positions); `deltatune-compile` is `compile: true` (every decoder
+  layer compiled by `torch.compile`, dynamic shapes, through the plain forward; compilation falls in the untimed
+  warm-up steps). Compiling speeds the plain forward up, but the hand-fused fast path stays faster, so it remains
+  the default; for DoRA (whose layers the fast path runs through their own forward) compiling was slower and
+  held more memory.
+- `deltatune-lomo` trains every weight in bf16 (no fp32 copy, as the LOMO paper does) while `trainer-lomo-bf16`
+  (`transformers.Trainer` with `optim="lomo"`, the `lomo-optim` package) keeps fp32 weights under bf16 autocast;
+  their losses are not comparable after so few steps: at the same small learning rate, bf16 weights round away
+  much of each update.
+- Peak RSS counts the whole process (tokenizer, data, Lightning or Trainer); the deltatune base is loaded directly
+  in bf16 (no fp32 copy).
+- MFU counts only unavoidable FLOPs (frozen weights 4 per token, trained 6, causal attention, the LM head at
+  labelled positions only) on real tokens, against square bf16 products (AMX). Why it is low: a step of this
+  benchmark holds about 450 real tokens (8 short instructions), so every product is a (450 x 576)-sized one;
+  alone, those run at 1.2-2.1 TFLOP/s here, but a step issues about 800 of them and as many small element-wise
+  and bookkeeping ops; under `torch.profiler` the products take under half of the step. Larger steps (longer
+  examples, bigger batches) raise it; the issue's 40% was not reached at this benchmark's batch shape.
+- Every figure is one run on a 2-core machine shared with other jobs (the ratios moved between 2.1x and 2.4x
+  across sessions); run `make bench` on an idle machine for medians of alternating rounds."""
 
 
 # -- measurements shared by the children ----------------------------------------------------------------------
@@ -162,7 +188,7 @@ def run_ours(cfg: dict, plan: list[list[int]], args: argparse.Namespace) -> dict
 
     module = Module(base=MODEL, delta=cfg["delta"], quantizer=cfg.get("quantizer"), optimizer=optimizer,
                     trainable_dtype="bf16" if lomo else "fp32", fast_path=cfg.get("fast_path", True),
-                    compare_base=False, samples=0)
+                    compile=cfg.get("compile", False), compare_base=False, samples=0)
     clock = StepClock()
 
     class Clock(L.Callback):
@@ -446,7 +472,9 @@ def main() -> None:
     print("\n".join(verdict))
     if args.write:
         cmd = "python -m benchmarks.speed --write" + (
+            f" --configs {' '.join(args.configs)}" if args.configs != DEFAULT_CONFIGS else "") + (
             f" --steps {args.steps}" if args.steps != 40 else "") + (
+            f" --rounds {args.rounds}" if args.rounds != 2 else "") + (
             f" --batch-size {args.batch_size}" if args.batch_size != 8 else "")
         notes = [
             "## Training speed: deltatune against PEFT + Trainer (CPU)",
@@ -464,6 +492,8 @@ def main() -> None:
             "",
             *verdict,
             *( [f"", f"Not run (not installed): {', '.join(skipped)}."] if skipped else []),
+            "",
+            NOTES,
         ]
         write_section("\n".join(notes))
     if args.check and any(line.startswith("- MISSED") for line in verdict):
