@@ -1,9 +1,16 @@
 """Peak memory of a full fine-tune of SmolLM2-135M-Instruct: AdamW against LOMO, AdaLomo, lomo-optim.
 
 Every configuration runs in a fresh Python process (so one run's allocations cannot hide or inflate
-another's) that loads the default base model with :func:`deltatune.models.load_base`, enables
-activation checkpointing, trains ``--steps`` steps on the same packed batches (1 x 256 tokens of the
-example chat data) and then measures the validation loss on the same held-out blocks. Reported:
+another's). deltatune's rows take deltatune's real training path: the model built by
+:func:`deltatune.pipeline.build_model` for a full fine-tune (``delta: []``), activation checkpointing
+switched on as ``model.gradient_checkpointing: true`` does, the loss of
+:func:`deltatune.losses.token_loss` under :func:`deltatune.pipeline.compute_context`, and the
+optimizer (with its schedule) created by the ``lomo``/``adalomo`` plugin's factory, stepped with
+``fused_backward`` as :class:`deltatune.module.DeltaTuneModule` does. The peers — ``torch.optim.AdamW``
+(``loss.backward()``, ``step()``, ``zero_grad()``) and the LOMO authors' ``lomo_optim.Lomo`` — get the
+same model, the same batches, the same checkpointing and the same loss function. The batches come
+from deltatune's data path: the ``chat`` builder (loss on every token, ``train_on: all``) packed into
+rows of 256 tokens, one row per step. Reported:
 
 * RSS after imports, and RSS of the loaded process right before training (model, optimizer built,
   ``gc`` + ``malloc_trim`` done);
@@ -14,28 +21,29 @@ example chat data) and then measures the validation loss on the same held-out bl
 
 Usage::
 
-    python benchmarks/lomo_memory.py                  # print the table
+    python benchmarks/lomo_memory.py --steps 10       # print the table
     python benchmarks/lomo_memory.py --write          # and update the LOMO section of docs/benchmarks.md
+    python benchmarks/lomo_memory.py --only adamw lomo --save a.json   # some rows, saved
+    python benchmarks/lomo_memory.py --rows a.json b.json --write      # render saved rows
     python benchmarks/lomo_memory.py --child lomo     # one configuration, JSON on stdout (used internally)
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import platform
-import re
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+from common import mib, reset_peak, status_kib, trim, write_section
+
 MODEL = "smollm2-135m-instruct"
 BEGIN, END = "<!-- lomo-memory:begin -->", "<!-- lomo-memory:end -->"
-COMMAND = "python benchmarks/lomo_memory.py --write"
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_FILE = ROOT / "examples" / "data" / "tasks-train.chat.jsonl"
 VAL_FILE = ROOT / "examples" / "data" / "tasks-validation.chat.jsonl"
@@ -51,112 +59,114 @@ CONFIGS: dict[str, tuple[str, str, str, float, float | None]] = {
     "adalomo": ("AdaLomo (deltatune `adalomo`)", "fp32", "adalomo", 5e-4, None),
     "lomo-optim": ("lomo_optim.Lomo 0.1.1", "fp32", "lomo_optim", 1e-2, None),
 }
-
-
-# -- measurement -------------------------------------------------------------------------------
-def status_kib() -> dict[str, int]:
-    """VmRSS, VmHWM, RssAnon, RssFile of this process, in KiB."""
-    text = Path("/proc/self/status").read_text()
-    return {k: int(v) for k, v in re.findall(r"^(VmRSS|VmHWM|RssAnon|RssFile):\s+(\d+) kB", text, re.M)}
-
-
-def reset_peak() -> None:
-    """Reset VmHWM to the current RSS (Linux >= 4.0)."""
-    Path("/proc/self/clear_refs").write_text("5")
-
-
-def trim() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+TARGETS = {"lomo": 0.45, "lomo-bf16": 0.35}
+"""Peak in training as a fraction of AdamW's that the LOMO rows are meant to stay under."""
 
 
 # -- data --------------------------------------------------------------------------------------
-def packed_blocks(tokenizer, path: Path, count: int) -> list[list[int]]:
-    """``count`` blocks of SEQ_LEN tokens: the file's conversations (chat template) concatenated."""
-    ids: list[int] = []
-    with path.open() as f:
-        for line in f:
-            ids += tokenizer.apply_chat_template(json.loads(line)["messages"], tokenize=True, return_dict=False)
-            if len(ids) >= count * SEQ_LEN:
-                break
-    if len(ids) < count * SEQ_LEN:
-        raise SystemExit(f"{path} holds fewer than {count * SEQ_LEN} tokens")
-    return [ids[i * SEQ_LEN : (i + 1) * SEQ_LEN] for i in range(count)]
+def prepare_data(path: Path, steps: int) -> dict:
+    """``steps`` training batches and :data:`VAL_BLOCKS` validation batches from deltatune's data
+    path (``chat`` builder, loss on every token, packed into rows of :data:`SEQ_LEN` tokens), saved to
+    ``path`` for the children — which then need not import Lightning."""
+    import torch
+
+    from deltatune.data import InstructionDataModule
+    from deltatune.packing import collate_packed, pack_rows
+
+    builder = {"name": "chat", "config": {"path": str(TRAIN_FILE), "validation_path": str(VAL_FILE),
+                                          "train_on": "all", "max_length": SEQ_LEN}}
+    data = InstructionDataModule(builder=builder, base=MODEL, batch_size=1, packing=True, pack_length=SEQ_LEN)
+    data.setup("fit")
+    train = [batch for batch, _ in zip(data.train_dataloader(), range(steps))]
+    pad = data.tokenizer.pad_token_id
+    val = [collate_packed([row], pad) for row in pack_rows(data.rows("validation"), SEQ_LEN)[:VAL_BLOCKS]]
+    if len(train) < steps or len(val) < VAL_BLOCKS:
+        raise SystemExit(f"not enough data for {steps} training and {VAL_BLOCKS} validation rows")
+    torch.save({"train": train, "validation": val}, path)
+    return {"train_tokens": [int(b["input_ids"].numel()) for b in train],
+            "train_labelled": [int((b["labels"][:, 1:] != -100).sum()) for b in train]}
 
 
 # -- one configuration (child process) ---------------------------------------------------------
-def child(name: str, steps: int, initial_val: bool) -> dict:
+def child(name: str, steps: int, initial_val: bool, data_file: Path) -> dict:
     import torch
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    import transformers  # noqa: F401  (imported before the first measurement, like torch)
-    from transformers import AutoTokenizer, LlamaForCausalLM  # noqa: F401
+    import lomo_optim  # every row imports the same modules before the first measurement
+    import transformers  # noqa: F401
+    from deltatune_adalomo import AdaLomo, AdaLomoOptimizer
+    from deltatune_lomo import Lomo, LomoOptimizer
+    from transformers import LlamaForCausalLM  # noqa: F401
 
-    from deltatune.models import load_base
+    from deltatune.losses import token_loss
+    from deltatune.pipeline import ModelSpec, build_model, compute_context, resolve_spec
 
     _, dtype_name, opt_name, lr, clip = CONFIGS[name]
+    data = torch.load(data_file)
     trim()
     after_imports = status_kib()
-    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
-    model, tokenizer = load_base(MODEL, dtype=dtype)
-    # An fp32 load maps the safetensors file copy-on-write and pages weights in lazily; write every
+    model = build_model(resolve_spec(ModelSpec(base=MODEL, delta=[], trainable_dtype=dtype_name)))
+    # The fp32 load maps the safetensors file copy-on-write and pages weights in lazily; write every
     # weight once so that "RSS loaded" holds the whole model as private memory for every row.
     with torch.no_grad():
         for p in model.parameters():
             p.mul_(1)
-    train = [torch.tensor([b]) for b in packed_blocks(tokenizer, TRAIN_FILE, steps)]
-    val = [torch.tensor([b]) for b in packed_blocks(tokenizer, VAL_FILE, VAL_BLOCKS)]
+
+    def loss_of(batch: dict) -> tuple[torch.Tensor, int]:
+        with compute_context(model):
+            return token_loss(model, batch)
 
     def val_loss() -> float:
         model.eval()
         with torch.no_grad():
-            losses = [float(model(input_ids=b, labels=b).loss) for b in val]
+            sums = [loss_of(b) for b in data["validation"]]
         model.train()
-        return sum(losses) / len(losses)
+        return sum(float(t) for t, _ in sums) / sum(n for _, n in sums)
 
     before = val_loss() if initial_val else None
+    # what DeltaTuneModule.configure_model does for `gradient_checkpointing: true`
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
     model.train()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
     if opt_name == "adamw":
         opt = torch.optim.AdamW([p for _, p in named], lr=lr)
 
-        def step(batch: torch.Tensor) -> None:
-            model(input_ids=batch, labels=batch).loss.backward()
+        def step(batch: dict) -> None:
+            total, count = loss_of(batch)
+            (total / count).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
     elif opt_name == "lomo_optim":
-        import lomo_optim
-
         opt = lomo_optim.Lomo(model, lr=lr, clip_grad_norm=clip)
 
-        def step(batch: torch.Tensor) -> None:
-            loss = model(input_ids=batch, labels=batch).loss
+        def step(batch: dict) -> None:
+            total, count = loss_of(batch)
+            loss = total / count
             if clip is not None:
                 opt.grad_norm(loss)
             opt.fused_backward(loss, lr)
 
     else:
-        if opt_name == "lomo":
-            from deltatune_lomo import LomoOptimizer as Fused
-        else:
-            from deltatune_adalomo import AdaLomoOptimizer as Fused
-        opt = Fused(named, lr=lr, clip_grad_norm=clip)
+        factory, cfg_cls = (Lomo(), LomoOptimizer) if opt_name == "lomo" else (AdaLomo(), AdaLomoOptimizer)
+        # the plugin's own factory, as `optimizer: {name: ..., config: {lr, clip_grad_norm}}` builds it;
+        # min_lr_ratio=1 keeps the rate constant, as the peers' is
+        cfg = type(factory).Config(lr=lr, clip_grad_norm=clip, min_lr_ratio=1.0)
+        opt, scheduler = factory.create(named, cfg, steps)
+        assert isinstance(opt, cfg_cls)
 
-        def step(batch: torch.Tensor) -> None:
-            opt.fused_backward(model(input_ids=batch, labels=batch).loss)
+        def step(batch: dict) -> None:
+            total, count = loss_of(batch)
+            opt.step(closure=lambda: opt.fused_backward(total / count))
+            if scheduler is not None:
+                scheduler.step()
 
     trim()
     loaded = status_kib()
     reset_peak()
     start = time.perf_counter()
-    for batch in train:
+    for batch in data["train"][:steps]:
         step(batch)
     seconds = (time.perf_counter() - start) / steps
     peak_train = status_kib()["VmHWM"]
@@ -181,20 +191,26 @@ def child(name: str, steps: int, initial_val: bool) -> dict:
 
 
 # -- driver ------------------------------------------------------------------------------------
+def command() -> str:
+    """The command line this script was started with (recorded with every row it measures)."""
+    return " ".join(["python", "benchmarks/lomo_memory.py", *sys.argv[1:]])
+
+
 def run(names: list[str], steps: int) -> list[dict]:
     rows = []
-    for i, name in enumerate(names):
-        cmd = [sys.executable, __file__, "--child", name, "--steps", str(steps)]
-        if i == 0:
-            cmd.append("--initial-val")
-        print(f"running {name} …", file=sys.stderr, flush=True)
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=ROOT)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    with tempfile.TemporaryDirectory() as tmp:
+        data_file = Path(tmp) / "batches.pt"
+        shape = prepare_data(data_file, steps)
+        for i, name in enumerate(names):
+            cmd = [sys.executable, __file__, "--child", name, "--steps", str(steps), "--data", str(data_file)]
+            if i == 0:
+                cmd.append("--initial-val")
+            print(f"running {name} …", file=sys.stderr, flush=True)
+            out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+            if out.returncode:
+                raise SystemExit(f"{name} failed:\n{out.stderr[-4000:]}")
+            rows.append({**json.loads(out.stdout.strip().splitlines()[-1]), **shape, "command": command()})
     return rows
-
-
-def mib(kib: float) -> str:
-    return f"{kib / 1024:,.0f} MiB"
 
 
 def table(rows: list[dict]) -> str:
@@ -218,6 +234,13 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def commands(rows: list[dict]) -> str:
+    measured = list(dict.fromkeys(r["command"] for r in rows))
+    if measured == [command()]:
+        return f"Command: `{measured[0]}`"
+    return "Commands: " + ", then ".join(f"`{c}`" for c in [*measured, command()])
+
+
 def section(rows: list[dict], steps: int, notes: str) -> str:
     first = rows[0]
     cpu = platform.processor() or platform.machine()
@@ -225,17 +248,20 @@ def section(rows: list[dict], steps: int, notes: str) -> str:
     return f"""{BEGIN}
 ## LOMO / AdaLomo: peak memory of a full fine-tune (SmolLM2-135M-Instruct)
 
-Command: `{COMMAND}` (CPU only; {first['threads']} threads, {cpu}; torch {first['torch']}).
+{commands(rows)} (CPU only; {first['threads']} threads, {cpu}; torch {first['torch']}).
 
-Each row is a fresh process: `deltatune.models.load_base("{MODEL}")` ({first['params']:,} trainable
-parameters, all of them), activation checkpointing on (`gradient_checkpointing_enable`,
-non-reentrant), {steps} steps of batch 1 x {SEQ_LEN} tokens (the same packed blocks of
-`examples/data/tasks-train.chat.jsonl` for every row), then the mean loss over {VAL_BLOCKS} held-out
-blocks of `tasks-validation.chat.jsonl` (before training: {before:.4f}). "Peak RSS in training" is
-`VmHWM` reset right before the first step and read after the last; "RSS loaded" is `VmRSS` just
-before the reset (model and optimizer built, `gc` + `malloc_trim` done); `ru_maxrss` is the peak of
-the whole process, loading included. Learning rates are each method's usual order of magnitude, not
-tuned.
+Each row is a fresh process that trains `{MODEL}` in full ({first['params']:,} trainable parameters,
+all of them) on deltatune's own path: the model of `deltatune.pipeline.build_model` with `delta: []`,
+activation checkpointing on (as `model.gradient_checkpointing: true`), the loss of
+`deltatune.losses.token_loss`; `lomo` and `adalomo` are built by their plugins' factories and stepped
+with `fused_backward`, AdamW and `lomo_optim.Lomo` get the same model, loss and batches. {steps} steps
+of one packed row of at most {SEQ_LEN} tokens each (the `chat` builder on
+`examples/data/tasks-train.chat.jsonl`, loss on every token), then the mean token loss over
+{VAL_BLOCKS} packed rows of `tasks-validation.chat.jsonl` (before training: {before:.4f}). "Peak RSS in
+training" is `VmHWM` reset right before the first step and read after the last; "RSS loaded" is
+`VmRSS` just before the reset (model and optimizer built, `gc` + `malloc_trim` done); `ru_maxrss` is
+the peak of the whole process, loading included. Learning rates are each method's usual order of
+magnitude, not tuned.
 
 {table(rows)}
 
@@ -252,16 +278,20 @@ def notes_for(rows: list[dict]) -> str:
         f"- Steady state in theory: AdamW holds fp32 weights, gradients and two moments "
         f"(4 x {w32:,.0f} = {4 * w32:,.0f} MiB); LOMO only the weights ({w32:,.0f} MiB, or "
         f"{w32 / 2:,.0f} MiB in bf16); AdaLomo adds its row/column statistics (under 1 MiB here). "
-        "Every row also carries the same ~390 MiB of imported libraries and the transients of a "
-        "training step: fp32 logits, their log-softmax and gradients (1 x 256 x 49,152 values, "
-        "48 MiB each) at the start of backward, and at its end — SmolLM2 ties the LM head to the "
-        "embedding — the head's embedding-sized gradient (108 MiB in fp32), which autograd keeps "
-        "through the whole backward until the embedding's own gradient (another 108 MiB) is added "
-        "to it; only then is the tied weight updated, once. For LOMO that end of backward is the peak."
+        "Every row also carries the same imported libraries and the transients of a training step. "
+        "For the fused optimizers the largest is the tied embedding/LM-head weight's gradient (108 MiB "
+        "in fp32): deltatune defers the head's part of it to the end of backward "
+        "(`deltatune.fused.DeferredGrad`: the embedding is looked up sparsely and the head's gradient "
+        "recomputed there, chunk by chunk), so it exists only while that weight is updated, instead "
+        "of through the whole backward plus a dense embedding gradient beside it; and the logits "
+        "chunks of the loss are 8 MiB instead of 32 MiB when a fused optimizer trains the head "
+        "(`deltatune.fastpath.FUSED_LOSS_CHUNK_BYTES`). `lomo_optim.Lomo` gets neither."
     )
-    if {"adamw", "lomo", "lomo-bf16"} <= by.keys():
+    if "adamw" in by:
         a = by["adamw"]
-        for key, target in (("lomo", 0.45), ("lomo-bf16", 0.35)):
+        for key, target in TARGETS.items():
+            if key not in by:
+                continue
             r = by[key]
             ratio = r["peak_train_kib"] / a["peak_train_kib"]
             inc = (r["peak_train_kib"] - r["after_imports_kib"]) / (a["peak_train_kib"] - a["after_imports_kib"])
@@ -270,13 +300,20 @@ def notes_for(rows: list[dict]) -> str:
                 f"{'met' if ratio <= target else 'NOT met'}); counting only memory above the RSS after "
                 f"imports it is {inc:.2f}x."
             )
-    if {"lomo", "lomo-optim"} <= by.keys():
-        ours, theirs = by["lomo"], by["lomo-optim"]
-        diff = (ours["peak_train_kib"] - theirs["peak_train_kib"]) / 1024
-        out.append(
-            f"- LOMO against the authors' lomo_optim.Lomo: peak in training {diff:+.0f} MiB; validation "
-            f"loss {ours['val_loss']:.6f} vs {theirs['val_loss']:.6f} (same update rule, same data)."
-        )
+    if "lomo-optim" in by:
+        theirs = by["lomo-optim"]
+        for key in ("lomo", "lomo-bf16", "adalomo"):
+            if key in by:
+                diff = (by[key]["peak_train_kib"] - theirs["peak_train_kib"]) / 1024
+                out.append(
+                    f"- {CONFIGS[key][0]} against the authors' lomo_optim.Lomo (fp32): peak in training "
+                    f"{diff:+.0f} MiB ({'not above' if diff <= 0 else 'ABOVE'} it)."
+                )
+        if "lomo" in by:
+            out.append(
+                f"- LOMO and lomo_optim.Lomo apply the same update rule to the same data: validation loss "
+                f"{by['lomo']['val_loss']:.6f} vs {theirs['val_loss']:.6f}."
+            )
     if {"lomo", "adalomo"} <= by.keys():
         diff = (by["adalomo"]["peak_train_kib"] - by["lomo"]["peak_train_kib"]) / 1024
         out.append(
@@ -291,7 +328,7 @@ def notes_for(rows: list[dict]) -> str:
             f"- Gradient-norm clipping costs a second backward pass ({c['backward_passes']} passes for "
             f"{c['steps']} steps, `optimizer.backward_passes`) and keeps the graph between the two "
             f"(retain_graph): {(c['peak_train_kib'] - p['peak_train_kib']) / 1024:+.0f} MiB of peak. It also "
-            "changes the result: with clip 1.0 every step is scaled down, hence the higher loss."
+            "changes the result: with clip 1.0 every step is scaled down."
         )
     out.append(
         "- Seconds per step are not comparable between rows: the benchmark ran on a 2-core machine "
@@ -301,18 +338,6 @@ def notes_for(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def write_section(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    current = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in current and END in current:
-        head, rest = current.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        updated = head + text + tail
-    else:
-        updated = current.rstrip("\n") + "\n\n" + text + "\n"
-    path.write_text(updated)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--write", action="store_true", help="update the LOMO section of docs/benchmarks.md")
@@ -320,15 +345,17 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--only", nargs="*", choices=list(CONFIGS), help="run only these configurations")
     parser.add_argument("--save", type=Path, help="also save the measured rows as JSON")
-    parser.add_argument("--rows", type=Path, help="render rows saved by --save instead of measuring")
+    parser.add_argument("--rows", type=Path, nargs="+", help="render rows saved by --save (one or more files, "
+                        "concatenated in order) instead of measuring")
     parser.add_argument("--child", choices=list(CONFIGS), help=argparse.SUPPRESS)
     parser.add_argument("--initial-val", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.steps, args.initial_val)))
+        print(json.dumps(child(args.child, args.steps, args.initial_val, args.data)))
         return
     if args.rows:
-        rows = json.loads(args.rows.read_text())
+        rows = [row for path in args.rows for row in json.loads(path.read_text())]
         args.steps = rows[0]["steps"]
     else:
         rows = run(args.only or list(CONFIGS), args.steps)
@@ -337,7 +364,7 @@ def main() -> None:
     text = section(rows, args.steps, notes_for(rows))
     print(text)
     if args.write:
-        write_section(text, args.docs)
+        write_section(text, args.docs, BEGIN, END)
         print(f"\nwrote {args.docs}")
 
 
