@@ -47,7 +47,7 @@ def test_data_module_mixes_builders_from_yaml_and_adds_extra_sets():
     train = dm.rows("train")
     assert len(train) == 80
     assert len(dm.rows("validation")) == 15 + 10, "each dataset holds out its own validation rows"
-    assert len(dm.rows("heldout")) == 64 and len(dm.rows("heldout_chat")) == 5
+    assert len(dm.rows("heldout")) == 256 and len(dm.rows("heldout_chat")) == 5
     assert dm.eval_splits() == ["validation", "heldout", "heldout_chat"]
     validation_prompts = {r["prompt"] for r in dm.rows("validation")}
     assert not validation_prompts & {r["prompt"] for r in train}, "no held-out row is trained on"

@@ -95,6 +95,21 @@ def test_regeneration_is_byte_identical(tmp_path: Path) -> None:
         assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes(), name
 
 
+def test_heldout_size_leaves_other_splits_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The held-out families draw from their own RNG streams: resizing the held-out split changes no
+    train/validation/test byte, and every row of a smaller held-out split stays in the larger one."""
+    gen = load_generator()
+    full = gen.render_files(SEED)
+    monkeypatch.setattr(gen, "HELDOUT_PER_FAMILY", 32)
+    small = gen.render_files(SEED)
+    for name, text in full.items():
+        if not name.startswith("tasks-heldout"):
+            assert small[name] == text, name
+    rows = list(map(json.loads, full["tasks-heldout.jsonl"].splitlines()))
+    for row in map(json.loads, small["tasks-heldout.jsonl"].splitlines()):
+        assert row in rows, row
+
+
 def test_other_seed_differs() -> None:
     """The seed actually matters."""
     gen = load_generator()
@@ -108,7 +123,7 @@ def test_other_seed_differs() -> None:
 
 def test_sizes_and_balance(splits: dict[str, list[dict[str, Any]]]) -> None:
     """Split sizes and per-family balance are as documented."""
-    expected = {"train": 1200, "validation": 96, "test": 96, "heldout": 64}
+    expected = {"train": 1200, "validation": 96, "test": 96, "heldout": 256}
     for split, rows in splits.items():
         assert len(rows) == expected[split], split
         counts = Counter(r["family"] for r in rows)
