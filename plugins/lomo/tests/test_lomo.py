@@ -228,6 +228,21 @@ def test_tied_head_gradient_is_deferred_to_the_end_of_backward(fast: bool, clip:
     assert fused.deferred_tied_head(tiny_llama(seed=2)) is None  # untied
 
 
+def test_loss_uses_lean_logits_chunks_when_a_fused_optimizer_trains_the_head() -> None:
+    """The head's logits chunks shrink to FUSED_LOSS_CHUNK_BYTES only while a fused optimizer
+    updates the head inside backward (memory is the point there), and are back once it lets go."""
+    from deltatune import fastpath
+
+    model = tiny_llama(seed=2, tie_word_embeddings=True)
+    head, vocab = model.get_output_embeddings(), model.config.vocab_size
+    assert fastpath.head_chunk_rows(head) == fastpath.loss_chunk_rows(vocab, fastpath.LOSS_CHUNK_BYTES)
+    opt = LomoOptimizer(model.named_parameters(), lr=LR)
+    lean = fastpath.loss_chunk_rows(vocab, fastpath.FUSED_LOSS_CHUNK_BYTES)
+    assert fastpath.head_chunk_rows(head) == lean < fastpath.loss_chunk_rows(vocab)
+    opt.remove_hooks()
+    assert fastpath.head_chunk_rows(head) == fastpath.loss_chunk_rows(vocab)
+
+
 def test_gradients_are_freed_at_once(base: nn.Module) -> None:
     model = copy.deepcopy(base)
     opt = Recording(model.named_parameters(), lr=LR, clip_grad_norm=1.0)
