@@ -195,13 +195,25 @@ def test_cli_prints_a_table_and_json(capsys):
     assert "not a known architecture" in capsys.readouterr().out
 
 
+@pytest.fixture(scope="module")
+def measured_peaks(tmp_path_factory):
+    """The peak resident memory of every run of ``VALIDATION_RUNS``, two fresh processes at a time
+    (single-threaded each; a process's ``VmHWM`` is its own)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    models.resolve_base(models.DEFAULT_MODEL)  # convert the default model once, outside the measured runs
+    folder = tmp_path_factory.mktemp("measured")
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        peaks = pool.map(lambda item: measure(item[1], folder / f"run{item[0]}"), enumerate(VALIDATION_RUNS))
+        return {run.name: peak for run, peak in zip(VALIDATION_RUNS, peaks)}
+
+
 @pytest.mark.parametrize("run", VALIDATION_RUNS, ids=["lora-bf16", "qlora-nf4", "full-adamw", "full-lomo"])
-def test_predicts_the_measured_peak_of_a_real_run_within_15_percent(run, tmp_path):
+def test_predicts_the_measured_peak_of_a_real_run_within_15_percent(run, measured_peaks):
     """MEASURED on this machine: the peak resident memory (VmHWM) of a real ``deltatune fit`` of
     SmolLM2-135M (2 steps, then Lightning's last checkpoint and the tuned evaluation) in a fresh
     process, against the estimate (runtime, heap and checkpoint included; docs/scale-out.md)."""
-    models.resolve_base(models.DEFAULT_MODEL)  # convert the default model once, outside the measured run
-    measured = measure(run, tmp_path)
+    measured = measured_peaks[run.name]
     predicted = run.estimate()
     print(f"{run.name}: estimated {predicted.peak / 2**20:.0f} MiB, measured {measured / 2**20:.0f} MiB")
     assert abs(predicted.peak - measured) <= 0.15 * measured, (predicted.peak / 2**20, measured / 2**20)
