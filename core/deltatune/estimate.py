@@ -866,7 +866,7 @@ def validation_table(folder: Path) -> str:
         f"Machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
         f"runtime overhead in the estimate: {CPU_RUNTIME_BYTES / MIB:.0f} MiB.",
         "",
-        "| run | estimated peak | measured peak (VmHWM) | error | of which activations | loading (fp32) |",
+        "| run | estimated peak | measured peak (VmHWM) | error | of which activations | loading |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for index, run in enumerate(VALIDATION_RUNS):
