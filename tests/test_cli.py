@@ -70,3 +70,22 @@ def test_generate_from_an_adapter(tmp_path, capsys):
 def test_generate_refuses_a_folder_that_is_not_an_adapter(tmp_path, capsys):
     assert main(["generate", "--adapter", str(tmp_path), "--prompt", "hi"]) == 1
     assert "not a deltatune adapter" in capsys.readouterr().out
+
+
+def test_a_step_bounded_fit_labels_its_progress_bar_with_the_step_budget(tmp_path):
+    """Lightning labels a ``max_steps`` run ``Epoch 0/-2`` (``max_epochs`` is -1); ours says the budget."""
+    from deltatune.progress import RunProgressBar
+
+    labels: list[str] = []
+    original = RunProgressBar._get_train_description
+
+    def record(self, current_epoch: int) -> str:
+        labels.append(original(self, current_epoch))
+        return labels[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(RunProgressBar, "_get_train_description", record)
+        code = main(["fit", "--config", str(CONFIG), f"--trainer.default_root_dir={tmp_path}", "--model.samples=0",
+                     "--trainer.max_steps=3"])
+    assert code == 0 and labels
+    assert {label.strip() for label in labels} == {"Epoch 0 · 3 steps"}

@@ -39,12 +39,12 @@ def check_strategy(trainer: Any) -> None:
 
 def run_lightning(argv: list[str]) -> None:
     """Run a Lightning CLI subcommand with deltatune's module, data module and defaults."""
-    from lightning.pytorch.callbacks import RichProgressBar
     from lightning.pytorch.cli import LightningCLI
 
     from .checkpoint import AtomicModelCheckpoint
     from .data import InstructionDataModule
     from .module import DeltaTuneModule
+    from .progress import RunProgressBar
 
     class DeltaTuneCLI(LightningCLI):
         def add_arguments_to_parser(self, parser: Any) -> None:
@@ -69,7 +69,7 @@ def run_lightning(argv: list[str]) -> None:
             "default_root_dir": "runs/default",
             "enable_model_summary": False,
             "num_sanity_val_steps": 0,
-            "callbacks": [RichProgressBar(leave=True)],
+            "callbacks": [RunProgressBar(leave=True)],
         },
     )
 
