@@ -8,6 +8,8 @@ from __future__ import annotations
 import ctypes
 import gc
 import json
+import os
+import platform
 import re
 import subprocess
 import sys
@@ -66,3 +68,17 @@ def publish(text: str, path: Path, write: bool, begin: str, end: str) -> None:
     if write:
         write_section(text, path, begin, end)
         print(f"\nwrote {path}")
+
+
+def machine() -> str:
+    """The CPU, its core count and bf16 ISA flags, memory, torch and Python versions."""
+    import torch
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor())
+    flags = Path("/proc/cpuinfo").read_text()
+    isa = [f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
+    memory = next((int(line.split()[1]) // 1024 for line in Path("/proc/meminfo").read_text().splitlines()
+                   if line.startswith("MemTotal")), 0)
+    return (f"{model}, {os.cpu_count()} cores ({', '.join(isa) or 'no bf16 ISA flags'}), {memory // 1024} GiB; "
+            f"torch {torch.__version__}, Python {platform.python_version()}")

@@ -31,8 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import mib, publish, reset_peak, run_child, status_kib, trim
-from speed import machine
+from common import machine, mib, publish, reset_peak, run_child, status_kib, trim
 
 MODEL = "smollm2-135m-instruct"
 BEGIN, END = "<!-- qlora-memory:begin -->", "<!-- qlora-memory:end -->"

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -46,6 +45,9 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as `python -m benchmarks.speed` or imported
+from common import machine, reset_peak, status_kib, write_section  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks.md"
@@ -97,22 +99,7 @@ NOTES = """Reading the table:
   across sessions); run `make bench` on an idle machine for medians of alternating rounds."""
 
 
-# -- measurements shared by the children ----------------------------------------------------------------------
-def status_kib() -> dict[str, int]:
-    """``VmRSS`` and ``VmHWM`` of this process, in KiB."""
-    text = Path("/proc/self/status").read_text()
-    return {line.split(":")[0]: int(line.split()[1]) for line in text.splitlines()
-            if line.startswith(("VmRSS", "VmHWM"))}
-
-
-def reset_peak() -> None:
-    """Reset ``VmHWM`` to the current RSS (Linux)."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
+# -- the batches every configuration trains on ------------------------------------------------------------------
 def batch_plan(steps: int, batch_size: int, seed: int) -> list[list[int]]:
     """The same batches for every configuration: a seeded order of the training rows, cut up."""
     rows = sum(1 for line in TRAIN.read_text().splitlines() if line.strip())
@@ -377,19 +364,6 @@ def median_rows(results: dict[str, list[dict]]) -> dict[str, dict]:
     return rows
 
 
-def machine() -> str:
-    import torch
-
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor())
-    flags = Path("/proc/cpuinfo").read_text()
-    isa = [f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
-    memory = next((int(line.split()[1]) // 1024 for line in Path("/proc/meminfo").read_text().splitlines()
-                   if line.startswith("MemTotal")), 0)
-    return (f"{model}, {os.cpu_count()} cores ({', '.join(isa) or 'no bf16 ISA flags'}), {memory // 1024} GiB; "
-            f"torch {torch.__version__}, Python {platform.python_version()}")
-
-
 def table(rows: dict[str, dict], peak: float) -> str:
     import peft
     import transformers
@@ -417,17 +391,6 @@ def table(rows: dict[str, dict], peak: float) -> str:
     lines.append(f"peft {peft.__version__}, transformers {transformers.__version__}; bf16 matrix-product peak "
                  f"measured in this run: {peak:.0f} GFLOP/s.")
     return "\n".join(lines)
-
-
-def write_section(text: str) -> None:
-    current = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    block = f"{BEGIN}\n{text.strip()}\n{END}"
-    if BEGIN in current and END in current:
-        head, rest = current.split(BEGIN, 1)
-        current = head + block + rest.split(END, 1)[1]
-    else:
-        current = current.rstrip() + "\n\n" + block + "\n"
-    DOCS.write_text(current)
 
 
 def main() -> None:
@@ -491,11 +454,11 @@ def main() -> None:
             text,
             "",
             *verdict,
-            *( [f"", f"Not run (not installed): {', '.join(skipped)}."] if skipped else []),
+            *( ["", f"Not run (not installed): {', '.join(skipped)}."] if skipped else []),
             "",
             NOTES,
         ]
-        write_section("\n".join(notes))
+        write_section(f"{BEGIN}\n" + "\n".join(notes).strip() + f"\n{END}", DOCS, BEGIN, END)
     if args.check and any(line.startswith("- MISSED") for line in verdict):
         raise SystemExit(1)
 
