@@ -49,10 +49,13 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["DeferredGrad", "FusedOptimizer", "deferred_lookup", "deferred_tied_head", "is_fused", "updated_in_backward"]
+from .schedules import warmup_cosine
+
+__all__ = ["DeferredGrad", "FusedOptimizer", "FusedOptimizerConfig", "FusedOptimizerFactory", "deferred_lookup", "deferred_tied_head", "is_fused", "updated_in_backward"]
 
 _Mode = Literal["idle", "norm", "update"]
 
@@ -571,3 +574,46 @@ class FusedOptimizer(torch.optim.Optimizer):
         """
         raise NotImplementedError
 
+
+
+# -- what a fused optimizer plugin's factory shares -----------------------------------------------
+class FusedOptimizerConfig(BaseModel):
+    """Options every fused optimizer plugin has; a plugin's ``Config`` subclasses it and adds its
+    update's own (``lr``, ``weight_decay``, …), named as its optimizer's keyword arguments."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    clip_grad_norm: float | None = Field(
+        None, gt=0, description="clip the global gradient L2 norm to this value; costs a second backward pass"
+    )
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps before the cosine decay")
+    min_lr_ratio: float = Field(
+        0.0, ge=0, le=1, description="final learning rate as a fraction of lr (1.0: constant after warm-up)"
+    )
+
+
+class FusedOptimizerFactory:
+    """Base of a fused optimizer plugin's factory (:class:`deltatune.protocols.OptimizerFactory`):
+    set ``name``, ``Config`` (a :class:`FusedOptimizerConfig`) and ``optimizer_class``; ``create``
+    builds the optimizer from every option but the schedule's, with a warm-up + cosine schedule."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[FusedOptimizerConfig]]
+    optimizer_class: ClassVar[type[FusedOptimizer]]
+    fused: ClassVar[bool] = True
+
+    def create(
+        self, named_params: list[tuple[str, nn.Parameter]], cfg: BaseModel, total_steps: int
+    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        """The optimizer over ``named_params`` and its warm-up + cosine schedule over ``total_steps``."""
+        if not isinstance(cfg, self.Config):
+            raise TypeError(f"{self.name}: expected a {self.Config.__name__}, got {type(cfg).__name__}")
+        options = cfg.model_dump(exclude={"warmup_steps", "min_lr_ratio"})
+        optimizer = self.optimizer_class(list(named_params), **options)
+        return optimizer, warmup_cosine(optimizer, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
+
+    @classmethod
+    def check_trainer_compatible(cls, accumulate_grad_batches: int = 1, **settings: Any) -> None:
+        """Raise :class:`ValueError` for trainer settings the optimizer cannot honour (see
+        :meth:`FusedOptimizer.check_trainer_compatible`)."""
+        cls.optimizer_class.check_trainer_compatible(accumulate_grad_batches, **settings)

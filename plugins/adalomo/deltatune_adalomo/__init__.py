@@ -40,30 +40,19 @@ from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
-from torch import nn
+from pydantic import BaseModel, Field
 
 from deltatune import hookimpl
-from deltatune.fused import FusedOptimizer
-from deltatune.schedules import warmup_cosine
+from deltatune.fused import FusedOptimizer, FusedOptimizerConfig, FusedOptimizerFactory
 
 __all__ = ["AdaLomo", "AdaLomoOptimizer", "Config"]
 
 
-class Config(BaseModel):
-    """Options of the ``adalomo`` optimizer."""
-
-    model_config = ConfigDict(extra="forbid")
+class Config(FusedOptimizerConfig):
+    """Options of the ``adalomo`` optimizer (and the shared ``clip_grad_norm``, ``warmup_steps``, ``min_lr_ratio``)."""
 
     lr: float = Field(1e-3, gt=0, description="peak relative learning rate (scaled by each parameter's RMS)")
-    clip_grad_norm: float | None = Field(
-        None, gt=0, description="clip the global gradient L2 norm to this value; costs a second backward pass"
-    )
     weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay, scaled by the relative step")
-    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps before the cosine decay")
-    min_lr_ratio: float = Field(
-        0.0, ge=0, le=1, description="final learning rate as a fraction of lr (1.0: constant after warm-up)"
-    )
     eps: tuple[float, float] = Field(
         (1e-30, 1e-3), description="(added to squared gradients, lower bound of the parameter RMS)"
     )
@@ -159,36 +148,14 @@ class AdaLomoOptimizer(FusedOptimizer):
         param.sub_(update)
 
 
-class AdaLomo:
-    """The ``adalomo`` optimizer factory registered with deltatune."""
+class AdaLomo(FusedOptimizerFactory):
+    """The ``adalomo`` optimizer factory registered with deltatune: an :class:`AdaLomoOptimizer`
+    with a warm-up + cosine schedule; trainer settings it cannot honour are refused by
+    :meth:`~deltatune.fused.FusedOptimizerFactory.check_trainer_compatible`."""
 
     name: ClassVar[str] = "adalomo"
     Config: ClassVar[type[BaseModel]] = Config
-    fused: ClassVar[bool] = True
-
-    def create(
-        self, named_params: list[tuple[str, nn.Parameter]], cfg: BaseModel, total_steps: int
-    ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
-        """An :class:`AdaLomoOptimizer` over ``named_params`` and a warm-up + cosine schedule."""
-        assert isinstance(cfg, Config)
-        optimizer = AdaLomoOptimizer(
-            list(named_params),
-            lr=cfg.lr,
-            eps=cfg.eps,
-            clip_threshold=cfg.clip_threshold,
-            decay_rate=cfg.decay_rate,
-            weight_decay=cfg.weight_decay,
-            clip_grad_norm=cfg.clip_grad_norm,
-        )
-        return optimizer, warmup_cosine(optimizer, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
-
-    @staticmethod
-    def check_trainer_compatible(accumulate_grad_batches: int = 1, **settings: Any) -> None:
-        """Raise :class:`ValueError` for trainer settings AdaLomo cannot honour: gradient accumulation,
-        trainer-side gradient clipping, several devices, ``16-mixed`` precision (keywords
-        ``gradient_clip_val``, ``world_size``, ``precision``; see
-        :meth:`deltatune.fused.FusedOptimizer.check_trainer_compatible`)."""
-        AdaLomoOptimizer.check_trainer_compatible(accumulate_grad_batches, **settings)
+    optimizer_class: ClassVar[type[FusedOptimizer]] = AdaLomoOptimizer
 
 
 @hookimpl
