@@ -34,3 +34,14 @@ def fake_dist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         (info / "entry_points.txt").write_text("\n".join(lines) + "\n")
 
     return make
+
+
+@pytest.fixture(scope="module")
+def biased_base(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A Hugging Face folder holding a tiny Llama with attention and MLP biases (and a tokenizer)."""
+    from deltatune.models import tiny_llama, tiny_tokenizer
+
+    folder = tmp_path_factory.mktemp("biased-base")
+    tiny_llama(attention_bias=True, mlp_bias=True).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return str(folder)

@@ -15,9 +15,9 @@ from pydantic import BaseModel, ConfigDict
 from deltatune import ConfigError, hookimpl
 from deltatune.adapter import load_adapter, save_adapter
 from deltatune.config import resolve
-from deltatune.models import tiny_llama, tiny_tokenizer
 from deltatune.pipeline import ModelSpec, build_model, claim_parameters, resolve_spec
 from deltatune.plugins import PluginManager
+from deltatune.testing import max_relative_difference as rel
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -29,21 +29,6 @@ COMBINATIONS = {
     "lora+vera on the same layers": [{"name": "lora", "config": {"r": 2, "targets": "all-linear"}},
                                      {"name": "vera", "config": {"r": 8, "targets": "all-linear"}}],
 }
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Largest absolute difference relative to the largest magnitude of ``b``."""
-    a, b = a.detach().float(), b.detach().float()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
-
-
-@pytest.fixture(scope="module")
-def biased_base(tmp_path_factory) -> str:
-    """A Hugging Face folder holding a tiny Llama with attention and MLP biases."""
-    folder = tmp_path_factory.mktemp("biased-base")
-    tiny_llama(attention_bias=True, mlp_bias=True).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return str(folder)
 
 
 def train(model: torch.nn.Module, steps: int = 3) -> None:

@@ -12,50 +12,13 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, VeraConfig, get_peft_model
 
+from adapter_cases import DORA_MLP, LORA_ATTN, ids, trained_adapter
 from deltatune import ConfigError
 from deltatune.adapter import load_adapter, save_adapter
 from deltatune.export import export_peft, load_peft_adapter
-from deltatune.models import load_model, tiny_llama, tiny_tokenizer
+from deltatune.models import load_model, tiny_llama
 from deltatune.pipeline import ModelSpec, build_model, resolve_spec
-
-LORA_ATTN = {"name": "lora", "config": {"r": 4, "alpha": 8, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}}
-DORA_MLP = {"name": "dora", "config": {"r": 4, "alpha": 8, "targets": ["gate_proj", "up_proj", "down_proj"]}}
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Largest absolute difference relative to the largest magnitude of ``b``."""
-    a, b = a.detach().float(), b.detach().float()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
-
-
-@pytest.fixture(scope="module")
-def biased_base(tmp_path_factory) -> str:
-    """A Hugging Face folder holding a tiny Llama with attention and MLP biases (and a tokenizer)."""
-    folder = tmp_path_factory.mktemp("biased-base")
-    tiny_llama(attention_bias=True, mlp_bias=True).save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
-    return str(folder)
-
-
-def trained_adapter(folder: Path, delta: list, base: str = "tiny-llama", quantizer: dict | None = None):
-    """Build, perturb every trainable tensor (a trained-like state: B is non-zero, the update is a
-    fair fraction of the base weights, whose entries are about 0.02) and save."""
-    resolved = resolve_spec(ModelSpec(base=base, delta=delta, quantizer=quantizer, base_dtype="fp32"))
-    torch.manual_seed(0)  # the methods' own initialisation (LoRA's A) draws from the global generator
-    model = build_model(resolved)
-    gen = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for _, param in sorted(model.named_parameters()):
-            if param.requires_grad:
-                param.add_(torch.randn(param.shape, generator=gen) * (0.1 if param.ndim == 1 else 0.03))
-    model.eval()
-    save_adapter(model, resolved, folder)
-    return model, resolved
-
-
-def ids() -> torch.Tensor:
-    return torch.randint(0, 250, (2, 23), generator=torch.Generator().manual_seed(0))
-
+from deltatune.testing import max_relative_difference as rel
 
 # -- PEFT export ------------------------------------------------------------------------------------
 PEFT_CASES = {

@@ -49,6 +49,26 @@ class Delta(nn.Module):
         raise NotImplementedError
 
 
+class WeightUpdateDelta(Delta):
+    """A delta whose merged form is a weight update ``ΔW`` that does not depend on ``W`` (LoRA,
+    VeRA): subclasses implement :meth:`forward` and :meth:`delta_weight`; merging adds ``ΔW``,
+    unmerging subtracts it."""
+
+    def delta_weight(self) -> torch.Tensor:
+        """``ΔW`` in fp32 (``out x in``)."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge_weight(self, weight: torch.Tensor, layer: "DeltaLinear") -> torch.Tensor:
+        """``W + ΔW``."""
+        return weight + self.delta_weight()
+
+    @torch.no_grad()
+    def unmerge_weight(self, weight: torch.Tensor, layer: "DeltaLinear") -> torch.Tensor:
+        """``W - ΔW``."""
+        return weight - self.delta_weight()
+
+
 class DeltaLinear(nn.Module):
     """A base linear layer (dense or quantized) with named deltas applied on top."""
 
@@ -377,7 +397,7 @@ LOW_RANK_PEFT_FIELDS: dict[str, str] = {
 """Our :class:`LowRankConfig` field → PEFT ``LoraConfig`` key."""
 
 
-class LowRankDelta(Delta):
+class LowRankDelta(WeightUpdateDelta):
     """A trainable pair ``A`` (``r x in``, Kaiming-uniform) and ``B`` (``out x r``, zeros) with
     input dropout and scale ``s``: the additive update ``s · B A dropout(x)`` of LoRA, reused by
     methods that change how it is applied (DoRA). Parameter names are PEFT's (``lora_A.weight``)."""
@@ -409,15 +429,6 @@ class LowRankDelta(Delta):
         """``s · B A`` in fp32."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
 
-    @torch.no_grad()
-    def merge_weight(self, weight: torch.Tensor, layer: DeltaLinear) -> torch.Tensor:
-        """``W + s · B A``."""
-        return weight + self.delta_weight()
-
-    @torch.no_grad()
-    def unmerge_weight(self, weight: torch.Tensor, layer: DeltaLinear) -> torch.Tensor:
-        """``W - s · B A``."""
-        return weight - self.delta_weight()
 
 
 def is_quantized_param(param: torch.Tensor) -> bool:

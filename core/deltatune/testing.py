@@ -71,6 +71,9 @@ __all__ = [
     "QuantizerContract",
     "isolated_manager",
     "logits_of",
+    "max_parameter_difference",
+    "max_relative_difference",
+    "token_batches",
     "sample_batch",
     "sample_rows",
 ]
@@ -165,6 +168,26 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     """``|a - b| / |b|`` (Frobenius norms), in fp32."""
     a, b = a.detach().float(), b.detach().float()
     return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def max_relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The largest absolute difference of ``a`` and ``b`` relative to the largest magnitude of
+    ``b`` (in fp32): the tolerance measure of oracle tests (logits, weights, gradients)."""
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+def max_parameter_difference(a: nn.Module, b: nn.Module) -> float:
+    """The largest absolute difference between the parameters of two copies of one model (in fp32):
+    whether, and how far, two optimizers moved the same start apart."""
+    return max(float((p.float() - q.float()).abs().max()) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def token_batches(count: int, seed: int = 0, shape: tuple[int, int] = (2, 16), vocab: int = 200) -> list[torch.Tensor]:
+    """``count`` seeded batches of random token ids (``shape``, ids below ``vocab``): the same
+    data for an optimizer and its reference."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, shape, generator=generator) for _ in range(count)]
 
 
 def _through_bytes(state: Any) -> Any:

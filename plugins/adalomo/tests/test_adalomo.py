@@ -13,6 +13,7 @@ from deltatune.errors import ConfigError
 from deltatune.fused import is_fused
 from deltatune.models import tiny_llama
 from deltatune.plugins import PluginManager
+from deltatune.testing import max_parameter_difference as max_diff, token_batches
 from torch import nn
 from transformers.optimization import Adafactor
 
@@ -24,16 +25,11 @@ LR = 1e-2
 
 
 def batches(n: int = STEPS, seed: int = 0) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 200, (2, 16), generator=g) for _ in range(n)]
+    return token_batches(n, seed)
 
 
 def loss_of(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return model(input_ids=batch, labels=batch).loss
-
-
-def max_diff(a: nn.Module, b: nn.Module) -> float:
-    return max((p.float() - q.float()).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
 
 
 def adafactor(params: list[nn.Parameter], weight_decay: float = 0.0, **overrides: Any) -> Adafactor:

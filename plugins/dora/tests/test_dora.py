@@ -12,14 +12,9 @@ from deltatune import ConfigError, base_weight
 from deltatune.layers import delta_layers
 from deltatune.models import tiny_llama
 from deltatune.pipeline import ModelSpec, build_model, resolve_spec
+from deltatune.testing import max_relative_difference as rel
 
 TARGETS = ["q_proj", "k_proj", "down_proj", "up_proj"]  # square, GQA 32x64, 64x96, 96x64
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Largest absolute difference relative to the largest magnitude of ``b``."""
-    a, b = a.detach().float(), b.detach().float()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
 def ours(config: dict, quantizer: dict | None = None, train_like: bool = True, **model_kw):

@@ -13,14 +13,9 @@ from deltatune.adapter import save_adapter
 from deltatune.layers import delta_layers
 from deltatune.models import tiny_llama
 from deltatune.pipeline import ModelSpec, build_model, resolve_spec
+from deltatune.testing import max_relative_difference as rel
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # GQA k/v: 32x64; MLP 96x64
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Largest absolute difference relative to the largest magnitude of ``b``."""
-    a, b = a.detach(), b.detach()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
 def ours(config: dict, **model_kw):

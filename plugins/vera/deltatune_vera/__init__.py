@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from deltatune import ConfigError, Delta, DeltaLinear, LayerDeltaMethod, hookimpl
-from deltatune.layers import PEFT_PREFIX, copy_named_tensors, delta_layers
+from deltatune import ConfigError, DeltaLinear, LayerDeltaMethod, hookimpl
+from deltatune.layers import PEFT_PREFIX, WeightUpdateDelta, copy_named_tensors, delta_layers
 
 
 class VeraConfig(BaseModel):
@@ -62,7 +62,7 @@ class VeraProjections(nn.Module):
         self.register_buffer("vera_B", kaiming_uniform((max_out, r), generator))
 
 
-class VeraDelta(Delta):
+class VeraDelta(WeightUpdateDelta):
     """The trainable vectors ``d`` and ``b`` of one layer, over the shared projections."""
 
     def __init__(self, projections: VeraProjections, in_features: int, out_features: int, cfg: VeraConfig) -> None:
@@ -88,16 +88,6 @@ class VeraDelta(Delta):
         """``(b ⊙ B)(d ⊙ A)`` in fp32."""
         a, b = self.sliced()
         return (self.vera_lambda_b.float().unsqueeze(1) * b.float()) @ (self.vera_lambda_d.float().unsqueeze(1) * a.float())
-
-    @torch.no_grad()
-    def merge_weight(self, weight: torch.Tensor, layer: DeltaLinear) -> torch.Tensor:
-        """``W + (b ⊙ B)(d ⊙ A)``."""
-        return weight + self.delta_weight()
-
-    @torch.no_grad()
-    def unmerge_weight(self, weight: torch.Tensor, layer: DeltaLinear) -> torch.Tensor:
-        """``W - (b ⊙ B)(d ⊙ A)``."""
-        return weight - self.delta_weight()
 
 
 PROJECTION_KEYS = ("vera_A", "vera_B")

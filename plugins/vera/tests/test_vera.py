@@ -15,14 +15,9 @@ from deltatune.adapter import WEIGHTS, load_adapter, save_adapter
 from deltatune.layers import delta_layers
 from deltatune.models import tiny_llama
 from deltatune.pipeline import ModelSpec, build_model, resolve_spec
+from deltatune.testing import max_relative_difference as rel
 
 TARGETS = ["q_proj", "k_proj", "down_proj", "up_proj"]  # largest in 96 (down_proj), largest out 96 (up_proj)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Largest absolute difference relative to the largest magnitude of ``b``."""
-    a, b = a.detach().float(), b.detach().float()
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
 def spec(**config) -> ModelSpec:
