@@ -127,8 +127,6 @@ def test_fast_path_equals_plain_fp32(kind: str):
                                      {"name": "lora", "config": {"r": 2, "targets": ["o_proj", "gate_proj"]}}]},
 ], ids=["tied head", "some targets", "full fine-tune", "dora + lora"])
 def test_fast_path_equals_plain_for_other_setups(setup: dict):
-    if any(d["name"] == "dora" for d in setup["delta"] or []):
-        pytest.importorskip("deltatune_dora")
     model = make_model(setup["base"], setup["delta"])
     batch = collate(make_rows(), pad_id=0)
     plain = loss_and_grads(model, batch, fast=False)
