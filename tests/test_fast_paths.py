@@ -9,6 +9,7 @@ gives the plain path's loss and gradients: to 1e-5 in fp32, and close (bf16 roun
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -162,7 +163,15 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     model = make_model()
     expected = loss_and_grads(model, batch, fast=True)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    got = loss_and_grads(model, batch, fast=True)
+    # Hugging Face hooks the embedding when checkpointing is enabled; the fast path must still apply
+    assert model.get_input_embeddings()._forward_hooks
+    assert fastpath.plan_for(model) is not None
+    calls = []
+    original = torch.utils.checkpoint.checkpoint
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
+        got = loss_and_grads(model, batch, fast=True)
+    assert len(calls) == model.config.num_hidden_layers  # every layer was checkpointed by the fast path
     assert abs(expected[0] - got[0]) <= 1e-6 * abs(expected[0])
     assert_close_grads(expected[2], got[2], 1e-6)
 
@@ -216,11 +225,14 @@ def test_merged_delta_is_read_from_the_base_weight():
     assert abs(plain[0] - float(merged)) <= 1e-4 * abs(plain[0])
 
 
-def test_adapter_update_is_seen_by_the_next_step():
-    """The compute-dtype copies of the LoRA weights follow the optimizer's in-place updates."""
+@pytest.mark.parametrize("optimizer_class", [partial(torch.optim.SGD, lr=0.5),
+                                             partial(torch.optim.AdamW, lr=0.01, fused=True)])
+def test_adapter_update_is_seen_by_the_next_step(optimizer_class):
+    """The compute-dtype copies of the LoRA weights follow the optimizer's in-place updates — also a
+    fused kernel's, which does not bump the parameters' version counters."""
     model = make_model()
     batch = collate(make_rows(), pad_id=0)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    optimizer = optimizer_class([p for p in model.parameters() if p.requires_grad])
     for _ in range(2):
         loss_and_grads(model, batch, fast=True)
         optimizer.step()
@@ -232,8 +244,17 @@ def test_adapter_update_is_seen_by_the_next_step():
 def test_layout_of_packed_rows_separates_examples():
     batch = collate_packed(pack_rows(make_rows((3, 4)), 10), pad_id=0)
     layout = fastpath.TokenLayout.build(batch)
-    assert layout.examples == 2 and layout.width == 4  # the padding segment has no label: dropped
-    assert layout.positions.tolist() == [0, 1, 2, 0, 1, 2, 3]
+    assert layout.real == 7  # the padding segment has no label: dropped
+    assert layout.positions[:7].tolist() == [0, 1, 2, 0, 1, 2, 3]
+    # shapes are rounded up: filler rows (no target, outside attention) and empty examples
+    tokens_step, width_step, examples_step = fastpath.SHAPE_STEPS
+    assert len(layout.index) == len(layout.positions) == len(layout.targets) == tokens_step
+    assert (layout.targets[7:] == -100).all()
+    assert layout.examples == examples_step and layout.width == width_step
+    assert layout.slots.tolist() == [0, 1, 2, width_step, width_step + 1, width_step + 2, width_step + 3]
+    rows = torch.arange(len(layout.index), dtype=torch.float32)[:, None] + 1
+    back = layout.to_tokens(layout.to_examples(rows))
+    assert back[:7].equal(rows[:7]) and not back[7:].any()  # filler rows come back as zeros
 
 
 # -- model.compile: compiled decoder layers ----------------------------------------------------------------

@@ -45,13 +45,14 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .fused import DeferredGrad, deferred_tied_head, updated_in_backward
 from .layers import DeltaLinear, LowRankDelta
 from .packing import IGNORE_INDEX
 
 LOSS_CHUNK_BYTES = 32 * 2**20
-"""Bytes of fp32 logits one chunk of the LM-head cross-entropy may hold (about 170 rows of a
+"""Bytes of fp32 logits one chunk of the LM-head cross-entropy may hold (160 rows of a
 49k vocabulary): logits exist one chunk at a time, in forward and in backward."""
 
 FUSED_LOSS_CHUNK_BYTES = 8 * 2**20
@@ -64,6 +65,18 @@ which keeps it after it is freed. Measured on SmolLM2-135M, LOMO, fp32, 1 x 256 
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 
+SHAPE_STEPS = (32, 16, 4)
+"""Steps to which :class:`TokenLayout` rounds up the token rows, the attention width and the number of
+attention examples of a batch (see there). Rounding costs at most 31 filler rows per batch."""
+
+HEAD_ROW_STEP = 16
+"""The LM head's rows (labelled positions) are padded to a multiple of this, and its chunks are one."""
+
+
+def round_up(value: int, step: int) -> int:
+    """``value`` rounded up to a multiple of ``step``."""
+    return -(-value // step) * step
+
 
 def _no_autocast(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
     return torch.autocast(tensor.device.type, enabled=False)
@@ -71,8 +84,9 @@ def _no_autocast(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
 
 # -- the LM head and cross-entropy, chunked ----------------------------------------------------------
 class LinearCrossEntropy(torch.autograd.Function):
-    """``sum_i CE(hidden_i @ weightᵀ + bias, target_i)`` without ever holding more than one chunk of
-    logits: each chunk's logits are computed, turned into the loss *and* into the gradients of
+    """``sum_i CE(hidden_i @ weightᵀ + bias, target_i)`` over the rows whose target is not
+    ``IGNORE_INDEX`` (-100, as ``F.cross_entropy``; an ignored row gets a zero gradient), without ever
+    holding more than one chunk of logits: each chunk's logits are computed, turned into the loss *and* into the gradients of
     ``hidden`` (and ``weight``/``bias`` when they train) at once, and freed; backward only scales
     the stored gradients. Logits are computed in the weight's dtype and the softmax in fp32, as
     ``head(hidden).float()`` followed by ``F.cross_entropy`` does.
@@ -94,14 +108,17 @@ class LinearCrossEntropy(torch.autograd.Function):
             dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
             db = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
             for start in range(0, hidden.shape[0], chunk):
-                h, t = hidden[start:start + chunk], targets[start:start + chunk]
+                h, (t, ignored) = hidden[start:start + chunk], _ignoring(targets[start:start + chunk])
                 logits = F.linear(h, weight, bias).float()
                 lse = torch.logsumexp(logits, dim=-1)
-                total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+                nll = lse - logits.gather(1, t[:, None]).squeeze(1)
+                total += (nll.masked_fill_(ignored, 0.0) if ignored is not None else nll).sum()
                 if not (grad_on and (need_h or need_w or need_b)):
                     continue
                 grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
                 grad[torch.arange(len(t), device=t.device), t] -= 1.0
+                if ignored is not None:
+                    grad[ignored] = 0.0
                 low = grad.to(weight.dtype)
                 if need_h:
                     torch.mm(low, weight, out=dh[start:start + chunk])
@@ -138,19 +155,30 @@ def head_weight_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     with _no_autocast(hidden):
         dw = torch.zeros_like(weight, memory_format=torch.contiguous_format)
         for start in range(0, hidden.shape[0], chunk):
-            h, t = hidden[start:start + chunk], targets[start:start + chunk]
+            h, (t, ignored) = hidden[start:start + chunk], _ignoring(targets[start:start + chunk])
             grad = F.linear(h, weight, bias).float()
             grad.sub_(grad.amax(dim=-1, keepdim=True)).exp_()  # softmax in place: no logits-sized temporary
             grad.div_(grad.sum(dim=-1, keepdim=True))
             grad[torch.arange(len(t), device=t.device), t] -= 1.0
+            if ignored is not None:
+                grad[ignored] = 0.0
             dw.addmm_(grad.to(weight.dtype).t(), h)
         return dw.mul_(scale.to(dw.dtype))
 
 
+def _ignoring(targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``targets`` with ignored ones (``IGNORE_INDEX``) replaced by 0, and the mask of the ignored
+    ones (``None`` when there are none)."""
+    ignored = targets == IGNORE_INDEX
+    if not bool(ignored.any()):
+        return targets, None
+    return targets.masked_fill(ignored, 0), ignored
+
+
 def loss_chunk_rows(vocab: int, budget: int = LOSS_CHUNK_BYTES) -> int:
     """Rows per chunk of :class:`LinearCrossEntropy` for a vocabulary of ``vocab`` tokens, with
-    ``budget`` bytes of fp32 logits per chunk."""
-    return max(16, budget // (4 * max(vocab, 1)))
+    ``budget`` bytes of fp32 logits per chunk: a multiple of :data:`HEAD_ROW_STEP`, at least one."""
+    return max(HEAD_ROW_STEP, budget // (4 * max(vocab, 1)) // HEAD_ROW_STEP * HEAD_ROW_STEP)
 
 
 def head_chunk_rows(head: nn.Module) -> int:
@@ -166,14 +194,22 @@ def head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
     """Summed cross-entropy of ``head(hidden)`` against ``targets`` (every target is labelled),
     chunked; a head that is not a plain ``nn.Linear`` (a delta on it) is called chunk by chunk.
     ``deferred`` (:func:`deltatune.fused.deferred_tied_head`) moves the head weight's gradient to
-    the end of backward, where the tied embedding is reached."""
+    the end of backward, where the tied embedding is reached.
+
+    The rows are padded with ignored ones to a multiple of :data:`HEAD_ROW_STEP`, so the head's
+    products come in a few shapes only (see :class:`TokenLayout`)."""
+    filler = round_up(len(targets), HEAD_ROW_STEP) - len(targets)
+    if filler:
+        hidden = F.pad(hidden, (0, 0, 0, filler))
+        targets = F.pad(targets, (0, filler), value=IGNORE_INDEX)
     if type(head) is nn.Linear and not (head._forward_hooks or head._forward_pre_hooks):
         return LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, head_chunk_rows(head), deferred)
     total = hidden.new_zeros((), dtype=torch.float32)
     chunk = head_chunk_rows(head)
     for start in range(0, hidden.shape[0], chunk):
         logits = head(hidden[start:start + chunk]).float()
-        total = total + F.cross_entropy(logits, targets[start:start + chunk], reduction="sum")
+        total = total + F.cross_entropy(logits, targets[start:start + chunk], reduction="sum",
+                                        ignore_index=IGNORE_INDEX)
     return total
 
 
@@ -247,7 +283,15 @@ class TokenLayout:
 
     ``index`` holds, for each of the ``T`` computed tokens, its position in the flattened
     ``(batch x length)`` input; ``positions`` its rotary position. Attention runs in a padded
-    ``(examples x width)`` layout in which token ``t`` sits at ``slots[t]``.
+    ``(examples x width)`` layout in which real token ``t`` sits at ``slots[t]``.
+
+    ``T``, ``examples`` and ``width`` are rounded up to the steps of :data:`SHAPE_STEPS`: the first
+    ``real`` tokens are the batch's, the rest are filler rows (token 0 at position 0, no target,
+    outside every attention example). A filler row reaches neither the loss nor a real row, so its
+    gradient is exactly zero and it changes no result; what it buys is a small set of matrix shapes.
+    oneDNN builds and caches a kernel ("primitive") per shape, and with the exact token count nearly
+    every step brought new shapes: slower steps while they are built, and memory that grew with the
+    cache (measured in docs/benchmarks.md).
     """
 
     index: torch.Tensor
@@ -259,6 +303,8 @@ class TokenLayout:
     """Next-token target of each computed token (-100: none)."""
     count: int
     """Labelled targets (equal to the plain path's count)."""
+    real: int
+    """How many of the computed tokens are the batch's (the rest are filler rows)."""
 
     @staticmethod
     def build(batch: dict[str, torch.Tensor]) -> TokenLayout | None:
@@ -295,21 +341,27 @@ class TokenLayout:
             index, positions, starts, flat_targets = index[keep], positions[keep], starts[keep], flat_targets[keep]
             segment = starts.cumsum(0) - 1
         lengths = torch.bincount(segment) if len(segment) else segment
-        examples = len(lengths)
-        width = int(lengths.max()) if examples else 0
+        real, tokens_step, width_step, examples_step = len(index), *SHAPE_STEPS
+        examples = round_up(len(lengths), examples_step)
+        width = round_up(int(lengths.max()), width_step) if len(lengths) else 0
         first = torch.cumsum(lengths, 0) - lengths
-        offset = torch.arange(len(index), device=device) - first[segment]
-        return TokenLayout(index=index, positions=positions, slots=segment * width + offset, examples=examples,
-                           width=width, targets=flat_targets, count=count)
+        offset = torch.arange(real, device=device) - first[segment]
+        filler = round_up(real, tokens_step) - real if real else 0
+        return TokenLayout(index=F.pad(index, (0, filler)), positions=F.pad(positions, (0, filler)),
+                           slots=segment * width + offset, examples=examples, width=width,
+                           targets=F.pad(flat_targets, (0, filler), value=IGNORE_INDEX), count=count, real=real)
 
     def to_examples(self, x: torch.Tensor) -> torch.Tensor:
-        """``(T, C)`` token rows → ``(examples * width, C)`` (zeros where an example is shorter)."""
+        """``(T, C)`` token rows → ``(examples * width, C)`` (zeros where an example is shorter and for
+        the filler examples; filler rows are left out)."""
         out = x.new_zeros((self.examples * self.width, x.shape[1]))
-        return out.index_copy_(0, self.slots, x)
+        return out.index_copy_(0, self.slots, x[: self.real])
 
     def to_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """``(examples * width, C)`` → ``(T, C)``."""
-        return x.index_select(0, self.slots)
+        """``(examples * width, C)`` → ``(T, C)`` (zeros in the filler rows)."""
+        out = x.new_zeros((len(self.index), x.shape[1]))
+        torch.index_select(x, 0, self.slots, out=out[: self.real])
+        return out
 
 
 class Attention(torch.autograd.Function):
@@ -380,6 +432,17 @@ def _hooked(module: nn.Module) -> bool:
                 or getattr(module, "_backward_pre_hooks", None))
 
 
+def _only_input_grad_hooks(model: nn.Module, embedding: nn.Module) -> bool:
+    """Whether the only hooks on ``embedding`` are the ones Hugging Face's
+    ``gradient_checkpointing_enable`` adds (``enable_input_require_grads``: the embedding's output
+    requires grad, which re-entrant checkpointing needs). The fast path checkpoints without re-entry,
+    so they change nothing it computes."""
+    handles = getattr(model, "_require_grads_hooks", None) or []
+    ids = {handle.id for handle in handles}
+    return (bool(ids) and set(embedding._forward_hooks) <= ids and not embedding._forward_pre_hooks
+            and not embedding._backward_hooks and not getattr(embedding, "_backward_pre_hooks", None))
+
+
 def _frozen_dense(module: nn.Module) -> bool:
     return (type(module) is nn.Linear and not _hooked(module) and not module.weight.requires_grad
             and (module.bias is None or not module.bias.requires_grad))
@@ -417,9 +480,26 @@ class Member:
         return None
 
 
+class OptimizerSteps:
+    """How many ``torch.optim`` optimizer steps this process has taken (a global step post-hook).
+
+    Part of :class:`LowRankWeights`' cache key beside the version counters: fused optimizer kernels
+    (``torch.optim.AdamW(fused=True)``) update parameters in place without bumping their version."""
+
+    count = 0
+
+    @classmethod
+    def tick(cls, *_: Any) -> None:
+        cls.count += 1
+
+
+register_optimizer_step_post_hook(OptimizerSteps.tick)
+
+
 class LowRankWeights:
     """The compute-dtype copies of a group's LoRA pairs — ``A`` stacked (``R x in``) and the scaled
-    ``B`` blocks on a block diagonal (``out x R``) — rebuilt only when a master weight changed."""
+    ``B`` blocks on a block diagonal (``out x R``) — rebuilt only when a master weight may have
+    changed: an optimizer step was taken or a master's version counter moved."""
 
     def __init__(self) -> None:
         self.key: tuple | None = None
@@ -428,7 +508,7 @@ class LowRankWeights:
 
     def get(self, members: list[Member], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         params = [p for m in members if m.delta is not None for p in (m.delta.lora_A.weight, m.delta.lora_B.weight)]
-        key = (dtype, *((p.data_ptr(), p._version) for p in params),
+        key = (dtype, OptimizerSteps.count, *((p.data_ptr(), p._version) for p in params),
                *(m.delta.scaling if m.delta is not None else None for m in members))
         if key != self.key:
             with torch.no_grad():
@@ -558,9 +638,11 @@ class Plan:
             return False
         if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
             return False
-        for module in (model, decoder, decoder.embed_tokens, decoder.norm):
+        for module in (model, decoder, decoder.norm):
             if _hooked(module):
                 return False
+        if _hooked(decoder.embed_tokens) and not _only_input_grad_hooks(model, decoder.embed_tokens):
+            return False
         for layer in decoder.layers:
             parts = (layer, layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm)
             if (type(layer) is not layer_cls or type(layer.self_attn) is not attn_cls or type(layer.mlp) is not mlp_cls
