@@ -82,6 +82,7 @@ def test_chunked_cross_entropy_equals_full_logits(trainable_head: bool):
     head = torch.nn.Linear(16, 300, bias=trainable_head)
     head.requires_grad_(trainable_head)
     targets = torch.randint(0, 300, (50,), generator=generator)
+    targets[::7] = -100  # ignored rows: no loss, zero gradient (as F.cross_entropy's ignore_index)
 
     full = F.cross_entropy(head(hidden).float(), targets, reduction="sum")
     grads_full = torch.autograd.grad(full, [hidden, *(p for p in head.parameters() if p.requires_grad)])
