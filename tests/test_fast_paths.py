@@ -247,11 +247,11 @@ def test_layout_of_packed_rows_separates_examples():
     layout = fastpath.TokenLayout.build(batch)
     assert layout.real == 7  # the padding segment has no label: dropped
     assert layout.positions[:7].tolist() == [0, 1, 2, 0, 1, 2, 3]
-    # shapes are rounded up: filler rows (no target, outside attention) and empty examples
-    tokens_step, width_step, examples_step = fastpath.SHAPE_STEPS
+    # shapes are rounded up: filler rows (no target, outside attention), a wider attention layout
+    tokens_step, width_step = fastpath.SHAPE_STEPS
     assert len(layout.index) == len(layout.positions) == len(layout.targets) == tokens_step
     assert (layout.targets[7:] == -100).all()
-    assert layout.examples == examples_step and layout.width == width_step
+    assert layout.examples == 2 and layout.width == width_step
     assert layout.slots.tolist() == [0, 1, 2, width_step, width_step + 1, width_step + 2, width_step + 3]
     rows = torch.arange(len(layout.index), dtype=torch.float32)[:, None] + 1
     back = layout.to_tokens(layout.to_examples(rows))

@@ -409,7 +409,8 @@ def activation_bytes(config: Any, lay: Layout, batch: int, seq: int, compute: in
     * each RMSNorm keeps its input and 1/rms: ``c h + 4`` (twice);
     * each group of linear layers sharing an input (q/k/v, o, gate/up, down) keeps the input
       (``c h``, ``c q``, ``c h``, ``c i``) and its fused LoRA ``A`` output (``c r``);
-    * attention keeps q, k, v and the softmax probabilities: ``c (q + 2 kv) + c H W``;
+    * attention keeps q, k, v and the softmax probabilities: ``c (q + 2 kv) + c H W`` per row of its
+      ``(examples x width)`` layout (width rounded up, as the token rows are: :class:`TokenLayout`);
     * the SiLU gate keeps gate and up: ``2 c i``.
 
     A group the fast path does not fuse (a quantized base, dropout, DoRA/VeRA, several deltas, a
@@ -427,9 +428,16 @@ def activation_bytes(config: Any, lay: Layout, batch: int, seq: int, compute: in
     """
     if lay.groups is None:
         return plain_activation_bytes(config, lay, batch, seq, compute, checkpointing, labelled)
+    from .fastpath import HEAD_ROW_STEP, SHAPE_STEPS, round_up
+
     h, i, heads, head_dim, q, kv = _widths(config)
-    tokens = batch * seq
-    labelled_tokens = tokens * labelled
+    # the fast path rounds its shapes up (deltatune.fastpath.TokenLayout): token rows, attention
+    # width (one example per row here), and the head's labelled rows
+    tokens_step, width_step = SHAPE_STEPS
+    tokens = round_up(batch * seq, tokens_step)
+    width = round_up(seq, width_step)
+    attention_rows = batch * width
+    labelled_tokens = round_up(math.ceil(batch * seq * labelled), HEAD_ROW_STEP)
 
     def group_bytes(group: Group, grad: bool) -> float:
         if group.fused:
@@ -447,7 +455,7 @@ def activation_bytes(config: Any, lay: Layout, batch: int, seq: int, compute: in
         kept += (compute * h + 4) if grad else 0  # input norm
         for key in ("qkv", "attention", "o", "norm", "gate_up", "silu", "down"):
             if key == "attention":
-                kept += compute * (q + 2 * kv + heads * seq) if grad else 0
+                kept += compute * (q + 2 * kv + heads * width) * attention_rows / tokens if grad else 0
             elif key == "norm":
                 kept += (compute * h + 4) if grad else 0
             elif key == "silu":

@@ -65,9 +65,10 @@ which keeps it after it is freed. Measured on SmolLM2-135M, LOMO, fp32, 1 x 256 
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 
-SHAPE_STEPS = (32, 16, 4)
-"""Steps to which :class:`TokenLayout` rounds up the token rows, the attention width and the number of
-attention examples of a batch (see there). Rounding costs at most 31 filler rows per batch."""
+SHAPE_STEPS = (32, 16)
+"""Steps to which :class:`TokenLayout` rounds up the token rows and the attention width of a batch
+(see there): at most 31 filler rows per batch, and 15 positions per attention example. The number of
+examples is not rounded: an extra example costs a whole ``width²`` of attention."""
 
 HEAD_ROW_STEP = 16
 """The LM head's rows (labelled positions) are padded to a multiple of this, and its chunks are one."""
@@ -285,9 +286,9 @@ class TokenLayout:
     ``(batch x length)`` input; ``positions`` its rotary position. Attention runs in a padded
     ``(examples x width)`` layout in which real token ``t`` sits at ``slots[t]``.
 
-    ``T``, ``examples`` and ``width`` are rounded up to the steps of :data:`SHAPE_STEPS`: the first
-    ``real`` tokens are the batch's, the rest are filler rows (token 0 at position 0, no target,
-    outside every attention example). A filler row reaches neither the loss nor a real row, so its
+    ``T`` and ``width`` are rounded up to the steps of :data:`SHAPE_STEPS`: the first ``real``
+    tokens are the batch's, the rest are filler rows (token 0 at position 0, no target, outside
+    every attention example). A filler row reaches neither the loss nor a real row, so its
     gradient is exactly zero and it changes no result; what it buys is a small set of matrix shapes.
     oneDNN builds and caches a kernel ("primitive") per shape, and with the exact token count nearly
     every step brought new shapes: slower steps while they are built, and memory that grew with the
@@ -341,8 +342,8 @@ class TokenLayout:
             index, positions, starts, flat_targets = index[keep], positions[keep], starts[keep], flat_targets[keep]
             segment = starts.cumsum(0) - 1
         lengths = torch.bincount(segment) if len(segment) else segment
-        real, tokens_step, width_step, examples_step = len(index), *SHAPE_STEPS
-        examples = round_up(len(lengths), examples_step)
+        real, (tokens_step, width_step) = len(index), SHAPE_STEPS
+        examples = len(lengths)
         width = round_up(int(lengths.max()), width_step) if len(lengths) else 0
         first = torch.cumsum(lengths, 0) - lengths
         offset = torch.arange(real, device=device) - first[segment]
@@ -352,8 +353,8 @@ class TokenLayout:
                            targets=F.pad(flat_targets, (0, filler), value=IGNORE_INDEX), count=count, real=real)
 
     def to_examples(self, x: torch.Tensor) -> torch.Tensor:
-        """``(T, C)`` token rows → ``(examples * width, C)`` (zeros where an example is shorter and for
-        the filler examples; filler rows are left out)."""
+        """``(T, C)`` token rows → ``(examples * width, C)`` (zeros where an example is shorter; filler
+        rows are left out)."""
         out = x.new_zeros((self.examples * self.width, x.shape[1]))
         return out.index_copy_(0, self.slots, x[: self.real])
 
