@@ -89,14 +89,26 @@ NOTES = """Reading the table:
   much of each update.
 - Peak RSS counts the whole process (tokenizer, data, Lightning or Trainer); the deltatune base is loaded directly
   in bf16 (no fp32 copy).
+- Since the previous table: the fast path rounds its token rows up to a multiple of 32 and the attention
+  width to 16 (`deltatune.fastpath.SHAPE_STEPS`; filler rows carry no target and give exact-zero gradients),
+  so oneDNN reuses a handful of kernels instead of building new ones for nearly every batch (same LoRA step,
+  idle machine: 655 instead of 673 ms), and the `adamw` plugin takes torch's fused AdamW step (one kernel
+  for all 420 adapter tensors: about 620 instead of 668 ms).
 - MFU counts only unavoidable FLOPs (frozen weights 4 per token, trained 6, causal attention, the LM head at
   labelled positions only) on real tokens, against square bf16 products (AMX). Why it is low: a step of this
-  benchmark holds about 450 real tokens (8 short instructions), so every product is a (450 x 576)-sized one;
-  alone, those run at 1.2-2.1 TFLOP/s here, but a step issues about 800 of them and as many small element-wise
-  and bookkeeping ops; under `torch.profiler` the products take under half of the step. Larger steps (longer
-  examples, bigger batches) raise it; the issue's 40% was not reached at this benchmark's batch shape.
-- Every figure is one run on a 2-core machine shared with other jobs (the ratios moved between 2.1x and 2.4x
-  across sessions); run `make bench` on an idle machine for medians of alternating rounds."""
+  benchmark holds about 450 real tokens (8 short instructions), so every product is a (450 x 576)-sized one.
+  `torch.profiler` over 6 LoRA steps (before the two changes above, 741 ms/step): the 417 frozen-weight
+  products take 195 ms and run at about 980 GFLOP/s (45% of the peak: the ceiling for this batch shape
+  even with nothing else in the step), LoRA's 719 skinny rank-16 products take 119 ms at about 110 GFLOP/s,
+  and the rest is element-wise work, copies and Python bookkeeping (4,400 copies per step, 47 ms in the
+  autograd functions' own code). Larger steps (longer examples, bigger batches) raise it; the issue's 40%
+  is not reached at this benchmark's batch shape.
+- The final training loss is one step's loss on 8 examples. deltatune's bf16 base rounds differently from
+  PEFT's fp32 weights under autocast (the plain forward lands as far from PEFT as the fast path), so it moves by
+  a few percent either way from run to run (1.9% in the previous table, 2.5% here); the validation loss over
+  the whole validation split is the steadier comparison, and there deltatune is within 1% (lower here).
+- Earlier tables came from a machine shared with other jobs (ratios 2.1x-2.4x); `make bench` runs 40 steps
+  in 2 alternating rounds for medians."""
 
 
 # -- the batches every configuration trains on ------------------------------------------------------------------
@@ -448,8 +460,9 @@ def main() -> None:
             f"tokens), the first {args.warmup} steps untimed; medians over rounds; "
             f"{(time.time() - started) / 60:.0f} minutes in all.",
             "",
-            f"Machine: {machine()}; {args.threads} threads. The machine was shared with other jobs while "
-            "this ran; every figure is a median of alternating runs, the peak is the best seen.",
+            f"Machine: {machine()}; {args.threads} threads. Run it alone (`make bench` takes an exclusive "
+            "lock that deltatune's own jobs honour; other processes on the machine are not stopped); every "
+            "figure is a median of alternating runs, the peak is the best seen.",
             "",
             text,
             "",
