@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deltatune import fastpath
+from deltatune import fastpath, models
 from deltatune.losses import token_loss
 from deltatune.packing import collate, collate_packed, pack_rows
 from deltatune.cli import main
@@ -135,6 +135,24 @@ def test_fast_path_equals_plain_for_other_setups(setup: dict):
     fast = loss_and_grads(model, batch, fast=True)
     assert abs(plain[0] - fast[0]) <= 1e-5 * abs(plain[0])
     assert_close_grads(plain[2], fast[2], 1e-5)
+
+
+def test_fast_path_equals_plain_with_biased_base_layers():
+    """Frozen biases on q/k/v, o and the MLP (``attention_bias``/``mlp_bias``): each product of a group
+    is written into its columns of the group's output with its bias."""
+    spec = resolve_spec({"base": "tiny-llama", "delta": [LORA_ALL], "base_dtype": "fp32"})
+    base = models.tiny_llama(attention_bias=True, mlp_bias=True)
+    with torch.no_grad():
+        for name, param in base.named_parameters():
+            if name.endswith(".bias"):
+                param.uniform_(-0.5, 0.5)
+    model = build_model(spec, base).train()
+    assert model.model.layers[0].self_attn.k_proj.base_layer.bias is not None
+    batch = collate(make_rows(), pad_id=0)
+    plain, fast = loss_and_grads(model, batch, fast=False), loss_and_grads(model, batch, fast=True)
+    assert fastpath.plan_for(model) is not None
+    assert abs(plain[0] - fast[0]) <= 1e-5 * abs(plain[0])
+    assert_close_grads(plain[2], fast[2], 1e-4)
 
 
 def test_bf16_path_close_to_fp32():

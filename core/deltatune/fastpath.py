@@ -365,12 +365,21 @@ class TokenLayout:
         return out
 
 
+def causal_bias(group: int, width: int, like: torch.Tensor) -> torch.Tensor:
+    """The additive causal mask of one ``(group x width)`` stack of query rows against ``width`` keys:
+    0 where a query may attend, ``-inf`` after it (broadcast over the batch of key/value heads)."""
+    future = torch.ones(width, width, dtype=torch.bool, device=like.device).triu_(1)
+    bias = torch.zeros(width, width, dtype=like.dtype, device=like.device).masked_fill_(future, float("-inf"))
+    return bias.repeat(group, 1)
+
+
 class Attention(torch.autograd.Function):
     """Rotary embedding and causal grouped-query attention per example, from the fused ``[q | k | v]``
     projections of the tokens to the ``(tokens, heads x head_dim)`` attention output.
 
-    Scores and weighted sums are batched products in the compute dtype; the softmax is computed
-    in fp32 (as Hugging Face's eager attention). Query heads share key/value heads without copies:
+    Scores and weighted sums are batched products in the compute dtype (the scaling and the causal
+    mask applied by the scores' product itself, ``baddbmm``); the softmax is computed in fp32 (as
+    Hugging Face's eager attention) and its backward in one fused pass. Query heads share key/value heads without copies:
     a key/value head's ``group`` query heads are stacked as one ``(group x width)`` query matrix.
     """
 
@@ -388,10 +397,8 @@ class Attention(torch.autograd.Function):
             q = q.reshape(S * kv_heads, group * W, head_dim)
             k = qk[:, q_end:].view(S, W, kv_heads, head_dim).transpose(1, 2).reshape(S * kv_heads, W, head_dim)
             v = v.view(S, W, kv_heads, head_dim).transpose(1, 2).reshape(S * kv_heads, W, head_dim)
-            scores = torch.bmm(q, k.transpose(1, 2)).float().mul_(scaling)
-            causal = torch.ones(W, W, dtype=torch.bool, device=qkv.device).triu_(1)
-            scores.view(S * kv_heads, group, W, W).masked_fill_(causal, float("-inf"))
-            probs = torch.softmax(scores, dim=-1).to(qkv.dtype)
+            scores = torch.baddbmm(causal_bias(group, W, qkv), q, k.transpose(1, 2), alpha=scaling)
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(qkv.dtype)
             del scores
             out = torch.bmm(probs, v).view(S, kv_heads, group, W, head_dim).permute(0, 3, 1, 2, 4)
             out = layout.to_tokens(out.reshape(S * W, heads * head_dim))
@@ -411,10 +418,10 @@ class Attention(torch.autograd.Function):
             dout = layout.to_examples(grad.contiguous()).view(S, W, kv_heads, group, head_dim)
             dout = dout.permute(0, 2, 3, 1, 4).reshape(S * kv_heads, group * W, head_dim)
             dv = torch.bmm(probs.transpose(1, 2), dout)
-            dprobs = torch.bmm(dout, v.transpose(1, 2)).float()
-            p32 = probs.float()
-            dscores = dprobs.sub_((dprobs * p32).sum(-1, keepdim=True)).mul_(p32).mul_(scaling).to(grad.dtype)
-            del dprobs, p32
+            dprobs = torch.bmm(dout, v.transpose(1, 2))
+            # softmax's backward in one pass (accumulating in fp32), then the scaling of the scores
+            dscores = torch.ops.aten._softmax_backward_data(dprobs, probs, -1, probs.dtype).mul_(scaling)
+            del dprobs
             dq = torch.bmm(dscores, k)
             dk = torch.bmm(dscores.transpose(1, 2), q)
             dqkv = torch.empty((tokens, k_end + kv_heads * head_dim), dtype=grad.dtype, device=grad.device)
@@ -530,8 +537,18 @@ class LowRankGroup(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, members: list[Member], cache: LowRankWeights, *params: torch.Tensor):
         with _no_autocast(x):
-            outs = [F.linear(x, m.base.weight, m.base.bias) for m in members]
-            out = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+            if len(members) == 1:
+                out = F.linear(x, members[0].base.weight, members[0].base.bias)
+            else:  # each product written into its columns of the group's output: no concatenation
+                out = x.new_empty((x.shape[0], sum(m.base.out_features for m in members)))
+                start = 0
+                for m in members:
+                    part, weight = out[:, start:start + m.base.out_features], m.base.weight.t()
+                    if m.base.bias is None:
+                        torch.mm(x, weight, out=part)
+                    else:
+                        torch.addmm(m.base.bias, x, weight, out=part)
+                    start += m.base.out_features
             a = None
             if params:
                 a_w, b_w = cache.get(members, x.dtype)
