@@ -92,8 +92,14 @@ NOTES = """Reading the table:
 - Since the previous table: the fast path rounds its token rows up to a multiple of 32 and the attention
   width to 16 (`deltatune.fastpath.SHAPE_STEPS`; filler rows carry no target and give exact-zero gradients),
   so oneDNN reuses a handful of kernels instead of building new ones for nearly every batch (same LoRA step,
-  idle machine: 655 instead of 673 ms), and the `adamw` plugin takes torch's fused AdamW step (one kernel
-  for all 420 adapter tensors: about 620 instead of 668 ms).
+  idle machine: 655 instead of 673 ms); the `adamw` plugin takes torch's fused AdamW step (one kernel
+  for all 420 adapter tensors: about 620 instead of 668 ms); attention's scores take their scaling and
+  causal mask inside the product (`baddbmm`), softmax's backward is one fused pass, and a group's frozen
+  products are written straight into their columns of the output (about 605 instead of 620-650 ms).
+- How far the batch shape limits MFU: the same LoRA step at 32 examples (1,759 real tokens) instead of 8
+  (457) runs at 19.6% MFU instead of 15% (idle machine, 6 steps each): bigger products are faster, but the
+  element-wise work (norms, SiLU, rotary, softmax, dtype conversions) grows with the tokens and is
+  memory-bound on 2 cores.
 - MFU counts only unavoidable FLOPs (frozen weights 4 per token, trained 6, causal attention, the LM head at
   labelled positions only) on real tokens, against square bf16 products (AMX). Why it is low: a step of this
   benchmark holds about 450 real tokens (8 short instructions), so every product is a (450 x 576)-sized one.
