@@ -86,11 +86,11 @@ def _no_autocast(tensor: torch.Tensor) -> contextlib.AbstractContextManager:
 # -- the LM head and cross-entropy, chunked ----------------------------------------------------------
 class LinearCrossEntropy(torch.autograd.Function):
     """``sum_i CE(hidden_i @ weightᵀ + bias, target_i)`` over the rows whose target is not
-    ``IGNORE_INDEX`` (-100, as ``F.cross_entropy``; an ignored row gets a zero gradient), without ever
-    holding more than one chunk of logits: each chunk's logits are computed, turned into the loss *and* into the gradients of
-    ``hidden`` (and ``weight``/``bias`` when they train) at once, and freed; backward only scales
-    the stored gradients. Logits are computed in the weight's dtype and the softmax in fp32, as
-    ``head(hidden).float()`` followed by ``F.cross_entropy`` does.
+    ``IGNORE_INDEX`` (-100, as ``F.cross_entropy``; an ignored row gets a zero gradient), without
+    ever holding more than one chunk of logits: each chunk's logits are computed, turned into the
+    loss *and* into the gradients of ``hidden`` (and ``weight``/``bias`` when they train) at once,
+    and freed; backward only scales the stored gradients. Logits are computed in the weight's dtype
+    and the softmax in fp32, as ``head(hidden).float()`` followed by ``F.cross_entropy`` does.
 
     With a :class:`deltatune.fused.DeferredGrad` (a tied head trained by a fused optimizer) the
     weight's gradient is not computed here: backward hands :func:`head_weight_grad` to it, which
@@ -287,8 +287,8 @@ class TokenLayout:
     ``(examples x width)`` layout in which real token ``t`` sits at ``slots[t]``.
 
     ``T`` and ``width`` are rounded up to the steps of :data:`SHAPE_STEPS`: the first ``real``
-    tokens are the batch's, the rest are filler rows (token 0 at position 0, no target, outside
-    every attention example). A filler row reaches neither the loss nor a real row, so its
+    tokens are the batch's, the rest are filler rows (the batch's first token again, at position 0,
+    with no target and outside every attention example). A filler row reaches neither the loss nor a real row, so its
     gradient is exactly zero and it changes no result; what it buys is a small set of matrix shapes.
     oneDNN builds and caches a kernel ("primitive") per shape, and with the exact token count nearly
     every step brought new shapes: slower steps while they are built, and memory that grew with the
@@ -379,8 +379,9 @@ class Attention(torch.autograd.Function):
 
     Scores and weighted sums are batched products in the compute dtype (the scaling and the causal
     mask applied by the scores' product itself, ``baddbmm``); the softmax is computed in fp32 (as
-    Hugging Face's eager attention) and its backward in one fused pass. Query heads share key/value heads without copies:
-    a key/value head's ``group`` query heads are stacked as one ``(group x width)`` query matrix.
+    Hugging Face's eager attention) and its backward in one fused pass. Query heads share key/value
+    heads without copies: a key/value head's ``group`` query heads are stacked as one
+    ``(group x width)`` query matrix.
     """
 
     @staticmethod
