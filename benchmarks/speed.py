@@ -97,7 +97,8 @@ NOTES = """Reading the table:
   causal mask inside the product (`baddbmm`), softmax's backward is one fused pass, and a group's frozen
   products are written straight into their columns of the output (about 605 instead of 620-650 ms).
 - How far the batch shape limits MFU: the same LoRA step at 32 examples (1,759 real tokens) instead of 8
-  (457) runs at 19.6% MFU instead of 15% (idle machine, 6 steps each): bigger products are faster, but the
+  (457) runs at 442 GFLOP/s instead of 339 (idle machine, 6 steps each; 20% and 15% of that run's peak):
+  bigger products are faster, but the
   element-wise work (norms, SiLU, rotary, softmax, dtype conversions) grows with the tokens and is
   memory-bound on 2 cores.
 - MFU counts only unavoidable FLOPs (frozen weights 4 per token, trained 6, causal attention, the LM head at
@@ -111,8 +112,8 @@ NOTES = """Reading the table:
   is not reached at this benchmark's batch shape.
 - The final training loss is one step's loss on 8 examples. deltatune's bf16 base rounds differently from
   PEFT's fp32 weights under autocast (the plain forward lands as far from PEFT as the fast path), so it moves by
-  a few percent either way from run to run (1.9% in the previous table, 2.5% here); the validation loss over
-  the whole validation split is the steadier comparison, and there deltatune is within 1% (lower here).
+  a few percent either way from run to run (1.2% to 2.5% across this session's runs of 16 and 24 steps); the
+  validation loss over the whole validation split is the steadier comparison (within 1% in every run).
 - Earlier tables came from a machine shared with other jobs (ratios 2.1x-2.4x); `make bench` runs 40 steps
   in 2 alternating rounds for medians."""
 
