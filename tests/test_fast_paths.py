@@ -155,6 +155,20 @@ def test_fast_path_equals_plain_with_biased_base_layers():
     assert_close_grads(plain[2], fast[2], 1e-4)
 
 
+def test_fast_path_equals_plain_when_a_group_mixes_scalings():
+    # q/k/v share one fused product; each member's own LoRA scaling must reach its output and gradients
+    model = make_model()
+    attention = model.get_decoder().layers[0].self_attn
+    for module, scaling in ((attention.q_proj, 0.5), (attention.v_proj, 3.0)):
+        (delta,) = module.deltas.values()
+        delta.scaling = scaling
+    batch = collate(make_rows(), pad_id=0)
+    plain = loss_and_grads(model, batch, fast=False)
+    fast = loss_and_grads(model, batch, fast=True)
+    assert abs(plain[0] - fast[0]) <= 1e-5 * abs(plain[0])
+    assert_close_grads(plain[2], fast[2], 1e-5)
+
+
 def test_bf16_path_close_to_fp32():
     batch = collate(make_rows(), pad_id=0)
     reference = loss_and_grads(make_model(dtype="fp32"), batch, fast=False)
