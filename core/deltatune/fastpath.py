@@ -39,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import weakref
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any
 
 import torch
@@ -373,11 +373,13 @@ class TokenLayout:
         return out
 
 
-def causal_bias(group: int, width: int, like: torch.Tensor) -> torch.Tensor:
+@lru_cache(maxsize=16)
+def causal_bias(group: int, width: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """The additive causal mask of one ``(group x width)`` stack of query rows against ``width`` keys:
-    0 where a query may attend, ``-inf`` after it (broadcast over the batch of key/value heads)."""
-    future = torch.ones(width, width, dtype=torch.bool, device=like.device).triu_(1)
-    bias = torch.zeros(width, width, dtype=like.dtype, device=like.device).masked_fill_(future, float("-inf"))
+    0 where a query may attend, ``-inf`` after it (broadcast over the batch of key/value heads).
+    Built once per shape (every layer of a step, and most steps, share one); read, never written."""
+    future = torch.ones(width, width, dtype=torch.bool, device=device).triu_(1)
+    bias = torch.zeros(width, width, dtype=dtype, device=device).masked_fill_(future, float("-inf"))
     return bias.repeat(group, 1)
 
 
@@ -406,7 +408,7 @@ class Attention(torch.autograd.Function):
             q = q.reshape(S * kv_heads, group * W, head_dim)
             k = qk[:, q_end:].view(S, W, kv_heads, head_dim).transpose(1, 2).reshape(S * kv_heads, W, head_dim)
             v = v.view(S, W, kv_heads, head_dim).transpose(1, 2).reshape(S * kv_heads, W, head_dim)
-            scores = torch.baddbmm(causal_bias(group, W, qkv), q, k.transpose(1, 2), alpha=scaling)
+            scores = torch.baddbmm(causal_bias(group, W, qkv.dtype, qkv.device), q, k.transpose(1, 2), alpha=scaling)
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(qkv.dtype)
             del scores
             out = torch.bmm(probs, v).view(S, kv_heads, group, W, head_dim).permute(0, 3, 1, 2, 4)
