@@ -81,41 +81,54 @@ NOTES = """Reading the table:
   base under autocast, loss only at labelled positions); `deltatune-compile` is `compile: true` (every decoder
   layer compiled by `torch.compile`, dynamic shapes, through the plain forward; compilation falls in the untimed
   warm-up steps). Compiling speeds the plain forward up, but the hand-fused fast path stays faster, so it remains
-  the default; for DoRA (whose layers the fast path runs through their own forward) compiling was slower and
-  held more memory.
+  the default; for DoRA (whose layers the fast path runs through their own forward) compiling was slower and held
+  more memory.
 - `deltatune-lomo` trains every weight in bf16 (no fp32 copy, as the LOMO paper does) while `trainer-lomo-bf16`
   (`transformers.Trainer` with `optim="lomo"`, the `lomo-optim` package) keeps fp32 weights under bf16 autocast;
   their losses are not comparable after so few steps: at the same small learning rate, bf16 weights round away
   much of each update.
 - Peak RSS counts the whole process (tokenizer, data, Lightning or Trainer); the deltatune base is loaded directly
   in bf16 (no fp32 copy).
-- Since the previous table: the fast path rounds its token rows up to a multiple of 32 and the attention
-  width to 16 (`deltatune.fastpath.SHAPE_STEPS`; filler rows carry no target and give exact-zero gradients),
-  so oneDNN reuses a handful of kernels instead of building new ones for nearly every batch (same LoRA step,
-  idle machine: 655 instead of 673 ms); the `adamw` plugin takes torch's fused AdamW step (one kernel
-  for all 420 adapter tensors: about 620 instead of 668 ms); attention's scores take their scaling and
-  causal mask inside the product (`baddbmm`), softmax's backward is one fused pass, and a group's frozen
-  products are written straight into their columns of the output (about 605 instead of 620-650 ms).
-- How far the batch shape limits MFU: the same LoRA step at 32 examples (1,759 real tokens) instead of 8
-  (457) runs at 442 GFLOP/s instead of 339 (idle machine, 6 steps each; 20% and 15% of that run's peak):
-  bigger products are faster, but the
-  element-wise work (norms, SiLU, rotary, softmax, dtype conversions) grows with the tokens and is
-  memory-bound on 2 cores.
+- Since the previous table (2.54x, 13.5% MFU, 0.631 s a step), the fast path changed (same LoRA step, A/B runs of
+  12 steps alternating the old and the new code, 3 rounds each: 577 against 569 ms, and 602 against 597 ms in a
+  slower hour: about 1%, inside the machine's ±3% noise): the last layer computes only the labelled rows past its
+  attention (its keys and values still come from every row); the compute-dtype LoRA copies are refreshed in place
+  for the whole model at once (`foreach`) instead of rebuilt group by group (19 ms of a step, now 15 ms); each
+  group's LoRA gradients are cast to fp32 once per group, not once per adapter matrix; autocast is only switched
+  off where it is on. The table moved more than that (2.54x to 2.68x, 0.631 to 0.577 s) while PEFT's step also
+  went from 1.605 to 1.546 s: part of it is the machine's state between runs, so read any one table to about ±5%.
+  Committed after this table: the causal mask is built once per shape, not once per layer (3.6 ms of a step).
 - MFU counts only unavoidable FLOPs (frozen weights 4 per token, trained 6, causal attention, the LM head at
-  labelled positions only) on real tokens, against square bf16 products (AMX). Why it is low: a step of this
-  benchmark holds about 450 real tokens (8 short instructions), so every product is a (450 x 576)-sized one.
-  `torch.profiler` over 6 LoRA steps (before the two changes above, 741 ms/step): the 417 frozen-weight
-  products take 195 ms and run at about 980 GFLOP/s (45% of the peak: the ceiling for this batch shape
-  even with nothing else in the step), LoRA's 719 skinny rank-16 products take 119 ms at about 110 GFLOP/s,
-  and the rest is element-wise work, copies and Python bookkeeping (4,400 copies per step, 47 ms in the
-  autograd functions' own code). Larger steps (longer examples, bigger batches) raise it; the issue's 40%
-  is not reached at this benchmark's batch shape.
-- The final training loss is one step's loss on 8 examples. deltatune's bf16 base rounds differently from
-  PEFT's fp32 weights under autocast (the plain forward lands as far from PEFT as the fast path), so it moves by
-  a few percent either way from run to run (1.2% to 2.5% across this session's runs of 16 and 24 steps); the
-  validation loss over the whole validation split is the steadier comparison (within 1% in every run).
-- Earlier tables came from a machine shared with other jobs (ratios 2.1x-2.4x); `make bench` runs 40 steps
-  in 2 alternating rounds for medians."""
+  labelled positions only) on real tokens, against square bf16 products (AMX). A step of this benchmark holds
+  about 450 real tokens (8 short instructions), so every product is a (450 x 576)-sized one.
+- Where a step's time goes (wall clock inside one 580 ms LoRA step, idle machine, no profiler): the fused linear
+  groups 150 ms forward and 153 ms backward, of which the frozen products 90 + 74 ms and LoRA's skinny products,
+  copies and casts 45 + 81 ms; attention 107 ms; the SiLU gate 51 ms; RMSNorm 43 ms; the LM head and loss 21 ms;
+  the rest (autograd engine, residual adds, embedding, clipping, AdamW) 59 ms.
+- Why MFU stays far from 40%: 40% of this run's peak would be a step of about 226 ms, yet the frozen products
+  alone take about 165 ms of a step. Isolated, with weights cold in memory, the same (480 x 576) x (576 x 1,536)
+  product runs in 420-445 µs (about 2.0 TFLOP/s, 80% of peak); inside the step it takes 690-840 µs, and 560 µs
+  even repeated right away. On this CPU a product that follows 1 ms without matrix products runs about 25% slower
+  (416 µs after none, 518 µs after 1 ms, 663 µs after 5 ms of idle Python; keeping the core on tiny bf16 products
+  in between removes most of it), and one that follows memory-bound element-wise work slower still, and a
+  transformer step alternates the two by construction.
+- How far the batch shape limits MFU: the same LoRA step at 32 examples (1,759 real tokens) instead of 8 (457)
+  runs at 442 GFLOP/s instead of 339 (idle machine, 6 steps each; 20% and 15% of that run's peak): bigger products
+  are faster, but the element-wise work (norms, SiLU, rotary, softmax, dtype conversions) grows with the tokens
+  and is memory-bound on 2 cores.
+- Tried and not kept: prepacked oneDNN weights (`torch.ops.mkldnn._reorder_linear_weight` with
+  `_linear_pointwise`) run the gate/up product in 315 instead of 418 µs but q and down in 202 instead of 139 and
+  581 instead of 400 µs (about 8 ms a step at best, for 424 MiB of packed copies); two data-parallel ranks of one
+  thread with 4 examples each take 556 ms a step before their all-reduce (3%, for twice the memory); keeping
+  `silu(gate)` for backward saves 5-10 ms a step but adds a `tokens x intermediate` tensor per layer (1.8 GB on
+  Llama-2-7B at 2 x 1,304 tokens); a bf16 softmax gives the same values as the fp32 one but is slower (297 against
+  233 µs); `torch.compile` of the element-wise pieces (earlier session) was within noise.
+- The final training loss is one step's loss on 8 examples. deltatune's bf16 base rounds differently from PEFT's
+  fp32 weights under autocast (the plain forward lands as far from PEFT as the fast path), so it moves by a few
+  percent either way from run to run (1.2% to 2.5% across this session's runs of 16 and 24 steps); the validation
+  loss over the whole validation split is the steadier comparison (within 1% in every run).
+- Earlier tables came from a machine shared with other jobs (ratios 2.1x-2.4x); `make bench` runs 40 steps in 2
+  alternating rounds for medians."""
 
 
 # -- the batches every configuration trains on ------------------------------------------------------------------
@@ -467,9 +480,9 @@ def main() -> None:
             f"tokens), the first {args.warmup} steps untimed; medians over rounds; "
             f"{(time.time() - started) / 60:.0f} minutes in all.",
             "",
-            f"Machine: {machine()}; {args.threads} threads. Run it alone (`make bench` takes an exclusive "
-            "lock that deltatune's own jobs honour; other processes on the machine are not stopped); every "
-            "figure is a median of alternating runs, the peak is the best seen.",
+            f"Machine: {machine()}; {args.threads} threads. Run it alone: other processes on the "
+            "machine slow every configuration and move the medians; every figure is a median of alternating "
+            "runs, the peak is the best seen.",
             "",
             text,
             "",
