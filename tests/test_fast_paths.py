@@ -274,6 +274,21 @@ def test_adapter_update_is_seen_by_the_next_step(optimizer_class):
     assert abs(plain[0] - fast[0]) <= 1e-5 * abs(plain[0])
 
 
+def test_a_graph_older_than_the_refreshed_lora_copies_refuses_backward():
+    """The compute-dtype LoRA copies are refreshed in place: a graph built before an optimizer step
+    must fail loudly rather than backpropagate through the new weights."""
+    model = make_model()
+    batch = collate(make_rows(), pad_id=0)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    with compute_context(model):
+        stale, count = token_loss(model, batch)
+    optimizer.step()  # no gradients yet: nothing moves, but the copies are due for a refresh
+    with compute_context(model):
+        token_loss(model, batch)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        stale.backward()
+
+
 def test_layout_of_packed_rows_separates_examples():
     batch = collate_packed(pack_rows(make_rows((3, 4)), 10), pad_id=0)
     layout = fastpath.TokenLayout.build(batch)

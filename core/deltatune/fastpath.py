@@ -668,9 +668,17 @@ class Group:
         self.modules = modules
         self.cache = LowRankWeights()
 
-    def __call__(self, x: torch.Tensor, autocast: tuple[bool, torch.dtype]) -> torch.Tensor:
+    def fused_members(self, dtype: torch.dtype) -> list[Member] | None:
+        """The members, when every module is a frozen dense base in ``dtype`` with at most one plain
+        LoRA pair (the group then runs as one :class:`LowRankGroup`); ``None`` otherwise."""
         members = [Member.of(m) for m in self.modules]
-        if all(m is not None for m in members) and all(m.base.weight.dtype == x.dtype for m in members):
+        if all(m is not None and m.base.weight.dtype == dtype for m in members):
+            return members
+        return None
+
+    def __call__(self, x: torch.Tensor, autocast: tuple[bool, torch.dtype]) -> torch.Tensor:
+        members = self.fused_members(x.dtype)
+        if members is not None:
             params = [p for m in members if m.delta is not None
                       for p in (m.delta.lora_A.weight, m.delta.lora_B.weight)]
             return LowRankGroup.apply(x, members, self.cache, *params)
@@ -771,8 +779,8 @@ class Plan:
         :func:`refresh_lowrank`); a group that will not take the fused path is skipped."""
         groups = []
         for group in (g for layer_groups in self.groups for g in layer_groups):
-            members = [Member.of(m) for m in group.modules]
-            if all(m is not None and m.base.weight.dtype == dtype for m in members) and any(m.delta is not None for m in members):
+            members = group.fused_members(dtype)
+            if members is not None and any(m.delta is not None for m in members):
                 groups.append((group.cache, members))
         refresh_lowrank(groups, dtype)
 
