@@ -25,8 +25,8 @@ from typing import Callable
 
 import torch
 
-from deltatune.models import load_model
-from deltatune.pipeline import ModelSpec, build_model, resolve_spec
+from deltatune.model.loading import load_model
+from deltatune.model.assembly import ModelSpec, build_model, resolve_spec
 
 MODEL = "smollm2-135m-instruct"
 BEGIN, END = "<!-- dora-speed:begin -->", "<!-- dora-speed:end -->"

@@ -2,11 +2,11 @@
 
 Every configuration runs in a fresh Python process (so one run's allocations cannot hide or inflate
 another's). deltatune's rows take deltatune's real training path: the model built by
-:func:`deltatune.pipeline.build_model` for a full fine-tune (``delta: []``), activation checkpointing
+:func:`deltatune.model.assembly.build_model` for a full fine-tune (``delta: []``), activation checkpointing
 switched on as ``model.gradient_checkpointing: true`` does, the loss of
-:func:`deltatune.losses.token_loss` under :func:`deltatune.pipeline.compute_context`, and the
+:func:`deltatune.train.loss.token_loss` under :func:`deltatune.model.assembly.compute_context`, and the
 optimizer (with its schedule) created by the ``lomo``/``adalomo`` plugin's factory, stepped with
-``fused_backward`` as :class:`deltatune.module.DeltaTuneModule` does. The peers — ``torch.optim.AdamW``
+``fused_backward`` as :class:`deltatune.train.module.DeltaTuneModule` does. The peers — ``torch.optim.AdamW``
 (``loss.backward()``, ``step()``, ``zero_grad()``) and the LOMO authors' ``lomo_optim.Lomo`` — get the
 same model, the same batches, the same checkpointing and the same loss function. The batches come
 from deltatune's data path: the ``chat`` builder (loss on every token, ``train_on: all``) packed into
@@ -75,7 +75,7 @@ SHAPES_NOTE = (
     "RSS between steps grew by about 18 MiB per step and had not levelled off after 12 steps. The fast "
     "path now rounds the token rows up to a multiple of 32 (filler rows with no target, outside every "
     "attention example: exact zeros in every gradient), the attention width to 16 and the LM head's "
-    "rows to 16 (`deltatune.fastpath.SHAPE_STEPS`, `HEAD_ROW_STEP`). With both, the "
+    "rows to 16 (`deltatune.train.fastpath.SHAPE_STEPS`, `HEAD_ROW_STEP`). With both, the "
     "RSS between steps stays within 2 MiB over 10 steps, and the step is faster, not slower (the caches "
     "are not capped: `ONEDNN_PRIMITIVE_CACHE_CAPACITY=0` had cost 5.5x in speed)."
 )
@@ -89,8 +89,8 @@ def prepare_data(path: Path, steps: int) -> dict:
     ``path`` for the children — which then need not import Lightning."""
     import torch
 
-    from deltatune.data import InstructionDataModule
-    from deltatune.packing import collate_packed, pack_rows
+    from deltatune.data.module import InstructionDataModule
+    from deltatune.data.packing import collate_packed, pack_rows
 
     builder = {"name": "chat", "config": {"path": str(TRAIN_FILE), "validation_path": str(VAL_FILE),
                                           "train_on": "all", "max_length": SEQ_LEN}}
@@ -117,8 +117,8 @@ def child(name: str, steps: int, initial_val: bool, data_file: Path) -> dict:
     from deltatune_lomo import Lomo, LomoOptimizer
     from transformers import LlamaForCausalLM  # noqa: F401
 
-    from deltatune.losses import token_loss
-    from deltatune.pipeline import ModelSpec, build_model, compute_context, resolve_spec
+    from deltatune.train.loss import token_loss
+    from deltatune.model.assembly import ModelSpec, build_model, compute_context, resolve_spec
 
     _, dtype_name, opt_name, lr, clip = CONFIGS[name]
     data = torch.load(data_file)
@@ -270,9 +270,9 @@ def section(rows: list[dict], steps: int, notes: str) -> str:
 {commands(rows)} (CPU only; {first['threads']} threads, {cpu}; torch {first['torch']}).
 
 Each row is a fresh process that trains `{MODEL}` in full ({first['params']:,} trainable parameters,
-all of them) on deltatune's own path: the model of `deltatune.pipeline.build_model` with `delta: []`,
+all of them) on deltatune's own path: the model of `deltatune.model.assembly.build_model` with `delta: []`,
 activation checkpointing on (as `model.gradient_checkpointing: true`), the loss of
-`deltatune.losses.token_loss`; `lomo` and `adalomo` are built by their plugins' factories and stepped
+`deltatune.train.loss.token_loss`; `lomo` and `adalomo` are built by their plugins' factories and stepped
 with `fused_backward`, AdamW and `lomo_optim.Lomo` get the same model, loss and batches. {steps} steps
 of one packed row of at most {SEQ_LEN} tokens each (the `chat` builder on
 `examples/data/tasks-train.chat.jsonl`, loss on every token), then the mean token loss over
@@ -300,11 +300,11 @@ def notes_for(rows: list[dict]) -> str:
         "Every row also carries the same imported libraries and the transients of a training step. "
         "For the fused optimizers the largest is the tied embedding/LM-head weight's gradient (108 MiB "
         "in fp32): deltatune defers the head's part of it to the end of backward "
-        "(`deltatune.fused.DeferredGrad`: the embedding is looked up sparsely and the head's gradient "
+        "(`deltatune.train.fused.DeferredGrad`: the embedding is looked up sparsely and the head's gradient "
         "recomputed there, chunk by chunk), so it exists only while that weight is updated, instead "
         "of through the whole backward plus a dense embedding gradient beside it; and the logits "
         "chunks of the loss are 8 MiB instead of 32 MiB when a fused optimizer trains the head "
-        "(`deltatune.fastpath.FUSED_LOSS_CHUNK_BYTES`). `lomo_optim.Lomo` gets neither."
+        "(`deltatune.train.fastpath.FUSED_LOSS_CHUNK_BYTES`). `lomo_optim.Lomo` gets neither."
     )
     if "adamw" in by:
         a = by["adamw"]

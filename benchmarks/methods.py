@@ -11,7 +11,7 @@ Methods that start from the untouched dense base (every one but QLoRA, whose bas
 base figures of the LoRA run instead of measuring the same model again.
 
 ``--reevaluate`` trains nothing: it loads each saved run (``<out>/<method>/adapter`` through
-:func:`deltatune.adapter.load_adapter`, and the run's own config ``<out>/<method>.yaml``) and runs the
+:func:`deltatune.io.adapter.load_adapter`, and the run's own config ``<out>/<method>.yaml``) and runs the
 run's evaluators again on the current data files, base and tuned, e.g. after the evaluation splits
 changed. The base is the run's model as ``fit`` measured it, before any training step (its delta
 methods at their initialisation, which LoRA starts as an identity), measured where the run measured
@@ -56,7 +56,7 @@ METHODS: dict[str, dict] = {
 
 def installed() -> set[str]:
     """Names of the installed plugins (every kind)."""
-    out = subprocess.run([sys.executable, "-m", "deltatune.cli", "plugins", "--json"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "deltatune.cli.main", "plugins", "--json"], capture_output=True,
                          text=True, check=True, cwd=ROOT).stdout
     return {p["name"] for p in json.loads(out)["installed"]}
 
@@ -81,7 +81,7 @@ def run(name: str, method: dict, steps: int | None, out: Path) -> dict:
     config = out / f"{name.lower()}.yaml"
     config.write_text(yaml.safe_dump(method_config(method, steps, root), sort_keys=False))
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "deltatune.cli", "fit", "--config", str(config)],
+    done = subprocess.run([sys.executable, "-m", "deltatune.cli.main", "fit", "--config", str(config)],
                           cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - start
     (out / f"{name.lower()}.log").write_text(done.stdout + done.stderr)
@@ -97,11 +97,11 @@ def reevaluate(name: str, out: Path) -> dict:
     """Evaluate the saved run of ``name`` again (base where the run measured it, and tuned) and update
     ``<name>.result.json``; a run that was never saved is reported as missing, not measured."""
     import torch
-    from deltatune.adapter import load_adapter, read_manifest, spec_from_manifest
-    from deltatune.config import PluginRef, resolve
-    from deltatune.data import InstructionDataModule
-    from deltatune.evaluation import EvaluatorRef
-    from deltatune.pipeline import build_model, resolve_spec
+    from deltatune.io.adapter import load_adapter, read_manifest, spec_from_manifest
+    from deltatune.plugin.resolve import PluginRef, resolve
+    from deltatune.data.module import InstructionDataModule
+    from deltatune.evaluation.helpers import EvaluatorRef
+    from deltatune.model.assembly import build_model, resolve_spec
 
     stem = name.lower()
     adapter, config_file, result_file = out / stem / "adapter", out / f"{stem}.yaml", out / f"{stem}.result.json"

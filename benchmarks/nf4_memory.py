@@ -1,6 +1,6 @@
 """NF4 memory and error on SmolLM2-135M-Instruct: bytes of the quantized linear weights against bf16.
 
-For the default base model (loaded with ``deltatune.models.load_base``), every linear layer the
+For the default base model (loaded with ``deltatune.model.loading.load_base``), every linear layer the
 ``nf4`` quantizer targets by default (all but the LM head, which SmolLM2 ties to the embeddings) is
 quantized with and without double quantization. Reported per setting:
 
@@ -29,7 +29,7 @@ import bitsandbytes
 import torch
 
 from common import publish
-from deltatune.models import load_base
+from deltatune.model.loading import load_base
 from deltatune_nf4 import NF4, NF4Config, dequantize_weight, is_quantized, memory_report, select_layers
 
 MODEL = "smollm2-135m-instruct"

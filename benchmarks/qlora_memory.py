@@ -1,9 +1,9 @@
 """QLoRA against bf16 LoRA on SmolLM2-135M-Instruct: resident memory, step time, validation loss.
 
 Both configurations train LoRA (r=16, alpha=32, every linear layer but the LM head) through
-deltatune's own training path — :class:`deltatune.data.InstructionDataModule` with the demo's data
+deltatune's own training path — :class:`deltatune.data.module.InstructionDataModule` with the demo's data
 (``examples/data/tasks-train.jsonl``, batch 8, length-grouped, max length 256),
-:func:`deltatune.pipeline.build_model`, :func:`deltatune.losses.token_loss` under the core's compute
+:func:`deltatune.model.assembly.build_model`, :func:`deltatune.train.loss.token_loss` under the core's compute
 context, and the ``adamw`` plugin's optimizer and schedule, stepped as ``DeltaTuneModule`` steps it —
 for the same steps on the same batches. They differ only in the base: bf16 weights (LoRA) or the
 ``nf4`` quantizer with double quantization computing in bf16 (QLoRA). Each runs in a fresh process
@@ -57,11 +57,11 @@ def child(name: str, steps: int, threads: int, seed: int) -> dict:
     import transformers  # noqa: F401  (imported before the first measurement, like torch)
 
     import deltatune_nf4
-    from deltatune.config import resolve
-    from deltatune.data import InstructionDataModule
-    from deltatune.losses import token_loss
-    from deltatune.layers import is_quantized_param
-    from deltatune.pipeline import ModelSpec, build_model, compute_context, resolve_spec, trainable_summary
+    from deltatune.plugin.resolve import resolve
+    from deltatune.data.module import InstructionDataModule
+    from deltatune.train.loss import token_loss
+    from deltatune.deltas.layers import is_quantized_param
+    from deltatune.model.assembly import ModelSpec, build_model, compute_context, resolve_spec, trainable_summary
 
     _, quantizer = CONFIGS[name]
     trim()
@@ -237,7 +237,7 @@ def notes_for(rows: list[dict], others: list[dict]) -> str:
             f"training peak saves less than that because a step itself takes more memory on the 4-bit base: "
             f"{(q['peak_train_kib'] - q['ready_kib']) / 1024:,.0f} MiB above the RSS before training against "
             f"{(lora['peak_train_kib'] - lora['ready_kib']) / 1024:,.0f} MiB for LoRA. deltatune's fast path "
-            "(`deltatune.fastpath`) fuses the LoRA products, with a hand-written backward that keeps fewer tensors, "
+            "(`deltatune.train.fastpath`) fuses the LoRA products, with a hand-written backward that keeps fewer tensors, "
             "only on dense linear layers; a quantized layer runs its own forward inside it (bitsandbytes' 4-bit "
             "product, then the LoRA product through autograd). The rest of the peak is much the same in both: about "
             f"{lora['after_imports_kib'] / 1024:,.0f} MiB of imported libraries (torch, transformers, Lightning), "

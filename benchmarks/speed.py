@@ -1,6 +1,6 @@
 """Training speed on the CPU: deltatune against PEFT + ``transformers.Trainer``, same model, data and steps.
 
-Every configuration trains SmolLM2-135M-Instruct (``deltatune.models.load_base``) on the bundled
+Every configuration trains SmolLM2-135M-Instruct (``deltatune.model.loading.load_base``) on the bundled
 instruction suite (``examples/data/tasks-train.jsonl``, tokenised once by the ``alpaca`` builder:
 chat-template prompt, loss on the response) for the same steps on the *same batches*: one seeded
 order of the examples, cut into batches of ``--batch-size``; the supervised tokens per step are
@@ -8,8 +8,8 @@ therefore identical. LoRA is r=16, alpha=32, every linear layer but the LM head,
 a constant learning rate, gradient norm clipped to 1.0, in every configuration.
 
 * ``deltatune``: the Lightning ``DeltaTuneModule`` trained by ``lightning.Trainer`` (its real
-  ``training_step``, so the fast path of :mod:`deltatune.fastpath` and the bf16 base of
-  :func:`deltatune.pipeline.compute_dtype` are what a run gets), batches from deltatune's collator.
+  ``training_step``, so the fast path of :mod:`deltatune.train.fastpath` and the bf16 base of
+  :func:`deltatune.model.assembly.compute_dtype` are what a run gets), batches from deltatune's collator.
 * ``peft-bf16`` / ``peft-fp32``: ``peft.get_peft_model`` on the fp32 model and ``transformers.Trainer``
   with ``bf16=True`` (autocast) / in fp32, batches padded by ``DataCollatorForSeq2Seq``.
 * DoRA, QLoRA (NF4 base) and LOMO (full fine-tuning, update fused into backward) rows, each beside
@@ -75,7 +75,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 DEFAULT_CONFIGS = list(CONFIGS)
 NOTES = """Reading the table:
-- `deltatune` is the Lightning module as a run gets it: the fast path of `deltatune.fastpath` (unpadded tokens,
+- `deltatune` is the Lightning module as a run gets it: the fast path of `deltatune.train.fastpath` (unpadded tokens,
   LoRA fused per group of layers reading the same input, hand-written backward, LM head and loss only at labelled
   positions, chunked). `deltatune-plain` is the same module with `fast_path: false` (Hugging Face's forward, bf16
   base under autocast, loss only at labelled positions); `deltatune-compile` is `compile: true` (every decoder
@@ -144,7 +144,7 @@ def batch_plan(steps: int, batch_size: int, seed: int) -> list[list[int]]:
 
 def suite_rows(tokenizer: Any, path: Path) -> list[dict]:
     """Rows of ``path`` as the ``alpaca`` builder makes them (chat template, loss on the response)."""
-    from deltatune.config import resolve
+    from deltatune.plugin.resolve import resolve
 
     builder = resolve("dataset_builder", {"name": "alpaca", "config": {"path": str(path), "max_length": 256}})
     return builder.plugin.build(builder.cfg, tokenizer, "train")
@@ -183,11 +183,11 @@ def run_ours(cfg: dict, plan: list[list[int]], args: argparse.Namespace) -> dict
     import lightning as L
     import torch
 
-    from deltatune.losses import token_loss
-    from deltatune.models import load_tokenizer
-    from deltatune.module import DeltaTuneModule
-    from deltatune.packing import collate
-    from deltatune.pipeline import compute_context
+    from deltatune.train.loss import token_loss
+    from deltatune.model.loading import load_tokenizer
+    from deltatune.train.module import DeltaTuneModule
+    from deltatune.data.packing import collate
+    from deltatune.model.assembly import compute_context
 
     tokenizer = load_tokenizer(MODEL)
     rows = suite_rows(tokenizer, TRAIN)
@@ -244,9 +244,9 @@ def run_peft(cfg: dict, plan: list[list[int]], args: argparse.Namespace) -> dict
     import torch
     from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
 
-    from deltatune.losses import token_loss
-    from deltatune.models import load_model, load_tokenizer, resolve_base
-    from deltatune.packing import collate
+    from deltatune.train.loss import token_loss
+    from deltatune.model.loading import load_model, load_tokenizer, resolve_base
+    from deltatune.data.packing import collate
 
     tokenizer = load_tokenizer(MODEL)
     rows = suite_rows(tokenizer, TRAIN)
@@ -340,7 +340,7 @@ def child(name: str, args: argparse.Namespace) -> dict:
     result = (run_ours if cfg["kind"] == "ours" else run_peft)(cfg, plan, args)
     from transformers import AutoConfig
 
-    from deltatune.models import resolve_base
+    from deltatune.model.loading import resolve_base
 
     rows = result.pop("rows")
     config = AutoConfig.from_pretrained(resolve_base(MODEL), local_files_only=True)

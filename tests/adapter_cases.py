@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from deltatune.adapter import save_adapter
-from deltatune.pipeline import ModelSpec, ResolvedSpec, build_model, resolve_spec
+from deltatune.io.adapter import save_adapter
+from deltatune.model.assembly import ModelSpec, ResolvedSpec, build_model, resolve_spec
 
 LORA_ATTN = {"name": "lora", "config": {"r": 4, "alpha": 8, "targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}}
 DORA_MLP = {"name": "dora", "config": {"r": 4, "alpha": 8, "targets": ["gate_proj", "up_proj", "down_proj"]}}

@@ -39,7 +39,7 @@ def fake_dist(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 @pytest.fixture(scope="module")
 def biased_base(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A Hugging Face folder holding a tiny Llama with attention and MLP biases (and a tokenizer)."""
-    from deltatune.models import tiny_llama, tiny_tokenizer
+    from deltatune.model.loading import tiny_llama, tiny_tokenizer
 
     folder = tmp_path_factory.mktemp("biased-base")
     tiny_llama(attention_bias=True, mlp_bias=True).save_pretrained(folder)

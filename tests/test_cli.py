@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from deltatune.adapter import save_adapter
-from deltatune.cli import main
-from deltatune.pipeline import ModelSpec, build_model, resolve_spec
+from deltatune.io.adapter import save_adapter
+from deltatune.cli.main import main
+from deltatune.model.assembly import ModelSpec, build_model, resolve_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "tests" / "configs" / "tiny-lora.yaml"
@@ -74,7 +74,7 @@ def test_generate_refuses_a_folder_that_is_not_an_adapter(tmp_path, capsys):
 
 def test_a_step_bounded_fit_labels_its_progress_bar_with_the_step_budget(tmp_path):
     """Lightning labels a ``max_steps`` run ``Epoch 0/-2`` (``max_epochs`` is -1); ours says the budget."""
-    from deltatune.progress import RunProgressBar
+    from deltatune.ui.progress import RunProgressBar
 
     labels: list[str] = []
     original = RunProgressBar._get_train_description

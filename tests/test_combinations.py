@@ -13,10 +13,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict
 
 from deltatune import ConfigError, hookimpl
-from deltatune.adapter import load_adapter, save_adapter
-from deltatune.config import resolve
-from deltatune.pipeline import ModelSpec, build_model, claim_parameters, resolve_spec
-from deltatune.plugins import PluginManager
+from deltatune.io.adapter import load_adapter, save_adapter
+from deltatune.plugin.resolve import resolve
+from deltatune.model.assembly import ModelSpec, build_model, claim_parameters, resolve_spec
+from deltatune.plugin.manager import PluginManager
 from deltatune.testing import max_relative_difference as rel
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]

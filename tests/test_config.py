@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from deltatune import ConfigError, ModelNotFoundError
-from deltatune.module import DeltaTuneModule
-from deltatune.pipeline import ModelSpec, build_model, resolve_spec
+from deltatune.train.module import DeltaTuneModule
+from deltatune.model.assembly import ModelSpec, build_model, resolve_spec
 
 
 def test_invalid_option_names_plugin_field_and_allowed_values():
@@ -18,7 +18,7 @@ def test_invalid_option_names_plugin_field_and_allowed_values():
     assert "r: Input should be greater than 0" in message
     assert "rank: unknown option" in message
     with pytest.raises(ConfigError, match="template: Input should be 'auto', 'chat' or 'alpaca'"):
-        from deltatune.config import resolve
+        from deltatune.plugin.resolve import resolve
 
         resolve("dataset_builder", {"name": "alpaca", "config": {"path": "x.jsonl", "template": "vicuna"}})
 
@@ -49,7 +49,7 @@ def test_no_delta_method_means_full_fine_tuning():
 def test_lora_claims_only_its_parameters_and_starts_as_a_no_op():
     resolved = resolve_spec(ModelSpec(base="tiny-llama", base_dtype="fp32", delta=["lora"]))
     model = build_model(resolved)
-    from deltatune.models import tiny_llama
+    from deltatune.model.loading import tiny_llama
 
     reference = tiny_llama()
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from deltatune import DataError
-from deltatune.config import resolve
-from deltatune.data import IGNORE_INDEX, TruncationStats, collate, encode_example
-from deltatune.models import tiny_tokenizer
+from deltatune.plugin.resolve import resolve
+from deltatune.data.module import IGNORE_INDEX, TruncationStats, collate, encode_example
+from deltatune.model.loading import tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_collate_pads_with_ignored_labels():
 
 
 def test_encode_segments_labels_flagged_segments_and_accounts_for_cuts(tokenizer):
-    from deltatune.data import encode_segments
+    from deltatune.data.module import encode_segments
 
     stats = TruncationStats()
     row = encode_segments(tokenizer, [("ask: ", False), ("answer", True), ("\n", False)], 64, stats)
@@ -87,7 +87,7 @@ def test_encode_segments_labels_flagged_segments_and_accounts_for_cuts(tokenizer
 
 
 def test_user_prompt_modes(tokenizer):
-    from deltatune.data import user_prompt
+    from deltatune.data.module import user_prompt
 
     assert user_prompt(tokenizer, "hi", "plain") == "hi"
     assert user_prompt(tokenizer, "hi", "auto") == user_prompt(tokenizer, "hi", "chat") == (

@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from deltatune import ConfigError, DataError
-from deltatune.data import InstructionDataModule, read_records
-from deltatune.mixing import mix_counts, mix_rows
+from deltatune.data.module import InstructionDataModule, read_records
+from deltatune.data.mixing import mix_counts, mix_rows
 
 TRAIN = "examples/data/tasks-train.jsonl"
 CHAT = "examples/data/tasks-validation.chat.jsonl"  # other problems than TRAIN holds

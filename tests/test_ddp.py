@@ -40,8 +40,8 @@ def train(out: Path, devices: int, quantize: bool) -> None:
     import torch
     from torch.utils.data import DataLoader, RandomSampler
 
-    from deltatune.data import InstructionDataModule, collate
-    from deltatune.module import DeltaTuneModule
+    from deltatune.data.module import InstructionDataModule, collate
+    from deltatune.train.module import DeltaTuneModule
 
     class SeededShuffle(InstructionDataModule):
         """Training batches from a seeded ``RandomSampler`` (see the module docstring)."""
@@ -154,7 +154,7 @@ trainer:
   default_root_dir: {tmp_path / 'run'}
 """)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    done = subprocess.run([sys.executable, "-m", "deltatune.cli", "fit", "--config", str(config)], cwd=ROOT, env=env,
+    done = subprocess.run([sys.executable, "-m", "deltatune.cli.main", "fit", "--config", str(config)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
     report = json.loads((tmp_path / "run" / "report.json").read_text())
@@ -166,7 +166,7 @@ trainer:
 
 def test_fsdp_on_the_cpu_is_a_clear_error(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    command = [sys.executable, "-m", "deltatune.cli", "fit", "--config", str(ROOT / "tests/configs/tiny-lora.yaml"),
+    command = [sys.executable, "-m", "deltatune.cli.main", "fit", "--config", str(ROOT / "tests/configs/tiny-lora.yaml"),
                "--trainer.strategy=fsdp", "--trainer.devices=2", f"--trainer.default_root_dir={tmp_path}"]
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     output = " ".join((done.stdout + done.stderr).split())

@@ -9,9 +9,9 @@ import json
 import pytest
 import torch
 
-from deltatune import models
-from deltatune.cli import main
-from deltatune.estimate import (
+from deltatune.model import loading as models
+from deltatune.cli.main import main
+from deltatune.estimate.memory import (
     CPU_RUNTIME_BYTES,
     GB,
     VALIDATION_RUNS,
@@ -21,8 +21,8 @@ from deltatune.estimate import (
     load_config,
     measure,
 )
-from deltatune.losses import token_loss
-from deltatune.pipeline import build_model, compute_context, resolve_spec, trainable_summary
+from deltatune.train.loss import token_loss
+from deltatune.model.assembly import build_model, compute_context, resolve_spec, trainable_summary
 
 LORA_QV = {"name": "lora", "config": {"r": 8, "targets": ["q_proj", "v_proj"]}}
 WIDE = dict(hidden_size=128, intermediate_size=320, num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=3)

@@ -12,10 +12,10 @@ import torch
 from torch import nn
 
 from deltatune import resolve
-from deltatune.data import encode_example
-from deltatune.evaluation import answer_rows, sequence_logprobs
-from deltatune.generation import chat_prompt
-from deltatune.models import tiny_llama, tiny_tokenizer
+from deltatune.data.module import encode_example
+from deltatune.evaluation.helpers import answer_rows, sequence_logprobs
+from deltatune.model.generation import chat_prompt
+from deltatune.model.loading import tiny_llama, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

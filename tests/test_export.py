@@ -14,10 +14,10 @@ from peft import LoraConfig, PeftModel, VeraConfig, get_peft_model
 
 from adapter_cases import DORA_MLP, LORA_ATTN, ids, trained_adapter
 from deltatune import ConfigError
-from deltatune.adapter import load_adapter, save_adapter
-from deltatune.export import export_peft, load_peft_adapter
-from deltatune.models import load_model, tiny_llama
-from deltatune.pipeline import ModelSpec, build_model, resolve_spec
+from deltatune.io.adapter import load_adapter, save_adapter
+from deltatune.io.export import export_peft, load_peft_adapter
+from deltatune.model.loading import load_model, tiny_llama
+from deltatune.model.assembly import ModelSpec, build_model, resolve_spec
 from deltatune.testing import max_relative_difference as rel
 
 # -- PEFT export ------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Speed is measured by ``benchmarks/speed.py``, never asserted here. These tests check that every fast
 path — the chunked LM-head cross-entropy, the unpadded/fused Llama forward of
-:mod:`deltatune.fastpath`, its gradient checkpointing and the layers it leaves to their own forward —
+:mod:`deltatune.train.fastpath`, its gradient checkpointing and the layers it leaves to their own forward —
 gives the plain path's loss and gradients: to 1e-5 in fp32, and close (bf16 rounding) in bf16.
 """
 
@@ -16,13 +16,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deltatune import fastpath, models
-from deltatune.losses import token_loss
-from deltatune.packing import collate, collate_packed, pack_rows
-from deltatune.cli import main
+from deltatune.model import loading as models
+from deltatune.train import fastpath
+from deltatune.train.loss import token_loss
+from deltatune.data.packing import collate, collate_packed, pack_rows
+from deltatune.cli.main import main
 from deltatune.errors import ConfigError
-from deltatune.module import DeltaTuneModule
-from deltatune.pipeline import build_model, compile_decoder_layers, compute_context, resolve_spec
+from deltatune.train.module import DeltaTuneModule
+from deltatune.model.assembly import build_model, compile_decoder_layers, compute_context, resolve_spec
 
 TINY_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny-lora.yaml"
 LORA_ALL = {"name": "lora", "config": {"r": 4, "alpha": 8, "targets": "all-linear"}}

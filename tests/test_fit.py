@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 
-from deltatune.adapter import load_adapter, read_manifest
-from deltatune.cli import main
-from deltatune.data import collate
-from deltatune.models import tiny_tokenizer
+from deltatune.io.adapter import load_adapter, read_manifest
+from deltatune.cli.main import main
+from deltatune.data.module import collate
+from deltatune.model.loading import tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "tests" / "configs" / "tiny-lora.yaml"
@@ -22,7 +22,7 @@ CONFIG = ROOT / "tests" / "configs" / "tiny-lora.yaml"
 def fit(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
     """Run ``deltatune fit`` on the tiny config in a subprocess (as a user would)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests")}
-    command = [sys.executable, "-m", "deltatune.cli", "fit", "--config", str(CONFIG),
+    command = [sys.executable, "-m", "deltatune.cli.main", "fit", "--config", str(CONFIG),
                f"--trainer.default_root_dir={tmp_path}", *extra]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 

@@ -9,12 +9,12 @@ import lightning as L
 import torch
 from peft import PeftModel
 
-from deltatune.adapter import load_adapter
-from deltatune.data import InstructionDataModule
-from deltatune.export import export_peft
-from deltatune.layers import delta_layers
-from deltatune.models import tiny_llama
-from deltatune.module import DeltaTuneModule
+from deltatune.io.adapter import load_adapter
+from deltatune.data.module import InstructionDataModule
+from deltatune.io.export import export_peft
+from deltatune.deltas.layers import delta_layers
+from deltatune.model.loading import tiny_llama
+from deltatune.train.module import DeltaTuneModule
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,10 +11,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from deltatune.adapter import read_manifest
-from deltatune.cli import main
-from deltatune.models import tiny_llama
-from deltatune.module import DeltaTuneModule
+from deltatune.io.adapter import read_manifest
+from deltatune.cli.main import main
+from deltatune.model.loading import tiny_llama
+from deltatune.train.module import DeltaTuneModule
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "tests" / "configs" / "tiny-lora.yaml"

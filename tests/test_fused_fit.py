@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from deltatune.adapter import load_adapter, read_manifest
-from deltatune.cli import main
+from deltatune.io.adapter import load_adapter, read_manifest
+from deltatune.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "tests" / "configs" / "tiny-lora.yaml"

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pluggy
 
-from deltatune import hookspecs
-from deltatune.plugins import HOOK_FOR_KIND, _protocol_members
-from deltatune.protocols import KINDS
+from deltatune.plugin import hookspecs
+from deltatune.plugin.manager import HOOK_FOR_KIND, _protocol_members
+from deltatune.plugin.protocols import KINDS
 from deltatune.testing import CONTRACTS, contract_subclasses
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from deltatune import ModelNotFoundError
-from deltatune.models import DEFAULT_MODEL, load_base, load_model, resolve_base, tiny_llama
+from deltatune.model.loading import DEFAULT_MODEL, load_base, load_model, resolve_base, tiny_llama
 
 
 def test_default_model_loads_from_the_cached_safetensors_folder():

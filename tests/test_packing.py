@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deltatune.config import resolve
-from deltatune.data import InstructionDataModule, collate
-from deltatune.losses import hidden_states, token_loss
-from deltatune.models import tiny_llama, tiny_tokenizer
-from deltatune.packing import (
+from deltatune.plugin.resolve import resolve
+from deltatune.data.module import InstructionDataModule, collate
+from deltatune.train.loss import hidden_states, token_loss
+from deltatune.model.loading import tiny_llama, tiny_tokenizer
+from deltatune.data.packing import (
     IGNORE_INDEX,
     LengthGroupedBatches,
     collate_packed,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from deltatune import ConfigError, PluginError
-from deltatune.plugins import PluginManager, load_plugins
+from deltatune.plugin.manager import PluginManager, load_plugins
 
 GOOD = """
 from typing import ClassVar

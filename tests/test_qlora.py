@@ -1,9 +1,9 @@
 """QLoRA and its relatives end to end: delta methods training on an NF4 (4-bit) base.
 
 Real bitsandbytes kernels on the tiny Llama, assembled the way ``fit`` assembles a run
-(:func:`deltatune.pipeline.resolve_spec` + :func:`~deltatune.pipeline.build_model`, frozen base in
+(:func:`deltatune.model.assembly.resolve_spec` + :func:`~deltatune.model.assembly.build_model`, frozen base in
 the compute dtype the core picks), trained with the ``adamw`` plugin's optimizer on the core's
-:func:`deltatune.losses.token_loss`. Checked for QLoRA (nf4 + lora), QDoRA (nf4 + dora),
+:func:`deltatune.train.loss.token_loss`. Checked for QLoRA (nf4 + lora), QDoRA (nf4 + dora),
 nf4 + vera, nf4 + bitfit and nf4 + lora(attention) + bitfit:
 
 * a few steps lower the loss, change exactly the claimed tensors and leave the 4-bit weights alone;
@@ -23,14 +23,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import deltatune_nf4
-from deltatune import layers
-from deltatune.adapter import load_adapter, load_adapter_weights, save_adapter
-from deltatune.config import resolve
-from deltatune.export import PROMPTS, _load_for_export, export_merged, model_logits, prompt_batch
-from deltatune.losses import token_loss
-from deltatune.models import tiny_llama, tiny_tokenizer
-from deltatune.packing import collate
-from deltatune.pipeline import ModelSpec, build_model, compute_context, resolve_spec
+from deltatune.deltas import layers
+from deltatune.io.adapter import load_adapter, load_adapter_weights, save_adapter
+from deltatune.plugin.resolve import resolve
+from deltatune.io.export import PROMPTS, _load_for_export, export_merged, model_logits, prompt_batch
+from deltatune.train.loss import token_loss
+from deltatune.model.loading import tiny_llama, tiny_tokenizer
+from deltatune.data.packing import collate
+from deltatune.model.assembly import ModelSpec, build_model, compute_context, resolve_spec
 from deltatune.testing import logits_of, sample_rows
 
 NF4 = {"name": "nf4", "config": {"double_quant": True}}  # compute dtype "auto", as runs use it

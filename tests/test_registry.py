@@ -9,8 +9,8 @@ import pytest
 from pydantic import ValidationError
 
 from deltatune import __version__
-from deltatune.plugins import load_plugins
-from deltatune.registry import Registry, load_registry
+from deltatune.plugin.manager import load_plugins
+from deltatune.plugin.registry import Registry, load_registry
 
 ROOT = Path(__file__).resolve().parents[1]
 

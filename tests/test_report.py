@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from deltatune.cli import main
-from deltatune.report import RunReport
+from deltatune.cli.main import main
+from deltatune.train.report import RunReport
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "tests" / "configs" / "tiny-chat-packed.yaml"

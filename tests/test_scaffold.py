@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from deltatune.cli import main
-from deltatune.scaffold import KINDS, _class_name, scaffold
+from deltatune.cli.main import main
+from deltatune.cli.scaffold import KINDS, _class_name, scaffold
 
 FILL_IN = {
     # a full-rank additive difference: the simplest delta method that keeps every promise

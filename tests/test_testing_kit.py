@@ -19,8 +19,8 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from deltatune import DataError, hookimpl
-from deltatune.data import encode_example, read_records
-from deltatune.layers import LowRankConfig, LowRankDelta
+from deltatune.data.module import encode_example, read_records
+from deltatune.deltas.layers import LowRankConfig, LowRankDelta
 from deltatune_adamw import AdamW
 from deltatune_alpaca import AlpacaBuilder, AlpacaConfig
 from deltatune_lora import Lora

@@ -15,10 +15,10 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 
-from .config import PluginRef, resolve  # noqa: E402
-from .errors import ConfigError, DataError, DeltaTuneError, ModelNotFoundError, PluginError  # noqa: E402
-from .layers import Delta, DeltaLinear, LayerDeltaMethod, base_weight  # noqa: E402
-from .protocols import DatasetBuilder, DeltaMethod, Evaluator, OptimizerFactory, Quantizer, Row  # noqa: E402
+from deltatune.plugin.resolve import PluginRef, resolve  # noqa: E402
+from deltatune.errors import ConfigError, DataError, DeltaTuneError, ModelNotFoundError, PluginError  # noqa: E402
+from deltatune.deltas.layers import Delta, DeltaLinear, LayerDeltaMethod, base_weight  # noqa: E402
+from deltatune.plugin.protocols import DatasetBuilder, DeltaMethod, Evaluator, OptimizerFactory, Quantizer, Row  # noqa: E402
 
 __all__ = [
     "ConfigError",

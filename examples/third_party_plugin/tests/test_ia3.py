@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from deltatune import ConfigError
-from deltatune.adapter import save_adapter
-from deltatune.models import tiny_llama
-from deltatune.pipeline import build_model, resolve_spec
+from deltatune.io.adapter import save_adapter
+from deltatune.model.loading import tiny_llama
+from deltatune.model.assembly import build_model, resolve_spec
 from deltatune.testing import logits_of, sample_batch
 
 TARGETS = ["k_proj", "v_proj", "down_proj"]
@@ -77,7 +77,7 @@ def test_shapes_say_which_side_is_scaled(plugin_manager):
 def test_exported_adapter_loads_in_peft_with_the_same_logits(plugin_manager, tiny_tokenizer, tmp_path):
     from peft import PeftModel
 
-    from deltatune.export import export_peft
+    from deltatune.io.export import export_peft
 
     model, resolved = ia3_model(plugin_manager)
     save_adapter(model, resolved, tmp_path / "adapter")

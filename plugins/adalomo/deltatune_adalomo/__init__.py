@@ -43,7 +43,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from deltatune import hookimpl
-from deltatune.fused import FusedOptimizer, FusedOptimizerConfig, FusedOptimizerFactory
+from deltatune.train.fused import FusedOptimizer, FusedOptimizerConfig, FusedOptimizerFactory
 
 __all__ = ["AdaLomo", "AdaLomoOptimizer", "Config"]
 
@@ -151,7 +151,7 @@ class AdaLomoOptimizer(FusedOptimizer):
 class AdaLomo(FusedOptimizerFactory):
     """The ``adalomo`` optimizer factory registered with deltatune: an :class:`AdaLomoOptimizer`
     with a warm-up + cosine schedule; trainer settings it cannot honour are refused by
-    :meth:`~deltatune.fused.FusedOptimizerFactory.check_trainer_compatible`."""
+    :meth:`~deltatune.train.fused.FusedOptimizerFactory.check_trainer_compatible`."""
 
     name: ClassVar[str] = "adalomo"
     Config: ClassVar[type[BaseModel]] = Config

@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 import torch
-from deltatune.config import resolve
+from deltatune.plugin.resolve import resolve
 from deltatune.errors import ConfigError
-from deltatune.fused import is_fused
-from deltatune.models import tiny_llama
-from deltatune.plugins import PluginManager
+from deltatune.train.fused import is_fused
+from deltatune.model.loading import tiny_llama
+from deltatune.plugin.manager import PluginManager
 from deltatune.testing import max_parameter_difference as max_diff, token_batches
 from torch import nn
 from transformers.optimization import Adafactor

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from deltatune import hookimpl
-from deltatune.schedules import warmup_cosine
+from deltatune.train.schedules import warmup_cosine
 
 
 class AdamWConfig(BaseModel):

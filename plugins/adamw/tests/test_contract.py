@@ -17,7 +17,7 @@ def test_fused_step_equals_the_reference_adamw():
     """The default (fused kernel) takes the same steps as torch's per-parameter AdamW."""
     import torch
 
-    from deltatune.config import resolve
+    from deltatune.plugin.resolve import resolve
 
     torch.manual_seed(0)
     params = [torch.randn(8, 5, requires_grad=True), torch.randn(5, requires_grad=True)]

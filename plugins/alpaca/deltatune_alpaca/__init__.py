@@ -15,8 +15,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from deltatune import DataError, Row, hookimpl
-from deltatune.data import TruncationStats, encode_example, read_records
-from deltatune.generation import chat_prompt
+from deltatune.data.module import TruncationStats, encode_example, read_records
+from deltatune.model.generation import chat_prompt
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task{context}. Write a response that appropriately completes "

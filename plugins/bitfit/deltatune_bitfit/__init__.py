@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from deltatune import ConfigError, DeltaLinear, hookimpl
-from deltatune.layers import PEFT_PREFIX, find_targets
+from deltatune.deltas.layers import PEFT_PREFIX, find_targets
 
 logger = logging.getLogger("deltatune.bitfit")
 
@@ -82,7 +82,7 @@ def _announce(existing: int, added: int, total: int) -> None:
     message = f"bitfit: training the biases of {total} linear layers ({existing} existing, {added} added as zeros)"
     logger.info(message)
     try:
-        from deltatune.console import console
+        from deltatune.ui.console import console
 
         console.print(f"[bold]{message}[/bold]")
     except ImportError:  # the core's rich console is optional for a library user

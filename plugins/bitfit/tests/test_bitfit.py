@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from deltatune import ConfigError
-from deltatune.models import tiny_llama
-from deltatune.pipeline import ModelSpec, build_model, resolve_spec
+from deltatune.model.loading import tiny_llama
+from deltatune.model.assembly import ModelSpec, build_model, resolve_spec
 
 LINEAR_PER_BLOCK = 7  # q k v o gate up down
 

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from deltatune import DataError, resolve
-from deltatune.models import tiny_tokenizer
+from deltatune.model.loading import tiny_tokenizer
 from deltatune.testing import DatasetBuilderContract
 
 CONVERSATION = {"messages": [

@@ -15,8 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from deltatune import DataError, Row, hookimpl
-from deltatune.data import encode_example
-from deltatune.evaluation import sequence_logprobs, summarize
+from deltatune.data.module import encode_example
+from deltatune.evaluation.helpers import sequence_logprobs, summarize
 
 
 class ChoiceConfig(BaseModel):

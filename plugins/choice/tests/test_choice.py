@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from deltatune import resolve
-from deltatune.models import tiny_llama, tiny_tokenizer
+from deltatune.model.loading import tiny_llama, tiny_tokenizer
 from deltatune.testing import EvaluatorContract, sample_rows
 
 

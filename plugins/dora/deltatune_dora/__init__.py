@@ -19,7 +19,7 @@ over LoRA is ``n``. PEFT builds ``W + s·B A`` (``out x in``) on every forward; 
 ``||W||²_row`` is cached (``W`` is frozen; the cache follows the weight tensor's identity and
 version), ``W Aᵀ`` is ``out x r`` (one ``out·in·r`` product, the cost of ``B A`` without its
 ``out x in`` result) and ``A Aᵀ`` is ``r x r``. On a quantized base ``W`` is read through
-:func:`deltatune.layers.base_weight`. The rescaling is one autograd function (:class:`Rescale`)
+:func:`deltatune.deltas.layers.base_weight`. The rescaling is one autograd function (:class:`Rescale`)
 that touches the ``tokens x out`` activations as few times as the algebra allows, and ``s`` is
 applied to the rank-``r`` intermediate. Merging writes ``(m / n) ⊙ (W + s·B A)`` into ``W`` (``n``
 computed directly and kept); unmerging divides the factor out and subtracts ``s·B A``.
@@ -38,7 +38,7 @@ from pydantic import BaseModel
 from torch import nn
 
 from deltatune import ConfigError, DeltaLinear, LayerDeltaMethod, base_weight, hookimpl
-from deltatune.layers import LowRankConfig, LowRankDelta
+from deltatune.deltas.layers import LowRankConfig, LowRankDelta
 
 
 class DoraConfig(LowRankConfig):

@@ -9,9 +9,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from deltatune import ConfigError, base_weight
-from deltatune.layers import delta_layers
-from deltatune.models import tiny_llama
-from deltatune.pipeline import ModelSpec, build_model, resolve_spec
+from deltatune.deltas.layers import delta_layers
+from deltatune.model.loading import tiny_llama
+from deltatune.model.assembly import ModelSpec, build_model, resolve_spec
 from deltatune.testing import max_relative_difference as rel
 
 TARGETS = ["q_proj", "k_proj", "down_proj", "up_proj"]  # square, GQA 32x64, 64x96, 96x64

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from torch import nn
 
 from deltatune import Row, hookimpl
-from deltatune.evaluation import GenerationOptions, answer_rows, generate_answers, normalize_answer, summarize
+from deltatune.evaluation.helpers import GenerationOptions, answer_rows, generate_answers, normalize_answer, summarize
 
 
 class ExactMatchConfig(GenerationOptions):

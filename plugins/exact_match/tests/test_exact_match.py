@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from deltatune.evaluation import normalize_answer
+from deltatune.evaluation.helpers import normalize_answer
 from deltatune.testing import EvaluatorContract
 
 

@@ -14,7 +14,7 @@ which is exactly :class:`torch.optim.SGD` (``momentum=0``, L2 ``weight_decay=wd`
 :func:`torch.nn.utils.clip_grad_norm_` does; because the update happens during backward, the global
 norm is measured in an extra backward pass, so **clipping doubles the backward cost**
 (``optimizer.backward_passes`` counts it). The machinery (hooks, clipping pass, fp16 loss scaling,
-fp32 math for bf16 weights) lives in :class:`deltatune.fused.FusedOptimizer`; this file only holds
+fp32 math for bf16 weights) lives in :class:`deltatune.train.fused.FusedOptimizer`; this file only holds
 the update rule.
 
 Constraints (checked by :meth:`Lomo.check_trainer_compatible` before training): no gradient
@@ -34,7 +34,7 @@ import torch
 from pydantic import BaseModel, Field
 
 from deltatune import hookimpl
-from deltatune.fused import FusedOptimizer, FusedOptimizerConfig, FusedOptimizerFactory
+from deltatune.train.fused import FusedOptimizer, FusedOptimizerConfig, FusedOptimizerFactory
 
 __all__ = ["Config", "Lomo", "LomoOptimizer"]
 
@@ -81,7 +81,7 @@ class LomoOptimizer(FusedOptimizer):
 class Lomo(FusedOptimizerFactory):
     """The ``lomo`` optimizer factory registered with deltatune: a :class:`LomoOptimizer` with a
     warm-up + cosine schedule; trainer settings it cannot honour are refused by
-    :meth:`~deltatune.fused.FusedOptimizerFactory.check_trainer_compatible`."""
+    :meth:`~deltatune.train.fused.FusedOptimizerFactory.check_trainer_compatible`."""
 
     name: ClassVar[str] = "lomo"
     Config: ClassVar[type[BaseModel]] = Config

@@ -10,11 +10,11 @@ import lightning as L
 import lomo_optim
 import pytest
 import torch
-from deltatune.config import resolve
+from deltatune.plugin.resolve import resolve
 from deltatune.errors import ConfigError
-from deltatune.fused import FusedOptimizer, is_fused
-from deltatune.models import tiny_llama
-from deltatune.plugins import PluginManager
+from deltatune.train.fused import FusedOptimizer, is_fused
+from deltatune.model.loading import tiny_llama
+from deltatune.plugin.manager import PluginManager
 from deltatune.testing import max_parameter_difference as max_diff, token_batches
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -190,8 +190,8 @@ def test_tied_head_gradient_is_deferred_to_the_end_of_backward(fast: bool, clip:
     """Through deltatune's loss (fast and plain path), a tied LM head's weight gradient is computed
     when backward reaches the embedding — after every other parameter is updated — and only then;
     the result is still exactly SGD's."""
-    from deltatune import fused
-    from deltatune.losses import token_loss
+    from deltatune.train import fused
+    from deltatune.train.loss import token_loss
 
     base = tiny_llama(seed=2, tie_word_embeddings=True).train()
     ours, ref = copy.deepcopy(base), copy.deepcopy(base)
@@ -227,7 +227,7 @@ def test_tied_head_gradient_is_deferred_to_the_end_of_backward(fast: bool, clip:
 def test_loss_uses_lean_logits_chunks_when_a_fused_optimizer_trains_the_head() -> None:
     """The head's logits chunks shrink to FUSED_LOSS_CHUNK_BYTES only while a fused optimizer
     updates the head inside backward (memory is the point there), and are back once it lets go."""
-    from deltatune import fastpath
+    from deltatune.train import fastpath
 
     model = tiny_llama(seed=2, tie_word_embeddings=True)
     head, vocab = model.get_output_embeddings(), model.config.vocab_size

@@ -17,12 +17,12 @@ from typing import Any, ClassVar
 from pydantic import BaseModel
 
 from deltatune import Delta, DeltaLinear, LayerDeltaMethod, hookimpl
-from deltatune.layers import LowRankConfig, LowRankDelta
+from deltatune.deltas.layers import LowRankConfig, LowRankDelta
 
 
 class LoraConfig(LowRankConfig):
     """Options of the ``lora`` delta method (``r``, ``alpha``, ``dropout``, ``targets``, ``rslora``,
-    ``init_from``: see :class:`deltatune.layers.LowRankConfig`)."""
+    ``init_from``: see :class:`deltatune.deltas.layers.LowRankConfig`)."""
 
 
 class Lora(LayerDeltaMethod):

@@ -8,11 +8,11 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from deltatune import ConfigError
-from deltatune.export import export_peft, load_peft_adapter
-from deltatune.adapter import save_adapter
-from deltatune.layers import delta_layers
-from deltatune.models import tiny_llama
-from deltatune.pipeline import ModelSpec, build_model, resolve_spec
+from deltatune.io.export import export_peft, load_peft_adapter
+from deltatune.io.adapter import save_adapter
+from deltatune.deltas.layers import delta_layers
+from deltatune.model.loading import tiny_llama
+from deltatune.model.assembly import ModelSpec, build_model, resolve_spec
 from deltatune.testing import max_relative_difference as rel
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # GQA k/v: 32x64; MLP 96x64

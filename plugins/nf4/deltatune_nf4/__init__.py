@@ -70,8 +70,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import nn  # noqa: E402
 
 from deltatune import ConfigError, hookimpl
-from deltatune.layers import find_targets, get_submodule_parent, target_matches
-from deltatune.pipeline import compute_dtype
+from deltatune.deltas.layers import find_targets, get_submodule_parent, target_matches
+from deltatune.model.assembly import compute_dtype
 
 __all__ = [
     "NF4",

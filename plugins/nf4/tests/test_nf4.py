@@ -16,8 +16,8 @@ from torch import nn
 import deltatune
 import deltatune_nf4
 from deltatune import ConfigError
-from deltatune.plugins import PluginManager
-from deltatune.pipeline import cpu_supports_bf16
+from deltatune.plugin.manager import PluginManager
+from deltatune.model.assembly import cpu_supports_bf16
 from deltatune_nf4 import (
     NF4,
     NF4Config,

@@ -10,9 +10,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from deltatune import Row, hookimpl
-from deltatune.data import collate
-from deltatune.losses import token_loss
-from deltatune.pipeline import compute_context
+from deltatune.data.module import collate
+from deltatune.train.loss import token_loss
+from deltatune.model.assembly import compute_context
 
 
 class PerplexityConfig(BaseModel):

@@ -12,7 +12,7 @@ from rouge_score import rouge_scorer
 from torch import nn
 
 from deltatune import Row, hookimpl
-from deltatune.evaluation import GenerationOptions, answer_rows, generate_answers, summarize
+from deltatune.evaluation.helpers import GenerationOptions, answer_rows, generate_answers, summarize
 
 RougeType = Literal["rouge1", "rouge2", "rougeL", "rougeLsum"]
 

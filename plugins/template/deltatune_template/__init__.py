@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from deltatune import DataError, Row, hookimpl
-from deltatune.data import ChatMode, TruncationStats, encode_example, encode_records, passthrough, user_prompt
+from deltatune.data.module import ChatMode, TruncationStats, encode_example, encode_records, passthrough, user_prompt
 
 
 class Template(BaseModel):

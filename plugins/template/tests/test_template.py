@@ -8,7 +8,7 @@ from collections import Counter
 import pytest
 
 from deltatune import ConfigError, DataError, resolve
-from deltatune.models import tiny_tokenizer
+from deltatune.model.loading import tiny_tokenizer
 from deltatune.testing import DatasetBuilderContract
 
 TEMPLATES = [{"prompt": "What is {a} plus {b}?", "response": "{answer}"},

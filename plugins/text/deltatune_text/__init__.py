@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from deltatune import DataError, Row, hookimpl
-from deltatune.data import read_records, split_path
+from deltatune.data.module import read_records, split_path
 
 
 class TextConfig(BaseModel):

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from deltatune import DataError, resolve
-from deltatune.data import collate
-from deltatune.losses import token_loss
-from deltatune.models import tiny_llama, tiny_tokenizer
+from deltatune.data.module import collate
+from deltatune.train.loss import token_loss
+from deltatune.model.loading import tiny_llama, tiny_tokenizer
 
 
 def build(path, split="train", **config):

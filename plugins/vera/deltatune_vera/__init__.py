@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from deltatune import ConfigError, DeltaLinear, LayerDeltaMethod, hookimpl
-from deltatune.layers import PEFT_PREFIX, WeightUpdateDelta, copy_named_tensors, delta_layers
+from deltatune.deltas.layers import PEFT_PREFIX, WeightUpdateDelta, copy_named_tensors, delta_layers
 
 
 class VeraConfig(BaseModel):

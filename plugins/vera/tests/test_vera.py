@@ -11,10 +11,10 @@ import torch
 from peft import VeraConfig, get_peft_model
 from safetensors.torch import load_file
 
-from deltatune.adapter import WEIGHTS, load_adapter, save_adapter
-from deltatune.layers import delta_layers
-from deltatune.models import tiny_llama
-from deltatune.pipeline import ModelSpec, build_model, resolve_spec
+from deltatune.io.adapter import WEIGHTS, load_adapter, save_adapter
+from deltatune.deltas.layers import delta_layers
+from deltatune.model.loading import tiny_llama
+from deltatune.model.assembly import ModelSpec, build_model, resolve_spec
 from deltatune.testing import max_relative_difference as rel
 
 TARGETS = ["q_proj", "k_proj", "down_proj", "up_proj"]  # largest in 96 (down_proj), largest out 96 (up_proj)

@@ -1,0 +1,216 @@
+"""The ``deltatune`` command.
+
+``fit``, ``validate``, ``test`` and ``predict`` are the Lightning CLI (``--config FILE.yaml``, every
+trainer option, ``--ckpt_path last`` to resume). The other subcommands are deltatune's own:
+``plugins``, ``registry``, ``report`` (print, plot and compare finished runs), ``generate``, ``export``,
+``merge``, ``estimate`` (memory planning) and ``new-plugin`` (scaffold a plugin package).
+``--strict-plugins`` (anywhere) makes a plugin that fails to load fatal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from deltatune.errors import ConfigError, DeltaTuneError
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def check_strategy(trainer: Any) -> None:
+    """Refuse FSDP where Lightning cannot run it (no CUDA), with what to use instead, before anything loads."""
+    strategy, accelerator = trainer.get("strategy"), str(trainer.get("accelerator") or "auto")
+    name = str(strategy.get("class_path", "") if hasattr(strategy, "get") else strategy).lower()
+    if "fsdp" not in name:
+        return
+    import torch
+
+    if accelerator not in ("cuda", "gpu", "auto") or not torch.cuda.is_available():
+        raise ConfigError(
+            f"strategy '{name}' (FSDP) needs CUDA GPUs: Lightning's FSDPStrategy refuses accelerator "
+            f"'{accelerator}'{'' if torch.cuda.is_available() else ' and no GPU is visible'}. On CPUs use "
+            "`trainer.strategy: ddp` (one process per device, gloo); for FSDP on GPUs see docs/scale-out.md"
+        )
+
+
+def run_lightning(argv: list[str]) -> None:
+    """Run a Lightning CLI subcommand with deltatune's module, data module and defaults."""
+    from lightning.pytorch.cli import LightningCLI
+
+    from deltatune.train.checkpoint import AtomicModelCheckpoint
+    from deltatune.data.module import InstructionDataModule
+    from deltatune.train.module import DeltaTuneModule
+    from deltatune.ui.progress import RunProgressBar
+
+    class DeltaTuneCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser: Any) -> None:
+            parser.link_arguments("model.base", "data.base")
+            parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
+            parser.add_lightning_class_args(AtomicModelCheckpoint, "checkpoint")
+            parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
+                                 "checkpoint.every_n_train_steps": 50})
+
+        def before_instantiate_classes(self) -> None:
+            check_strategy(self.config[self.subcommand]["trainer"])
+
+        def before_fit(self) -> None:
+            self.model.check_trainer(self.trainer)
+
+    sys.argv = [sys.argv[0], *argv]  # LightningCLI reads sys.argv (and warns when given both)
+    DeltaTuneCLI(
+        DeltaTuneModule,
+        InstructionDataModule,
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={
+            "default_root_dir": "runs/default",
+            "enable_model_summary": False,
+            "num_sanity_val_steps": 0,
+            "callbacks": [RunProgressBar(leave=True)],
+        },
+    )
+
+
+def cmd_plugins(args: argparse.Namespace) -> None:
+    """List installed plugins, failures and registry entries not installed."""
+    from deltatune import __version__
+    from deltatune.ui.console import console, print_table
+    from deltatune.plugin.manager import KIND_LABEL, load_plugins
+    from deltatune.plugin.registry import load_registry
+
+    manager = load_plugins()
+    registry = load_registry()
+    installed = {(i.kind, i.name) for i in manager.all()}
+    missing = [e for e in registry.plugin if (e.kind, e.name) not in installed]
+    if args.json:
+        print(json.dumps({
+            "core_version": __version__,
+            "installed": [{"kind": i.kind, "name": i.name, "distribution": i.distribution,
+                           "version": i.version, "source": i.source} for i in manager.all()],
+            "failed": [vars(f) for f in manager.failures],
+            "not_installed": [{"kind": e.kind, "name": e.name, "distribution": e.distribution,
+                               "install": e.install_command()} for e in missing],
+        }, indent=2))
+        return
+    print_table("installed plugins", ["kind", "name", "distribution", "version", "source"],
+                [[KIND_LABEL[i.kind], i.name, i.distribution, i.version, i.source] for i in manager.all()])
+    if manager.failures:
+        print_table("plugins that failed to load (skipped)", ["distribution", "version", "source", "error"],
+                    [[f.distribution, f.version, f.source, f.error] for f in manager.failures])
+    if missing:
+        print_table("in registry.toml, not installed", ["kind", "name", "distribution", "install with"],
+                    [[KIND_LABEL[e.kind], e.name, e.distribution, e.install_command()] for e in missing])
+    console.print(f"deltatune core {__version__}")
+
+
+def cmd_registry(args: argparse.Namespace) -> None:
+    """Print registry.toml, validated."""
+    from deltatune.ui.console import print_table
+    from deltatune.plugin.registry import load_registry, registry_path
+
+    registry = load_registry()
+    print_table(f"registry ({registry_path()})", ["kind", "name", "distribution", "core", "summary"],
+                [[e.kind, e.name, e.distribution, e.core, e.summary] for e in registry.plugin])
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    """Load base + adapter and print completions of the prompts."""
+    from deltatune.io.adapter import load_adapter
+    from deltatune.model.generation import chat_prompt, generate
+    from deltatune.model.loading import load_base, load_tokenizer
+
+    if args.adapter:
+        model, resolved = load_adapter(Path(args.adapter), base=args.base)
+        tokenizer = load_tokenizer(resolved.spec.base)
+    else:
+        model, tokenizer = load_base(args.base or "smollm2-135m-instruct")
+    prompts = [p if args.raw else chat_prompt(tokenizer, p) for p in args.prompt]
+    for completion in generate(model, tokenizer, prompts, args.max_new_tokens):
+        print(completion)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    """Export an adapter as a merged Hugging Face model or a PEFT adapter."""
+    from deltatune.io import export
+
+    if args.format == "merged":
+        result = export.export_merged(Path(args.adapter), Path(args.out), dtype=args.dtype, requantize=args.requantize)
+        print(result)
+    else:
+        print(export.export_peft(Path(args.adapter), Path(args.out)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser for deltatune's own subcommands."""
+    parser = argparse.ArgumentParser(prog="deltatune", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in LIGHTNING_COMMANDS:
+        sub.add_parser(name, help=f"Lightning CLI {name} (--config FILE.yaml; see `deltatune {name} --help`)",
+                       add_help=False)
+
+    plugins = sub.add_parser("plugins", help="list installed plugins and registry entries not installed")
+    plugins.add_argument("--json", action="store_true")
+    plugins.set_defaults(func=cmd_plugins)
+
+    registry = sub.add_parser("registry", help="show registry.toml")
+    registry.set_defaults(func=cmd_registry)
+
+    from deltatune.train import report  # `report RUN_DIR…`
+
+    report.add_parser(sub)
+
+    gen = sub.add_parser("generate", help="generate with a base model and an adapter")
+    gen.add_argument("--adapter", help="adapter folder written by fit")
+    gen.add_argument("--base", help="override the adapter's base model")
+    gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    gen.set_defaults(func=cmd_generate)
+
+    for name in ("export", "merge"):
+        exp = sub.add_parser(name, help="export an adapter (merged model or PEFT adapter)")
+        exp.add_argument("--adapter", required=True)
+        exp.add_argument("--out", required=True)
+        exp.add_argument("--format", choices=["merged", "peft"], default="merged" if name == "merge" else "peft")
+        exp.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+        exp.add_argument("--requantize", action="store_true", help="re-quantize merged weights (reports the error)")
+        exp.set_defaults(func=cmd_export)
+
+    from deltatune.estimate import memory as estimate  # their subcommands: `estimate`, `new-plugin`
+
+    from deltatune.cli import scaffold  # their subcommands: `estimate`, `new-plugin`
+
+    estimate.add_parser(sub)
+    scaffold.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``deltatune`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--strict-plugins" in argv:
+        argv.remove("--strict-plugins")
+        os.environ["DELTATUNE_STRICT_PLUGINS"] = "1"
+    try:
+        if argv and argv[0] in LIGHTNING_COMMANDS:
+            run_lightning(argv)
+            return 0
+        args = build_parser().parse_args(argv)
+        if not getattr(args, "func", None):
+            build_parser().print_help()
+            return 2
+        args.func(args)
+        return 0
+    except DeltaTuneError as exc:
+        from deltatune.ui.console import console
+
+        console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

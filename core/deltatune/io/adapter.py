@@ -1,0 +1,139 @@
+"""The deltatune adapter bundle: ``deltatune.json`` + safetensors, for any mix of methods.
+
+``deltatune.json`` records the base model, the quantizer and every delta method with its options,
+the distribution and version of every plugin, and the core version. ``adapter.safetensors`` holds
+the union of every method's :meth:`~deltatune.plugin.protocols.DeltaMethod.state_dict`; a full fine-tune
+(no delta method) saves the whole model as a Hugging Face folder under ``model/`` instead. Bundles
+are written atomically. Loading rebuilds the model through :mod:`deltatune.model.assembly` and refuses
+files whose tensors do not match what the methods create.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from deltatune import __version__
+from deltatune.io.atomic import atomic_folder
+from deltatune.plugin.resolve import ResolvedPlugin
+from deltatune.errors import ConfigError
+from deltatune.model.assembly import ModelSpec, ResolvedSpec, build_model, resolve_spec
+from deltatune.plugin.manager import PluginManager
+
+MANIFEST = "deltatune.json"
+WEIGHTS = "adapter.safetensors"
+FULL_MODEL = "model"
+FORMAT = "deltatune-adapter"
+
+
+def _plugin_record(plugin: ResolvedPlugin) -> dict[str, Any]:
+    return {
+        "name": plugin.name,
+        "config": plugin.cfg.model_dump(mode="json"),
+        "distribution": plugin.info.distribution,
+        "version": plugin.info.version,
+    }
+
+
+def manifest(resolved: ResolvedSpec) -> dict[str, Any]:
+    """The ``deltatune.json`` content describing ``resolved``."""
+    spec = resolved.spec
+    return {
+        "format": FORMAT,
+        "format_version": 1,
+        "core_version": __version__,
+        "base": spec.base,
+        "base_dtype": spec.base_dtype,
+        "trainable_dtype": spec.trainable_dtype,
+        "quantizer": _plugin_record(resolved.quantizer) if resolved.quantizer else None,
+        "delta": [_plugin_record(d) for d in resolved.deltas],
+        "weights": FULL_MODEL if resolved.full_finetune else WEIGHTS,
+    }
+
+
+def adapter_state(model: nn.Module, resolved: ResolvedSpec) -> dict[str, torch.Tensor]:
+    """Every tensor the delta methods need to be restored, by model key."""
+    state: dict[str, torch.Tensor] = {}
+    for delta in resolved.deltas:
+        state.update({k: v.detach().contiguous() for k, v in delta.plugin.state_dict(model).items()})
+    return state
+
+
+def save_adapter(model: nn.Module, resolved: ResolvedSpec, out: Path, tokenizer: Any = None) -> Path:
+    """Write the bundle for ``model`` to ``out`` atomically and return ``out``."""
+    out = Path(out)
+    with atomic_folder(out) as tmp:
+        if resolved.full_finetune:
+            model.save_pretrained(tmp / FULL_MODEL, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp / FULL_MODEL)
+        else:
+            save_file(adapter_state(model, resolved), str(tmp / WEIGHTS), metadata={"format": "pt"})
+        (tmp / MANIFEST).write_text(json.dumps(manifest(resolved), indent=2) + "\n")
+    return out
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The parsed ``deltatune.json`` of an adapter folder, with a clear error if it is not one."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise ConfigError(f"{folder} is not a deltatune adapter: {MANIFEST} is missing")
+    data = json.loads(path.read_text())
+    if data.get("format") != FORMAT:
+        raise ConfigError(f"{path} is not a deltatune adapter manifest")
+    return data
+
+
+def spec_from_manifest(data: dict[str, Any], base: str | None = None) -> ModelSpec:
+    """The :class:`ModelSpec` an adapter was trained with (``base`` overrides the recorded one)."""
+    def ref(record: dict[str, Any]) -> dict[str, Any]:
+        # the trained weights supersede a PEFT starting point, which need not exist any more
+        config = {k: v for k, v in record["config"].items() if k != "init_from"}
+        return {"name": record["name"], "config": config}
+
+    return ModelSpec(
+        base=base or data["base"],
+        quantizer=ref(data["quantizer"]) if data.get("quantizer") else None,
+        delta=[ref(d) for d in data["delta"]],
+        base_dtype=data.get("base_dtype", "auto"),
+        trainable_dtype=data.get("trainable_dtype", "fp32"),
+    )
+
+
+def load_adapter_weights(model: nn.Module, resolved: ResolvedSpec, folder: Path) -> None:
+    """Load an adapter's tensors into a model built from the same spec; strict on the adapter's keys."""
+    state = load_file(str(Path(folder) / WEIGHTS))
+    expected = adapter_state(model, resolved)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ConfigError(
+            f"adapter {folder} does not fit the model its manifest describes: "
+            f"missing {missing[:3]}{'…' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'…' if len(unexpected) > 3 else ''}"
+        )
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise ConfigError(f"adapter tensor {key} has shape {tuple(value.shape)}, expected {tuple(expected[key].shape)}")
+    model.load_state_dict(state, strict=False)
+
+
+def load_adapter(
+    folder: Path, base: str | None = None, manager: PluginManager | None = None
+) -> tuple[nn.Module, ResolvedSpec]:
+    """Rebuild base + quantizer + deltas from ``folder`` and load the trained tensors."""
+    data = read_manifest(folder)
+    spec = spec_from_manifest(data, base)
+    if data["weights"] == FULL_MODEL:
+        spec = spec.model_copy(update={"base": str(Path(folder) / FULL_MODEL)})
+    resolved = resolve_spec(spec, manager)
+    model = build_model(resolved)
+    if not resolved.full_finetune:
+        load_adapter_weights(model, resolved, folder)
+    model.eval()
+    return model, resolved

@@ -1,0 +1,75 @@
+"""Run-level configuration models: plugin references and their validation."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from deltatune.errors import ConfigError
+from deltatune.plugin.manager import KIND_LABEL, PluginInfo, PluginManager, get_plugin_manager
+
+
+class PluginRef(BaseModel):
+    """A plugin by name plus its options: ``{name: lora, config: {r: 16}}`` or just ``lora``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    config: dict[str, Any] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"name": value}
+        return value
+
+
+@dataclass(frozen=True)
+class ResolvedPlugin:
+    """A plugin reference bound to its class, instance and validated options."""
+
+    ref: PluginRef
+    info: PluginInfo
+    plugin: Any
+    cfg: BaseModel
+
+    @property
+    def name(self) -> str:
+        """The plugin's registered name."""
+        return self.info.name
+
+
+def format_validation_error(kind: str, name: str, error: ValidationError) -> str:
+    """One readable message per invalid field, naming the plugin and the field."""
+    lines = [f"invalid options for {KIND_LABEL[kind]} '{name}':"]
+    for item in error.errors():
+        field = ".".join(str(p) for p in item["loc"]) or "(options)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown option"
+        lines.append(f"  - {field}: {message} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def coerce_ref(value: PluginRef | str | dict[str, Any]) -> PluginRef:
+    """Accept the short and the long forms of a plugin reference."""
+    return value if isinstance(value, PluginRef) else PluginRef.model_validate(value)
+
+
+def resolve(kind: str, ref: PluginRef | str | dict[str, Any], manager: PluginManager | None = None) -> ResolvedPlugin:
+    """Look ``ref`` up among installed plugins of ``kind`` and validate its options.
+
+    Raises :class:`ConfigError` for an unknown name (listing installed names and the registry entry
+    that provides it) or invalid options (naming the plugin, the field and the allowed values).
+    """
+    ref = coerce_ref(ref)
+    manager = manager or get_plugin_manager()
+    info = manager.get(kind, ref.name)
+    try:
+        cfg = info.cls.Config.model_validate(ref.config)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(kind, ref.name, exc)) from None
+    return ResolvedPlugin(ref=ref, info=info, plugin=info.cls(), cfg=cfg)

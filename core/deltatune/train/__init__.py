@@ -1,0 +1,7 @@
+"""Training: the Lightning module, the token loss, optimizers that update inside backward, learning-rate
+schedules, atomic checkpoints and the run report.
+
+May import every layer below it: :mod:`deltatune.evaluation`, :mod:`deltatune.io`,
+:mod:`deltatune.data`, :mod:`deltatune.model`, :mod:`deltatune.deltas`, :mod:`deltatune.plugin`,
+:mod:`deltatune.ui`.
+"""

@@ -1,0 +1,308 @@
+"""``DeltaTuneModule``: the LightningModule that trains a base model with plugins.
+
+Construction resolves every plugin and validates every option — before any weight is loaded — so a
+typo in a YAML file fails in a second with a message naming the plugin and the field.
+``configure_model`` then loads the base and applies quantizer → delta methods (in the listed order)
+→ freezes what no method claims. The optimizer plugin builds the optimizer; a fused optimizer
+(LOMO, AdaLomo) switches the module to manual optimisation and updates inside backward.
+
+Checkpoints hold only the trainable tensors (and delta buffers), so a LoRA checkpoint of a 135M model
+is a few MB; resuming rebuilds the frozen base from its source.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from deltatune.ui import console
+from deltatune.io.adapter import adapter_state, save_adapter
+from deltatune.plugin.resolve import PluginRef, ResolvedPlugin, coerce_ref, resolve
+from deltatune.errors import ConfigError
+from deltatune.train.fused import FusedOptimizer
+from deltatune.evaluation.helpers import EvaluatorRef
+from deltatune.model.generation import generate
+from deltatune.train.loss import token_loss
+from deltatune.model.loading import DEFAULT_MODEL
+from deltatune.model.assembly import (DType, ModelSpec, build_model, compile_decoder_layers, compute_context, resolve_spec,
+                       trainable_summary)
+from deltatune.data.packing import packing_leak
+from deltatune.train.report import PLOT_FILE, REPORT_FILE, RunReport, plot_losses
+
+
+class DeltaTuneModule(L.LightningModule):
+    """Fine-tunes ``base`` with the given quantizer, delta methods and optimizer plugins."""
+
+    def __init__(
+        self,
+        base: str = DEFAULT_MODEL,
+        delta: list[PluginRef] | None = None,
+        quantizer: PluginRef | None = None,
+        optimizer: PluginRef | None = None,
+        evaluators: list[EvaluatorRef] | None = None,
+        base_dtype: DType = "auto",
+        trainable_dtype: str = "fp32",
+        gradient_checkpointing: bool = False,
+        fast_path: bool = True,
+        compile: bool = False,
+        trust_remote_code: bool = False,
+        compare_base: bool = True,
+        samples: int = 3,
+        max_new_tokens: int = 48,
+        adapter_dir: str | None = None,
+    ) -> None:
+        """Resolve and validate every plugin; no weight is loaded here.
+
+        Args:
+            base: built-in model name, local Hugging Face folder or ``.gguf`` file.
+            delta: delta methods in the order they are applied; none means full fine-tuning.
+            quantizer: quantizer applied to the base before the delta methods.
+            optimizer: optimizer plugin (default ``adamw``).
+            evaluators: evaluators run before and after ``fit`` and by ``validate``/``test``; each on
+                every evaluation set (validation, test, ``data.extra_eval`` sets) or on its ``splits``.
+            base_dtype: dtype of the frozen weights (``auto``: bf16 where the hardware supports it).
+            trainable_dtype: dtype of the trained weights (``fp32`` or ``bf16``).
+            gradient_checkpointing: recompute activations in backward to save memory.
+            fast_path: compute the loss with :mod:`deltatune.train.fastpath` where it applies (Llama-family
+                decoders: unpadded tokens, fused LoRA; same loss and gradients); ``false`` always runs
+                the plain Hugging Face forward.
+            compile: compile every decoder layer with ``torch.compile`` (dynamic shapes) and train
+                through the plain Hugging Face forward, compiled, instead of the hand-fused fast path.
+                The first steps pay the compilation (about a minute on 2 CPU cores); which is faster
+                depends on the method and model (measured in docs/benchmarks.md).
+            trust_remote_code: allow a local model folder's own Python code (off by default).
+            compare_base: evaluate the untouched base before training, for the final table.
+            samples: how many validation prompts to generate for in the final report.
+            max_new_tokens: generation length for samples.
+            adapter_dir: where ``fit`` writes the adapter (default ``<default_root_dir>/adapter``).
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.resolved = resolve_spec(
+            ModelSpec(base=base, quantizer=quantizer, delta=delta or [], base_dtype=base_dtype,
+                      trainable_dtype=trainable_dtype, trust_remote_code=trust_remote_code)
+        )
+        self.optimizer_plugin: ResolvedPlugin = resolve("optimizer", coerce_ref(optimizer or "adamw"))
+        refs = [e if isinstance(e, EvaluatorRef) else EvaluatorRef.model_validate(e)
+                for e in (evaluators or ["perplexity"])]
+        self.evaluator_plugins = [resolve("evaluator", PluginRef(name=e.name, config=e.config)) for e in refs]
+        self.evaluator_splits = [e.splits for e in refs]
+        self.fused = bool(getattr(self.optimizer_plugin.info.cls, "fused", False))
+        self.automatic_optimization = not self.fused
+        self.strict_loading = False
+        self.model: torch.nn.Module | None = None
+        self.report = RunReport()
+        self._val_sums = [0.0, 0]
+        self._clock: dict[str, float] = {}
+
+    # -- model --------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Load the base and apply quantizer and delta methods (once)."""
+        if self.model is not None:
+            return
+        self.model = build_model(self.resolved)
+        self.model.train()
+        if self.hparams.gradient_checkpointing:
+            # the training loss asks for no KV cache itself (losses.hidden_states); the config keeps
+            # use_cache, so a full fine-tune saves (and exports) a model that generates with its cache
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.hparams.get("compile", False):
+            compile_decoder_layers(self.model)
+
+    def trainable_state_keys(self) -> set[str]:
+        """Keys (under ``model.``) of everything a checkpoint must hold."""
+        if self.resolved.full_finetune:
+            return {f"model.{k}" for k in self.model.state_dict()}
+        return {f"model.{k}" for k in adapter_state(self.model, self.resolved)}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only trainable tensors and delta buffers in checkpoints."""
+        keep = self.trainable_state_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+
+    @property
+    def uses_fast_path(self) -> bool:
+        """Whether the loss may take :mod:`deltatune.train.fastpath` (``compile`` runs the compiled plain forward)."""
+        return self.hparams.get("fast_path", True) and not self.hparams.get("compile", False)
+
+    # -- steps --------------------------------------------------------------------------------
+    def forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """Summed token loss and token count, in the base's compute dtype."""
+        with compute_context(self.model):
+            return token_loss(self.model, batch, fast=self.uses_fast_path)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
+        """Mean token loss; with a fused optimizer, backward and update happen here.
+
+        With several processes (DDP) the loss is the mean over every labelled token of the *global*
+        batch: each rank divides its summed loss by the global token count (an all-reduce) and
+        multiplies by the world size, so that DDP's gradient averaging yields exactly the gradient of
+        one process holding the whole batch, however the tokens fall across ranks.
+        """
+        total, count = self.forward_loss(batch)
+        world = self.trainer.world_size if self._trainer is not None else 1
+        if world > 1:
+            tokens = self.trainer.strategy.reduce(torch.tensor(float(count), device=total.device), reduce_op="sum")
+            loss = total * world / tokens.clamp_min(1.0)
+            mean = self.trainer.strategy.reduce(loss.detach(), reduce_op="mean")  # the global token mean
+        else:
+            loss = total / max(count, 1)
+            mean = loss.detach()
+        self.log("train_loss", mean, prog_bar=True, batch_size=batch["input_ids"].shape[0])
+        self.report.history["train"].append((self.global_step + 1, float(mean)))
+        if not self.fused:
+            return loss
+        optimizer = self.optimizers()
+        # step(closure) lets Lightning count the step (global_step, max_steps) for a fused update
+        optimizer.step(closure=lambda: optimizer.optimizer.fused_backward(loss))
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+        return None
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Accumulate token-weighted validation loss."""
+        total, count = self.forward_loss(batch)
+        self._val_sums[0] += float(total)
+        self._val_sums[1] += count
+
+    def on_validation_epoch_end(self) -> None:
+        """Log ``val_loss`` (mean over every labelled validation token)."""
+        total, count = self._val_sums
+        sums = torch.tensor([total, float(count)], dtype=torch.float64)
+        sums = self.all_gather(sums).reshape(-1, 2).sum(0) if self.trainer.world_size > 1 else sums
+        val_loss = float(sums[0] / max(sums[1], 1.0))
+        self.log("val_loss", val_loss, prog_bar=True, sync_dist=False)
+        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+            self.report.history["validation"].append((self.global_step, val_loss))
+        self._val_sums = [0.0, 0]
+
+    test_step = validation_step
+
+    def on_test_epoch_end(self) -> None:
+        """Log ``test_loss``."""
+        total, count = self._val_sums
+        self.log("test_loss", total / max(count, 1))
+        self._val_sums = [0.0, 0]
+
+    # -- optimisation -------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        """The optimizer plugin's optimizer and per-step scheduler."""
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        optimizer, scheduler = self.optimizer_plugin.plugin.create(
+            named, self.optimizer_plugin.cfg, int(self.trainer.estimated_stepping_batches)
+        )
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def setup(self, stage: str) -> None:
+        """Reject trainer settings the optimizer cannot honour, before training."""
+        if stage == "fit":
+            self.check_trainer(self.trainer)
+
+    def check_trainer(self, trainer: L.Trainer) -> None:
+        """Raise :class:`ConfigError` for trainer settings a fused optimizer cannot honour.
+
+        The CLI calls this before Lightning validates its own loop configuration, so the user sees
+        deltatune's explanation rather than Lightning's generic manual-optimisation message.
+        """
+        if not self.fused:
+            return
+        try:
+            FusedOptimizer.check_trainer_compatible(
+                trainer.accumulate_grad_batches, gradient_clip_val=trainer.gradient_clip_val,
+                world_size=trainer.world_size, precision=trainer.precision, name=self.optimizer_plugin.name,
+            )
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    # -- reports ------------------------------------------------------------------------------
+    def evaluate(self, split: str = "validation") -> dict[str, float]:
+        """The evaluators configured for ``split`` on its rows, as ``{"evaluator/metric": value}``."""
+        datamodule = self.trainer.datamodule
+        rows = datamodule.rows(split)
+        metrics: dict[str, float] = {}
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            for evaluator, splits in zip(self.evaluator_plugins, self.evaluator_splits):
+                if splits is not None and split not in splits:
+                    continue
+                result = evaluator.plugin.evaluate(self.model, datamodule.tokenizer, rows, evaluator.cfg)
+                metrics.update({f"{evaluator.name}/{k}": float(v) for k, v in result.items()})
+        self.model.train(was_training)
+        return metrics
+
+    def evaluate_sets(self, names: list[str] | None = None) -> dict[str, dict[str, float]]:
+        """:meth:`evaluate` on every evaluation set (or on ``names``) that some evaluator covers."""
+        names = self.trainer.datamodule.eval_splits() if names is None else names
+        results = {name: self.evaluate(name) for name in names}
+        return {name: metrics for name, metrics in results.items() if metrics}
+
+    def sample(self) -> list[tuple[str, str, str]]:
+        """``(prompt, reference, completion)`` for the first few validation rows."""
+        datamodule = self.trainer.datamodule
+        rows = [r for r in datamodule.rows("validation") if "prompt" in r][: self.hparams.samples]
+        outputs = generate(self.model, datamodule.tokenizer, [r["prompt"] for r in rows], self.hparams.max_new_tokens)
+        return [(r["prompt"], r.get("response", ""), out) for r, out in zip(rows, outputs)]
+
+    def _lap(self, name: str) -> None:
+        """Record the seconds since the previous lap under ``timings[name]``."""
+        now = time.perf_counter()
+        self.report.timings[name] = round(now - self._clock.get("last", now), 1)
+        self._clock["last"] = now
+
+    def on_fit_start(self) -> None:
+        """Describe the run, check packing on this model, and measure the untouched base model."""
+        if not self.trainer.is_global_zero:
+            return
+        self._clock = {"start": time.perf_counter(), "last": time.perf_counter()}
+        datamodule = self.trainer.datamodule
+        trainable, total = trainable_summary(self.model)
+        console.print_run_summary(self.resolved, self.optimizer_plugin, trainable, total)
+        self.report.name = Path(self.trainer.default_root_dir).name
+        self.report.method = console.method_text(self.resolved)
+        self.report.parameters = {"trainable": trainable, "total": total}
+        self.report.batches = datamodule.batch_stats()
+        console.print_batches(self.report.batches)
+        if datamodule.packing and (leak := packing_leak(self.model)) > 1e-4:
+            raise ConfigError(f"packing is unsafe with this model: examples packed together change each "
+                              f"other's loss (relative difference {leak:.2e}); set data.packing: false")
+        if self.hparams.compare_base:
+            self.report.base_metrics = self.evaluate_sets()
+            self.report.base_samples = self.sample() if self.hparams.samples else []
+        self._lap("base_eval_s")
+
+    def on_fit_end(self) -> None:
+        """Save the adapter atomically, evaluate the tuned model, write the report and the loss plot."""
+        if not self.trainer.is_global_zero:
+            return
+        self._lap("train_s")
+        root = Path(self.trainer.default_root_dir)
+        out = Path(self.hparams.adapter_dir) if self.hparams.adapter_dir else root / "adapter"
+        save_adapter(self.model, self.resolved, out, tokenizer=self.trainer.datamodule.tokenizer)
+        self.report.adapter = str(out)
+        self.report.tuned_metrics = self.evaluate_sets()
+        self.report.tuned_samples = self.sample() if self.hparams.samples else []
+        self.report.steps = self.trainer.global_step
+        self._lap("tuned_eval_s")
+        self.report.timings["total_s"] = round(time.perf_counter() - self._clock["start"], 1)
+        self.report.write(root / REPORT_FILE)
+        plot_losses([self.report], root / PLOT_FILE)
+        console.print_report(self.report)
+
+    def on_validation_end(self) -> None:
+        """``deltatune validate``: run the evaluators on the validation set and print their table."""
+        if self.trainer.state.fn == "validate" and self.trainer.is_global_zero:
+            console.print_metrics("validation", self.evaluate_sets(["validation"]))
+
+    def on_test_end(self) -> None:
+        """``deltatune test``: run the evaluators on the test set and the extra sets; print the table."""
+        if self.trainer.is_global_zero:
+            names = [n for n in self.trainer.datamodule.eval_splits() if n != "validation"] or ["validation"]
+            console.print_metrics("test", self.evaluate_sets(names))
