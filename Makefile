@@ -1,5 +1,5 @@
 # `make demo`: set up and fine-tune the embedded SmolLM2-135M-Instruct with LoRA.
-# `make test`: set up and run the whole test suite (core and every plugin).
+# `make test`: set up, check the core's import layers (lint-imports), run the whole test suite.
 # Set-up is idempotent: it reruns only when a pyproject.toml changed.
 
 VENV    ?= .venv
@@ -26,6 +26,7 @@ demo: setup
 	$(VENV)/bin/deltatune fit --config examples/lora-smollm2.yaml
 
 test: setup
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 # `make bench`: training speed against PEFT + transformers.Trainer (docs/benchmarks.md, speed section)

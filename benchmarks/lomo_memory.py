@@ -6,7 +6,7 @@ another's). deltatune's rows take deltatune's real training path: the model buil
 switched on as ``model.gradient_checkpointing: true`` does, the loss of
 :func:`deltatune.train.loss.token_loss` under :func:`deltatune.model.assembly.compute_context`, and the
 optimizer (with its schedule) created by the ``lomo``/``adalomo`` plugin's factory, stepped with
-``fused_backward`` as :class:`deltatune.train.module.DeltaTuneModule` does. The peers — ``torch.optim.AdamW``
+``backward_and_update`` as :class:`deltatune.train.module.DeltaTuneModule` does. The peers — ``torch.optim.AdamW``
 (``loss.backward()``, ``step()``, ``zero_grad()``) and the LOMO authors' ``lomo_optim.Lomo`` — get the
 same model, the same batches, the same checkpointing and the same loss function. The batches come
 from deltatune's data path: the ``chat`` builder (loss on every token, ``train_on: all``) packed into
@@ -177,7 +177,7 @@ def child(name: str, steps: int, initial_val: bool, data_file: Path) -> dict:
 
         def step(batch: dict) -> None:
             total, count = loss_of(batch)
-            opt.step(closure=lambda: opt.fused_backward(total / count))
+            opt.step(closure=lambda: opt.backward_and_update(total / count))
             if scheduler is not None:
                 scheduler.step()
 
@@ -273,7 +273,7 @@ Each row is a fresh process that trains `{MODEL}` in full ({first['params']:,} t
 all of them) on deltatune's own path: the model of `deltatune.model.assembly.build_model` with `delta: []`,
 activation checkpointing on (as `model.gradient_checkpointing: true`), the loss of
 `deltatune.train.loss.token_loss`; `lomo` and `adalomo` are built by their plugins' factories and stepped
-with `fused_backward`, AdamW and `lomo_optim.Lomo` get the same model, loss and batches. {steps} steps
+with `backward_and_update`, AdamW and `lomo_optim.Lomo` get the same model, loss and batches. {steps} steps
 of one packed row of at most {SEQ_LEN} tokens each (the `chat` builder on
 `examples/data/tasks-train.chat.jsonl`, loss on every token), then the mean token loss over
 {VAL_BLOCKS} packed rows of `tasks-validation.chat.jsonl` (before training: {before:.4f}). "Peak RSS in
@@ -300,7 +300,7 @@ def notes_for(rows: list[dict]) -> str:
         "Every row also carries the same imported libraries and the transients of a training step. "
         "For the fused optimizers the largest is the tied embedding/LM-head weight's gradient (108 MiB "
         "in fp32): deltatune defers the head's part of it to the end of backward "
-        "(`deltatune.train.fused.DeferredGrad`: the embedding is looked up sparsely and the head's gradient "
+        "(`deltatune.train.update_in_backward.DeferredGrad`: the embedding is looked up sparsely and the head's gradient "
         "recomputed there, chunk by chunk), so it exists only while that weight is updated, instead "
         "of through the whole backward plus a dense embedding gradient beside it; and the logits "
         "chunks of the loss are 8 MiB instead of 32 MiB when a fused optimizer trains the head "

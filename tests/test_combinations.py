@@ -12,7 +12,8 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict
 
-from deltatune import ConfigError, hookimpl
+from deltatune import hookimpl
+from deltatune.errors import ConfigError
 from deltatune.io.adapter import load_adapter, save_adapter
 from deltatune.plugin.resolve import resolve
 from deltatune.model.assembly import ModelSpec, build_model, claim_parameters, resolve_spec

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deltatune import ConfigError, ModelNotFoundError
+from deltatune.errors import ConfigError, ModelNotFoundError
 from deltatune.train.module import DeltaTuneModule
 from deltatune.model.assembly import ModelSpec, build_model, resolve_spec
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from deltatune import DataError
+from deltatune.errors import DataError
 from deltatune.plugin.resolve import resolve
 from deltatune.data.module import IGNORE_INDEX, TruncationStats, collate, encode_example
 from deltatune.model.loading import tiny_tokenizer

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import yaml
 
-from deltatune import ConfigError, DataError
+from deltatune.errors import ConfigError, DataError
 from deltatune.data.module import InstructionDataModule, read_records
 from deltatune.data.mixing import mix_counts, mix_rows
 

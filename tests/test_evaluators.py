@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from deltatune import resolve
+from deltatune.plugin.resolve import resolve
 from deltatune.data.module import encode_example
 from deltatune.evaluation.helpers import answer_rows, sequence_logprobs
 from deltatune.model.generation import chat_prompt

@@ -13,11 +13,11 @@ import torch
 from peft import LoraConfig, PeftModel, VeraConfig, get_peft_model
 
 from adapter_cases import DORA_MLP, LORA_ATTN, ids, trained_adapter
-from deltatune import ConfigError
+from deltatune.errors import ConfigError
 from deltatune.io.adapter import load_adapter, save_adapter
-from deltatune.io.export import export_peft, load_peft_adapter
+from deltatune.io.export import build_with_peft_init, export_peft, load_peft_adapter, resolve_with_peft_init
 from deltatune.model.loading import load_model, tiny_llama
-from deltatune.model.assembly import ModelSpec, build_model, resolve_spec
+from deltatune.model.assembly import ModelSpec
 from deltatune.testing import max_relative_difference as rel
 
 # -- PEFT export ------------------------------------------------------------------------------------
@@ -92,10 +92,10 @@ def test_init_from_adopts_options_and_a_saved_run_no_longer_needs_the_peft_folde
     peft = peft_adapter(tmp_path / "peft", "dora")
     spec = ModelSpec(base="tiny-llama", base_dtype="fp32",
                      delta=[{"name": "dora", "config": {"init_from": str(tmp_path / "peft"), "dropout": 0.1}}])
-    resolved = resolve_spec(spec)
+    resolved = resolve_with_peft_init(spec)
     cfg = resolved.deltas[0].cfg
     assert (cfg.r, cfg.alpha, cfg.dropout, sorted(cfg.targets)) == (5, 10, 0.1, ["k_proj", "up_proj"])
-    model = build_model(resolved).eval()
+    model = build_with_peft_init(resolved).eval()
     save_adapter(model, resolved, tmp_path / "adapter")
     shutil.rmtree(tmp_path / "peft")
     reloaded, _ = load_adapter(tmp_path / "adapter")
@@ -114,4 +114,4 @@ def test_init_from_mismatches_are_clear_errors(tmp_path, config, message) -> Non
     peft_adapter(tmp_path / "peft", "dora")
     ref = {"name": config["name"], "config": {**config.get("config", {}), "init_from": str(tmp_path / "peft")}}
     with pytest.raises(ConfigError, match=message):
-        build_model(resolve_spec(ModelSpec(base="tiny-llama", delta=[ref])))
+        build_with_peft_init(resolve_with_peft_init(ModelSpec(base="tiny-llama", delta=[ref])))

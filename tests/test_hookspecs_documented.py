@@ -1,7 +1,8 @@
 """Meta-tests (after datasette's): every hook specification is documented and tested.
 
 *Documented*: it has a docstring naming its protocol, and ``docs/plugin-authoring.md`` has a section
-``### `hook_name``` that names every member of the protocol and the kind's contract class.
+``### `hook_name``` that names every member of the protocol (required and optional) and the kind's
+contract class.
 *Tested*: ``deltatune.testing`` has a contract for the hook's plugin kind, and some test module of the
 repository subclasses it. The checks are functions, run here on the real hook specifications and on
 a made-up specification module, so that they demonstrably fail.
@@ -17,14 +18,13 @@ from pathlib import Path
 import pluggy
 
 from deltatune.plugin import hookspecs
-from deltatune.plugin.manager import HOOK_FOR_KIND, _protocol_members
-from deltatune.plugin.protocols import KINDS
+from deltatune.plugin.protocols import PLUGIN_KINDS, required_members
 from deltatune.testing import CONTRACTS, contract_subclasses
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "plugin-authoring.md"
 TEST_ROOTS = [ROOT / "tests", ROOT / "plugins", ROOT / "examples"]
-KIND_FOR_HOOK = {hook: kind for kind, hook in HOOK_FOR_KIND.items()}
+KIND_FOR_HOOK = {spec.hook: kind for kind, spec in PLUGIN_KINDS.items()}
 
 
 def hook_specs(module: types.ModuleType) -> dict[str, object]:
@@ -45,7 +45,7 @@ def undocumented(specs: dict[str, object], text: str) -> list[str]:
     sections = doc_sections(text)
     for name, fn in specs.items():
         kind = KIND_FOR_HOOK.get(name)
-        protocol = KINDS.get(kind) if kind else None
+        protocol = PLUGIN_KINDS[kind].protocol if kind else None
         doc = inspect.getdoc(fn) or ""
         if protocol is None:
             problems.append(f"{name}: no plugin kind / protocol is known for it")
@@ -56,7 +56,7 @@ def undocumented(specs: dict[str, object], text: str) -> list[str]:
         if section is None:
             problems.append(f"{name}: no '### `{name}`' section in {DOC.name}")
             continue
-        for member in _protocol_members(protocol):
+        for member in [*required_members(protocol), *PLUGIN_KINDS[kind].optional]:
             if f"`{member}" not in section:
                 problems.append(f"{name}: the section does not document `{member}` of {protocol.__name__}")
         if CONTRACTS.get(kind) and CONTRACTS[kind].__name__ not in section:
@@ -79,7 +79,7 @@ def untested(specs: dict[str, object], roots: list[Path]) -> list[str]:
 
 def test_every_hook_specification_is_documented():
     specs = hook_specs(hookspecs)
-    assert set(specs) == set(HOOK_FOR_KIND.values()), "a hook has no plugin kind in plugins.HOOK_FOR_KIND"
+    assert list(specs) == [spec.hook for spec in PLUGIN_KINDS.values()], "PLUGIN_KINDS lists the hooks in their order"
     assert undocumented(specs, DOC.read_text(encoding="utf-8")) == []
 
 

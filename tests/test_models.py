@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deltatune import ModelNotFoundError
+from deltatune.errors import ModelNotFoundError
 from deltatune.model.loading import DEFAULT_MODEL, load_base, load_model, resolve_base, tiny_llama
 
 

@@ -8,14 +8,15 @@ import torch.nn.functional as F
 
 from deltatune.plugin.resolve import resolve
 from deltatune.data.module import InstructionDataModule, collate
-from deltatune.train.loss import hidden_states, token_loss
+from deltatune.model.forward import hidden_states
+from deltatune.train.loss import token_loss
+from deltatune.train.packing_check import packing_leak
 from deltatune.model.loading import tiny_llama, tiny_tokenizer
 from deltatune.data.packing import (
     IGNORE_INDEX,
     LengthGroupedBatches,
     collate_packed,
     pack_rows,
-    packing_leak,
     padding_fraction,
 )
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from deltatune import ConfigError, PluginError
+from deltatune.errors import ConfigError, PluginError
 from deltatune.plugin.manager import PluginManager, load_plugins
+from deltatune.plugin.protocols import PLUGIN_KINDS, optional_member, required_members
+from deltatune.plugin.resolve import resolve
 
 GOOD = """
 from typing import ClassVar
@@ -65,6 +67,53 @@ def deltatune_register_evaluators(register):
     register(NoEvaluate)
 """
 
+WRONG_OPTIONAL_MEMBER = """
+from pydantic import BaseModel, ConfigDict
+from deltatune import hookimpl
+
+class Cfg(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+class Sgd:
+    name = "badstate"
+    Config = Cfg
+    state_bytes_per_param = 8.0  # declared on OptimizerFactory as a method of cfg
+
+    def create(self, named_params, cfg, total_steps):
+        raise NotImplementedError
+
+@hookimpl
+def deltatune_register_optimizers(register):
+    register(Sgd)
+"""
+
+OPTIMIZERS = """
+from pydantic import BaseModel, ConfigDict
+from deltatune import hookimpl
+
+class Cfg(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+class Plain:
+    name = "plain"
+    Config = Cfg
+
+    def create(self, named_params, cfg, total_steps):
+        raise NotImplementedError
+
+class Declaring(Plain):
+    name = "declaring"
+    updates_in_backward = True
+
+    def state_bytes_per_param(self, cfg):
+        return 2.5
+
+@hookimpl
+def deltatune_register_optimizers(register):
+    register(Plain)
+    register(Declaring)
+"""
+
 
 def fake_manager(strict: bool = False, **kwargs) -> PluginManager:
     manager = PluginManager(strict=strict)
@@ -86,6 +135,7 @@ def test_good_plugin_is_found_with_its_distribution(fake_dist):
         (BAD_HOOK_SIGNATURE, "hook contract broken"),
         (NO_CONFIG, "no pydantic `Config`"),
         (MISSING_METHOD, "lacks evaluate"),
+        (WRONG_OPTIONAL_MEMBER, "`state_bytes_per_param` must be a method, got float"),
     ],
 )
 def test_broken_plugin_is_reported_and_skipped(fake_dist, source, fragment):
@@ -150,3 +200,41 @@ def test_in_process_registration_for_tests():
     manager.register_module(module)
     assert manager.names("evaluator") == ["inline"]
     assert manager.get("evaluator", "inline").distribution == "<in-process>"
+
+
+def test_optional_members_come_from_the_plugin_or_from_the_default_its_protocol_declares(fake_dist):
+    fake_dist("deltatune-optimizers", "1.0", {"optimizers": OPTIMIZERS})
+    manager = fake_manager()
+    plain, declaring = (resolve("optimizer", name, manager) for name in ("plain", "declaring"))
+    assert plain.optional("updates_in_backward") is False and plain.optional("state_bytes_per_param") is None
+    assert declaring.optional("updates_in_backward") is True
+    assert declaring.optional("state_bytes_per_param")(declaring.cfg) == 2.5
+    with pytest.raises(KeyError, match="'fused' is not an optional member of OptimizerFactory"):
+        plain.optional("fused")
+    with pytest.raises(KeyError, match="not an optional member of Evaluator .declared: none"):
+        optional_member("evaluator", plain.plugin, "updates_in_backward")
+
+
+def test_optional_members_are_declared_apart_from_the_required_ones_with_defaults_of_their_shape():
+    for kind in PLUGIN_KINDS.values():
+        required = set(required_members(kind.protocol))
+        for name, member in kind.optional.items():
+            assert name not in required, f"{name} is both required and optional on {kind.protocol.__name__}"
+            assert member.default is None or member.problem(member.default) is None, name
+    assert set(PLUGIN_KINDS["quantizer"].optional) == {"bits_per_weight"}
+    assert set(PLUGIN_KINDS["optimizer"].optional) == {"updates_in_backward", "state_bytes_per_param"}
+
+
+def test_one_table_of_kinds_drives_the_manager_registry_scaffold_and_contract_kit():
+    from typing import get_args
+
+    from deltatune.cli.scaffold import KINDS as SCAFFOLD_KINDS
+    from deltatune.plugin.registry import RegistryEntry
+    from deltatune.testing import CONTRACTS
+
+    kinds = tuple(PLUGIN_KINDS)
+    assert kinds == ("dataset_builder", "delta_method", "quantizer", "evaluator", "optimizer")
+    assert get_args(RegistryEntry.model_fields["kind"].annotation) == kinds
+    assert SCAFFOLD_KINDS == kinds
+    assert {kind: contract.__name__ for kind, contract in CONTRACTS.items()} == {
+        kind: spec.contract for kind, spec in PLUGIN_KINDS.items()}

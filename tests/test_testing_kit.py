@@ -18,7 +18,8 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from deltatune import DataError, hookimpl
+from deltatune import hookimpl
+from deltatune.errors import DataError
 from deltatune.data.module import encode_example, read_records
 from deltatune.deltas.layers import LowRankConfig, LowRankDelta
 from deltatune_adamw import AdamW

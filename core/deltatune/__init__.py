@@ -1,6 +1,8 @@
 """deltatune: plugin-based delta (parameter-efficient) fine-tuning of LLMs on Lightning.
 
-The public API for plugin authors is what this module exports; everything else is internal.
+Importing ``deltatune`` is light (no torch, transformers or Lightning): it holds only
+``__version__`` and ``hookimpl``. Plugins import what they use from :mod:`deltatune.api`, the
+declared plugin API; every other module is internal.
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -15,29 +17,4 @@ try:
 except PackageNotFoundError:  # running from a source tree that is not installed
     __version__ = "0.0.0"
 
-from deltatune.plugin.resolve import PluginRef, resolve  # noqa: E402
-from deltatune.errors import ConfigError, DataError, DeltaTuneError, ModelNotFoundError, PluginError  # noqa: E402
-from deltatune.deltas.layers import Delta, DeltaLinear, LayerDeltaMethod, base_weight  # noqa: E402
-from deltatune.plugin.protocols import DatasetBuilder, DeltaMethod, Evaluator, OptimizerFactory, Quantizer, Row  # noqa: E402
-
-__all__ = [
-    "ConfigError",
-    "DataError",
-    "DatasetBuilder",
-    "Delta",
-    "DeltaLinear",
-    "DeltaMethod",
-    "DeltaTuneError",
-    "Evaluator",
-    "LayerDeltaMethod",
-    "ModelNotFoundError",
-    "OptimizerFactory",
-    "PluginError",
-    "PluginRef",
-    "Quantizer",
-    "Row",
-    "__version__",
-    "base_weight",
-    "hookimpl",
-    "resolve",
-]
+__all__ = ["__version__", "hookimpl"]

@@ -78,7 +78,8 @@ def cmd_plugins(args: argparse.Namespace) -> None:
     """List installed plugins, failures and registry entries not installed."""
     from deltatune import __version__
     from deltatune.ui.console import console, print_table
-    from deltatune.plugin.manager import KIND_LABEL, load_plugins
+    from deltatune.plugin.manager import load_plugins
+    from deltatune.plugin.protocols import PLUGIN_KINDS
     from deltatune.plugin.registry import load_registry
 
     manager = load_plugins()
@@ -96,13 +97,13 @@ def cmd_plugins(args: argparse.Namespace) -> None:
         }, indent=2))
         return
     print_table("installed plugins", ["kind", "name", "distribution", "version", "source"],
-                [[KIND_LABEL[i.kind], i.name, i.distribution, i.version, i.source] for i in manager.all()])
+                [[PLUGIN_KINDS[i.kind].label, i.name, i.distribution, i.version, i.source] for i in manager.all()])
     if manager.failures:
         print_table("plugins that failed to load (skipped)", ["distribution", "version", "source", "error"],
                     [[f.distribution, f.version, f.source, f.error] for f in manager.failures])
     if missing:
         print_table("in registry.toml, not installed", ["kind", "name", "distribution", "install with"],
-                    [[KIND_LABEL[e.kind], e.name, e.distribution, e.install_command()] for e in missing])
+                    [[PLUGIN_KINDS[e.kind].label, e.name, e.distribution, e.install_command()] for e in missing])
     console.print(f"deltatune core {__version__}")
 
 
@@ -159,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     registry = sub.add_parser("registry", help="show registry.toml")
     registry.set_defaults(func=cmd_registry)
 
-    from deltatune.train import report  # `report RUN_DIR…`
+    from deltatune.cli import report  # `report RUN_DIR…`
 
     report.add_parser(sub)
 

@@ -23,8 +23,9 @@ from pathlib import Path
 
 from deltatune import __version__
 from deltatune.errors import ConfigError
+from deltatune.plugin.protocols import PLUGIN_KINDS
 
-KINDS = ("delta_method", "dataset_builder", "evaluator", "quantizer", "optimizer")
+KINDS = tuple(PLUGIN_KINDS)
 NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -99,7 +100,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from deltatune import Delta, DeltaLinear, LayerDeltaMethod, hookimpl
+from deltatune.api import Delta, DeltaLinear, LayerDeltaMethod, hookimpl
 
 
 class {cls}Config(BaseModel):
@@ -163,8 +164,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from deltatune import DataError, Row, hookimpl
-from deltatune.data.module import encode_example, read_records
+from deltatune.api import DataError, Row, encode_example, hookimpl, read_records
 
 
 class {cls}Config(BaseModel):
@@ -205,7 +205,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from deltatune import Row, hookimpl
+from deltatune.api import Row, hookimpl
 
 
 class {cls}Config(BaseModel):
@@ -241,7 +241,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from deltatune import hookimpl
+from deltatune.api import hookimpl
 
 
 class {cls}Config(BaseModel):
@@ -283,7 +283,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from deltatune import hookimpl
+from deltatune.api import hookimpl
 
 
 class {cls}Config(BaseModel):
@@ -354,21 +354,6 @@ class Test{cls}Contract(OptimizerContract):
 ''',
 }
 
-CONTRACT_CLASS = {
-    "delta_method": "DeltaMethodContract",
-    "dataset_builder": "DatasetBuilderContract",
-    "evaluator": "EvaluatorContract",
-    "quantizer": "QuantizerContract",
-    "optimizer": "OptimizerContract",
-}
-LABELS = {
-    "delta_method": "delta method",
-    "dataset_builder": "dataset builder",
-    "evaluator": "evaluator",
-    "quantizer": "quantizer",
-    "optimizer": "optimizer",
-}
-
 
 def scaffold(name: str, kind: str, parent: Path | str = ".") -> Path:
     """Write the package ``deltatune-NAME`` for a plugin of ``kind`` under ``parent``; return its folder.
@@ -382,18 +367,19 @@ def scaffold(name: str, kind: str, parent: Path | str = ".") -> Path:
     folder = Path(parent) / f"deltatune-{name}"
     if folder.exists() and any(folder.iterdir()):
         raise ConfigError(f"{folder} already exists and is not empty; choose another name or folder")
-    fields = {"name": name, "cls": _class_name(name), "kind": kind, "label": LABELS[kind],
-              "label_cap": LABELS[kind].capitalize(), "core": _core_requirement(),
-              "summary": f"A deltatune {LABELS[kind]}: {name}"}
+    label = PLUGIN_KINDS[kind].label
+    fields = {"name": name, "cls": _class_name(name), "kind": kind, "label": label,
+              "label_cap": label.capitalize(), "core": _core_requirement(),
+              "summary": f"A deltatune {label}: {name}"}
     package = folder / f"deltatune_{name}"
     (folder / "tests").mkdir(parents=True, exist_ok=True)
     package.mkdir(exist_ok=True)
     (folder / "pyproject.toml").write_text(PYPROJECT.format(**fields))
     (folder / "README.md").write_text(README.format(**fields))
     (package / "__init__.py").write_text(HEADER.format(**fields) + MODULES[kind].format(**fields))
-    contract = CONTRACT_CLASS[kind]
+    contract = PLUGIN_KINDS[kind].contract
     tests = textwrap.dedent(f'''\
-        """The deltatune contract for `{name}` ({LABELS[kind]}): what every {LABELS[kind]} must pass.
+        """The deltatune contract for `{name}` ({label}): what every {label} must pass.
 
         These tests come with deltatune (`deltatune.testing`, a pytest plugin). Add tests of what
         is specific to `{name}` in other files of this folder.
@@ -412,7 +398,7 @@ def cmd_new_plugin(args: argparse.Namespace) -> None:
     from deltatune.ui.console import console
 
     folder = scaffold(args.name, args.kind, args.dir)
-    console.print(f"wrote {folder}/ (a {LABELS[args.kind]} plugin '{args.name}')", highlight=False)
+    console.print(f"wrote {folder}/ (a {PLUGIN_KINDS[args.kind].label} plugin '{args.name}')", highlight=False)
     console.print(f"next: cd {folder} && pytest   # contract tests fail until the TODOs in "
                   f"deltatune_{args.name}/__init__.py are done; then pip install -e {folder}", highlight=False)
 

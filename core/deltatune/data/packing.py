@@ -7,7 +7,7 @@ restricted to its own example. The packed batch has *no* ``attention_mask``; Hug
 (``masking_utils.find_packed_sequence_indices``) and builds a block-diagonal causal mask for the
 sdpa, eager and flex attention kernels. The first label of every example is ignored, as it is when the
 example stands alone (nothing precedes it to predict it from), so the loss of each example is the
-same packed and unpacked — ``tests/test_packing.py`` checks it to 1e-5, and :func:`packing_leak`
+same packed and unpacked — ``tests/test_packing.py`` checks it to 1e-5, and :func:`deltatune.train.packing_check.packing_leak`
 lets a run check it on its own model before training.
 """
 
@@ -18,7 +18,6 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from torch import nn
 from torch.utils.data import Sampler
 
 from deltatune.plugin.protocols import Row
@@ -139,34 +138,6 @@ def padding_fraction(lengths: Sequence[int], batches: Sequence[Sequence[int]]) -
             slots += max(sizes) * len(sizes)
             tokens += sum(sizes)
     return 1.0 - tokens / slots if slots else 0.0
-
-
-def packing_leak(model: nn.Module, vocab: int | None = None) -> float:
-    """The largest difference between the losses of two short examples packed together and apart.
-
-    Checks that ``model`` (its attention implementation and ``transformers`` version) honours packed
-    ``position_ids``; a run with packing refuses to train when this is not ~0.
-    """
-    from deltatune.train.loss import token_loss
-    from deltatune.model.assembly import compute_context
-
-    vocab = vocab or model.get_input_embeddings().num_embeddings
-    generator = torch.Generator().manual_seed(0)
-    rows = [{"input_ids": torch.randint(vocab, (n,), generator=generator).tolist()} for n in (7, 5)]
-    for row in rows:
-        row["labels"] = list(row["input_ids"])
-    device = next(model.parameters()).device
-    packed = collate_packed(pack_rows(rows, 64), 0)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), compute_context(model):
-            together, _ = token_loss(model, {k: v.to(device) for k, v in packed.items()})
-            apart = sum(float(token_loss(model, {k: v.to(device) for k, v in collate_packed(pack_rows([r], 64), 0)
-                                                 .items()})[0]) for r in rows)
-    finally:
-        model.train(was_training)
-    return abs(float(together) - apart) / max(abs(apart), 1.0)
 
 
 def describe_batches(rows: Sequence[Row], batches: Sequence[Sequence[int]]) -> dict[str, Any]:

@@ -174,11 +174,6 @@ def dense_copy(module: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Line
 
 
 # -- finding and wrapping layers ------------------------------------------------------------------
-def is_linear(module: nn.Module) -> bool:
-    """Whether ``module`` is a linear layer a delta method can wrap (quantized linears included)."""
-    return isinstance(module, (nn.Linear, DeltaLinear))
-
-
 def iter_linear(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``(name, module)`` of every linear layer, seeing wrapped layers as one (the linear layers
     inside deltas, such as LoRA's ``lora_A``, are not model layers and are left out)."""
@@ -288,11 +283,6 @@ class LayerDeltaMethod:
         for layer_name in names:
             layer = wrap_linear(model, layer_name)
             layer.add_delta(self.name, self.make_delta(layer, cfg, layer_name), layer_name)
-        init_from = getattr(cfg, "init_from", None)
-        if init_from:
-            from deltatune.io.export import load_peft_weights  # export imports the pipeline, which imports this module
-
-            load_peft_weights(model, self, cfg, init_from)
 
     def trainable(self, name: str, param: nn.Parameter) -> bool:
         """Claims every parameter under ``.deltas.<name>.``."""
@@ -317,7 +307,7 @@ class LayerDeltaMethod:
         """No PEFT equivalent unless a subclass says otherwise."""
         return None
 
-    # -- PEFT tensor names (optional protocol :class:`deltatune.plugin.protocols.PeftMapping`) -----------
+    # -- PEFT tensor names (optional members of :class:`deltatune.plugin.protocols.DeltaMethod`) ----------
     peft_names: ClassVar[dict[str, str]] = {}
     """Tensor key inside this method's :class:`Delta` → PEFT's key suffix; identity when absent
     (LoRA's ``lora_A.weight`` is PEFT's ``lora_A.weight``)."""

@@ -18,7 +18,7 @@ configurations stored here, nothing is downloaded), a local Hugging Face folder 
 * weights: quantized linear weights at the quantizer's bits per weight (NF4: ``4 + 32/64 = 4.5``,
   with double quantization ``4 + 8/64 + 32/(64*256) = 4.127``), other frozen weights in the base dtype
   (``auto``: bf16 where the hardware has it), trained weights in ``--trainable-dtype``;
-* gradients of the trained weights (one parameter's worth for fused optimizers: LOMO, AdaLomo);
+* gradients of the trained weights (one parameter's worth for optimizers that update inside backward: LOMO, AdaLomo);
 * optimizer state: AdamW two moments in the parameter dtype, LOMO none, AdaLomo factored row and
   column statistics; a third-party optimizer may declare ``state_bytes_per_param(cfg)``;
 * activations kept for backward (:func:`activation_bytes`: a per-layer, per-token model of a
@@ -36,7 +36,7 @@ configurations stored here, nothing is downloaded), a local Hugging Face folder 
   (:data:`CPU_RUNTIME_BYTES`); the heap glibc keeps around the activations
   (:data:`CPU_HEAP_RETAINED` of them, added to training); the checkpoint Lightning serializes in
   memory after training (trained tensors + optimizer state on top of what stays resident then:
-  weights, optimizer state, gradients unless fused, the activations' heap); and, when the base is
+  weights, optimizer state, gradients unless updated inside backward, the activations' heap); and, when the base is
   loaded in another dtype than its safetensors files hold (``config.dtype``), the mapped file.
 
 ``peak = max(loading, training, checkpoint) + runtime`` (``checkpoint`` and ``runtime`` are 0 on a GPU). The numbers are what ``torch.cuda.max_memory_allocated``
@@ -170,8 +170,8 @@ class Layout:
 
 def _bits_per_weight(quantizer: Any) -> float:
     """Storage bits per quantized weight (scales included) of a resolved quantizer."""
-    declared = getattr(quantizer.plugin, "bits_per_weight", None)
-    if callable(declared):
+    declared = quantizer.optional("bits_per_weight")
+    if declared is not None:
         return float(declared(quantizer.cfg))
     if quantizer.name == "nf4":
         block = int(getattr(quantizer.cfg, "blocksize", 64))
@@ -574,20 +574,19 @@ def _checkpoint_dtype_bytes(config: Any) -> int:
 
 
 def _optimizer_bytes(optimizer: Any, lay: Layout, param_bytes: int) -> tuple[float, bool, str]:
-    """``(state bytes, fused, note)`` of a resolved optimizer."""
-    cls = optimizer.info.cls
-    fused = bool(getattr(cls, "fused", False))
-    declared = getattr(optimizer.plugin, "state_bytes_per_param", None)
-    if callable(declared):
-        return float(declared(optimizer.cfg)) * lay.trainable, fused, ""
+    """``(state bytes, updates in backward, note)`` of a resolved optimizer."""
+    in_backward = optimizer.optional("updates_in_backward")
+    declared = optimizer.optional("state_bytes_per_param")
+    if declared is not None:
+        return float(declared(optimizer.cfg)) * lay.trainable, in_backward, ""
     name = optimizer.name
     if name in ("adamw", "adam"):
-        return 2.0 * param_bytes * lay.trainable, fused, ""
+        return 2.0 * param_bytes * lay.trainable, in_backward, ""
     if name == "lomo":
         return 0.0, True, ""
     if name == "adalomo":
         return 4.0 * lay.factored_state, True, ""
-    return 2.0 * param_bytes * lay.trainable, fused, (
+    return 2.0 * param_bytes * lay.trainable, in_backward, (
         f"optimizer '{name}' declares no state_bytes_per_param; assumed two moments like AdamW")
 
 
@@ -610,14 +609,14 @@ def estimate(
 ) -> Estimate:
     """Estimate parameters and peak memory per device of a run (see the module docstring)."""
     from deltatune.plugin.resolve import coerce_ref, resolve
-    from deltatune.model.assembly import resolve_spec
+    from deltatune.io.export import resolve_with_peft_init
 
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"--device must be cpu or cuda, not {device!r}")
     if min(batch, seq, devices) < 1 or not 0 < labelled <= 1:
         raise ConfigError("batch, seq and devices must be positive and labelled in (0, 1]")
-    resolved = resolve_spec({"base": base, "delta": delta or [], "quantizer": quantizer,
-                             "base_dtype": base_dtype, "trainable_dtype": trainable_dtype}, manager)
+    resolved = resolve_with_peft_init({"base": base, "delta": delta or [], "quantizer": quantizer,
+                                       "base_dtype": base_dtype, "trainable_dtype": trainable_dtype}, manager)
     opt = resolve("optimizer", coerce_ref(optimizer), manager)
     config = load_config(base)
     lay = layout(config, resolved.deltas, resolved.quantizer, fast_path)
@@ -632,11 +631,11 @@ def estimate(
     weights_quantized = lay.quantized * bits / 8
     weights_frozen = lay.frozen * frozen_bytes
     weights_trainable = lay.trainable * trained + lay.compute_copies * compute
-    state, fused, note = _optimizer_bytes(opt, lay, trained)
+    state, in_backward, note = _optimizer_bytes(opt, lay, trained)
     if note:
         notes.append(note)
-    gradients = (lay.largest_trainable if fused else lay.trainable) * trained
-    ddp_buckets = lay.trainable * trained if devices > 1 and not fused else 0.0
+    gradients = (lay.largest_trainable if in_backward else lay.trainable) * trained
+    ddp_buckets = lay.trainable * trained if devices > 1 and not in_backward else 0.0
     acts = activation_bytes(config, lay, batch, seq, compute, gradient_checkpointing, labelled,
                             quantized_saves_input and resolved.quantizer is not None)
     tokens = batch * seq
@@ -674,7 +673,7 @@ def estimate(
         # ... and Lightning's checkpoint at the end of training (save_last) serializes the trained
         # tensors and the optimizer state into memory (an io.BytesIO) before writing the file
         steady = (weights_quantized + weights_frozen + weights_trainable + state + ddp_buckets
-                  + (0 if fused else gradients) + acts["total"] + heap)
+                  + (0 if in_backward else gradients) + acts["total"] + heap)
         checkpoint = steady + lay.trainable * trained + state
     if loading > training:
         notes.append(f"loading peaks above training: deltatune loads the base at {loaded} bytes per parameter"

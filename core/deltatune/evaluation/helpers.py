@@ -19,7 +19,7 @@ from torch import nn
 
 from deltatune.plugin.resolve import PluginRef
 from deltatune.model.generation import generate
-from deltatune.train.loss import hidden_states
+from deltatune.model.forward import hidden_states
 from deltatune.data.packing import IGNORE_INDEX, collate
 from deltatune.model.assembly import compute_context
 from deltatune.plugin.protocols import Row

@@ -3,7 +3,8 @@
 **PEFT export** (:func:`export_peft`) writes ``adapter_config.json`` + ``adapter_model.safetensors``
 that ``peft.PeftModel.from_pretrained(base, folder)`` loads with the same logits as the deltatune
 adapter. Each delta method says what it is in PEFT terms (``peft_config(cfg)``) and names its
-tensors the PEFT way (``peft_state_dict``, :class:`deltatune.plugin.protocols.PeftMapping`); this module
+tensors the PEFT way (the optional member ``peft_state_dict`` of
+:class:`~deltatune.plugin.protocols.DeltaMethod`); this module
 fills ``target_modules`` with the exact names of the wrapped layers, ``base_model_name_or_path``,
 and joins the methods: PEFT holds *one* tuner type per adapter, so exactly one method must give a
 ``peft_type`` (LoRA, DoRA, VeRA) and the others may only add fields (BitFit adds ``bias: "all"``).
@@ -18,7 +19,9 @@ so ``{name: lora, config: {init_from: DIR}}`` is enough and the saved deltatune 
 real ``r``/``alpha``; options the user did set must agree on what shapes the weights (``r``,
 ``alpha``, ``rslora``, DoRA or not) or the run stops with the differing values. After the deltas are
 created, :func:`load_peft_weights` loads the tensors strictly: the PEFT adapter's modules must be
-exactly the layers the method targets. :func:`load_peft_adapter` builds a ready model from a PEFT
+exactly the layers the method targets. :func:`resolve_with_peft_init` and
+:func:`build_with_peft_init` are the model layer's ``resolve_spec`` and ``build_model`` with these two
+steps added; whatever builds a model from a user's spec (training, ``generate``) goes through them. :func:`load_peft_adapter` builds a ready model from a PEFT
 folder alone (for generate/validate/test).
 
 **Merged export** (:func:`export_merged`) folds every delta into the base weights, dequantizes a
@@ -30,6 +33,7 @@ reports the largest absolute logit difference against the adapter model on a few
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import tempfile
@@ -50,6 +54,7 @@ from deltatune.errors import ConfigError
 from deltatune.model.loading import resolve_base
 from deltatune.model.assembly import ModelSpec, ResolvedSpec, build_model, compute_context, resolve_spec
 from deltatune.plugin.manager import PluginManager
+from deltatune.plugin.protocols import optional_member
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -119,7 +124,7 @@ def _targets_from_peft(value: Any) -> list[str] | str:
 def check_peft_config(method: Any, cfg: Any, config: dict[str, Any], folder: str | Path) -> None:
     """Raise :class:`ConfigError` unless the PEFT ``config`` describes the weights ``method`` with
     ``cfg`` creates (type, DoRA, rank, alpha, rsLoRA) and uses no feature deltatune lacks."""
-    ours = method.peft_config(cfg) if hasattr(method, "peft_config") else None
+    ours = method.peft_config(cfg)
     if not ours or "peft_type" not in ours:
         raise ConfigError(f"delta method '{method.name}' cannot start from a PEFT adapter (init_from)")
     kind = peft_method_name(config)
@@ -153,7 +158,7 @@ def adopt_peft_options(plugin: ResolvedPlugin) -> ResolvedPlugin:
     """
     folder = plugin.cfg.init_from
     config = read_peft_config(folder)
-    fields = getattr(plugin.plugin, "peft_fields", layers.LOW_RANK_PEFT_FIELDS)
+    fields = plugin.optional("peft_fields")
     given = set(plugin.ref.config)
     adopted: dict[str, Any] = {}
     for ours, theirs in fields.items():
@@ -178,17 +183,42 @@ def load_peft_weights(model: nn.Module, method: Any, cfg: Any, folder: str | Pat
     """
     config = read_peft_config(folder)
     check_peft_config(method, cfg, config, folder)
-    if not hasattr(method, "load_peft_state_dict"):
+    load = optional_member("delta_method", method, "load_peft_state_dict")
+    named = optional_member("delta_method", method, "peft_state_dict")
+    if load is None or named is None:
         raise ConfigError(f"delta method '{method.name}' cannot load PEFT weights")
     state = read_peft_state(folder)
-    method.load_peft_state_dict(model, cfg, state)
-    extra = sorted(set(state) - set(method.peft_state_dict(model, cfg)))
+    load(model, cfg, state)
+    extra = sorted(set(state) - set(named(model, cfg)))
     if extra:
         raise ConfigError(
             f"{method.name}: the PEFT adapter at {folder} holds {len(extra)} tensor(s) for modules this "
             f"configuration does not target, e.g. {extra[:3]}; align `targets` with its target_modules "
             f"{config.get('target_modules')}"
         )
+
+
+def starts_from_peft(delta: ResolvedPlugin) -> bool:
+    """Whether the delta method ``delta`` is configured to start from a PEFT adapter (``init_from``)."""
+    return bool(getattr(delta.cfg, "init_from", None))
+
+
+def resolve_with_peft_init(spec: ModelSpec | dict[str, Any], manager: PluginManager | None = None) -> ResolvedSpec:
+    """:func:`~deltatune.model.assembly.resolve_spec`, then every delta method with ``init_from``
+    adopts the options it leaves unset from its PEFT adapter's config (:func:`adopt_peft_options`)."""
+    resolved = resolve_spec(spec, manager)
+    deltas = [adopt_peft_options(d) if starts_from_peft(d) else d for d in resolved.deltas]
+    return dataclasses.replace(resolved, deltas=deltas)
+
+
+def build_with_peft_init(resolved: ResolvedSpec, model: nn.Module | None = None) -> nn.Module:
+    """:func:`~deltatune.model.assembly.build_model`, then every delta method with ``init_from``
+    loads its PEFT adapter's weights (:func:`load_peft_weights`)."""
+    model = build_model(resolved, model)
+    for delta in resolved.deltas:
+        if starts_from_peft(delta):
+            load_peft_weights(model, delta.plugin, delta.cfg, delta.cfg.init_from)
+    return model
 
 
 def load_peft_adapter(
@@ -205,8 +235,8 @@ def load_peft_adapter(
     if not base:
         raise ConfigError(f"{folder}: adapter_config.json names no base model; pass base=")
     ref = {"name": peft_method_name(config), "config": {"init_from": str(folder)}}
-    resolved = resolve_spec(ModelSpec(base=base, delta=[ref], base_dtype=base_dtype), manager)
-    model = build_model(resolved)
+    resolved = resolve_with_peft_init(ModelSpec(base=base, delta=[ref], base_dtype=base_dtype), manager)
+    model = build_with_peft_init(resolved)
     model.eval()
     return model, resolved
 
@@ -220,7 +250,7 @@ def peft_export(model: nn.Module, resolved: ResolvedSpec) -> tuple[dict[str, Any
     hint = "; export it with `deltatune export --format merged` instead"
     if resolved.full_finetune:
         raise ConfigError("a full fine-tune has no PEFT adapter form" + hint)
-    parts = [(d, d.plugin.peft_config(d.cfg) if hasattr(d.plugin, "peft_config") else None) for d in resolved.deltas]
+    parts = [(d, d.plugin.peft_config(d.cfg)) for d in resolved.deltas]
     for delta, part in parts:
         if part is None:
             raise ConfigError(f"delta method '{delta.name}' has no PEFT equivalent" + hint)
@@ -244,9 +274,10 @@ def peft_export(model: nn.Module, resolved: ResolvedSpec) -> tuple[dict[str, Any
     config.update(target_modules=targets, base_model_name_or_path=str(base), task_type="CAUSAL_LM", inference_mode=True)
     state: dict[str, torch.Tensor] = {}
     for delta, _ in parts:
-        if not hasattr(delta.plugin, "peft_state_dict"):
+        named = delta.optional("peft_state_dict")
+        if named is None:
             raise ConfigError(f"delta method '{delta.name}' cannot name its tensors for PEFT" + hint)
-        for key, value in delta.plugin.peft_state_dict(model, delta.cfg).items():
+        for key, value in named(model, delta.cfg).items():
             state[key] = value.detach().to("cpu").contiguous().clone()
     return config, state
 

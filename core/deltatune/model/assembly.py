@@ -2,7 +2,9 @@
 
 This is independent of Lightning so that ``fit``, ``generate``, ``export`` and tests build models
 the same way. :func:`resolve_spec` validates every plugin reference and option *before* any weight
-is loaded; :func:`build_model` then does the work.
+is loaded; :func:`build_model` then does the work. A delta method that starts from a PEFT adapter
+(``init_from``) is resolved and built by :mod:`deltatune.io.export` around these two
+(:func:`~deltatune.io.export.resolve_with_peft_init`, :func:`~deltatune.io.export.build_with_peft_init`).
 """
 
 from __future__ import annotations
@@ -86,21 +88,11 @@ def compute_dtype(choice: DType) -> torch.dtype:
     return torch.bfloat16 if cpu_supports_bf16() else torch.float32
 
 
-def _adopt_init_from(delta: ResolvedPlugin) -> ResolvedPlugin:
-    """A delta method starting from a PEFT adapter (``init_from``) adopts the options it leaves unset
-    from the adapter's config, and is checked against it, before any weight is loaded."""
-    if not getattr(delta.cfg, "init_from", None):
-        return delta
-    from deltatune.io.export import adopt_peft_options  # export builds models through this module
-
-    return adopt_peft_options(delta)
-
-
 def resolve_spec(spec: ModelSpec | dict[str, Any], manager: PluginManager | None = None) -> ResolvedSpec:
     """Validate plugin names, options and their combination; loads no weights."""
     spec = spec if isinstance(spec, ModelSpec) else ModelSpec.model_validate(spec)
     quantizer = resolve("quantizer", spec.quantizer, manager) if spec.quantizer else None
-    deltas = [_adopt_init_from(resolve("delta_method", coerce_ref(ref), manager)) for ref in spec.delta]
+    deltas = [resolve("delta_method", coerce_ref(ref), manager) for ref in spec.delta]
     seen: set[str] = set()
     for delta in deltas:
         if delta.name in seen:

@@ -5,7 +5,8 @@ A plugin is a Python module exposed through the entry-point group ``deltatune``:
     [project.entry-points.deltatune]
     myplugin = "deltatune_myplugin"
 
-and that module implements one or more of the hooks below with ``@deltatune.hookimpl``. Every hook
+and that module implements one or more of the hooks below with ``@hookimpl`` (from
+:mod:`deltatune.api`, the plugin API: the only core module a plugin imports). Every hook
 receives a ``register`` callback; call it once per class the plugin provides. A plugin may register
 several classes, of several kinds. Each class must have:
 
@@ -13,7 +14,8 @@ several classes, of several kinds. Each class must have:
   across installed plugins of the same kind (two distributions registering one name is an error);
 * ``Config: ClassVar[type[pydantic.BaseModel]]`` — its options, with ``extra="forbid"`` so that a
   misspelt option is an error naming the plugin and the field before any weight is loaded;
-* the methods of its protocol in :mod:`deltatune.plugin.protocols`.
+* the methods of its protocol in :mod:`deltatune.plugin.protocols` (and, if it likes, the protocol's
+  optional members, declared there with their defaults).
 
 The core instantiates each class with no arguments and passes the validated ``Config`` instance to
 every method, so plugin classes hold no per-run state of their own unless they say so.
@@ -32,16 +34,16 @@ Register = Callable[[type], None]
 
 @hookspec
 def deltatune_register_dataset_builders(register: Register) -> None:
-    """Register dataset builders (:class:`deltatune.plugin.protocols.DatasetBuilder`).
+    """Register dataset builders (:class:`deltatune.api.DatasetBuilder`).
 
     A builder turns files into tokenised rows for one split (``"train"``, ``"validation"``,
     ``"test"``): each row a dict with ``input_ids`` and ``labels`` (lists of ints of equal length,
     ``-100`` where no loss is taken) and optionally ``prompt`` / ``response`` (text, for evaluators
     that generate) and ``choices`` / ``answer_index`` (for multiple-choice evaluators). It returns
     ``None`` for a split it has no data for; the core then holds out part of ``train`` for
-    validation. A malformed row must raise :class:`deltatune.errors.DataError` naming file and line.
-    Use :func:`deltatune.data.module.encode_example` for masking and truncation so every builder reports cut
-    responses the same way.
+    validation. A malformed row must raise :class:`deltatune.api.DataError` naming file and line.
+    Use :func:`deltatune.api.encode_example` for masking and truncation so every builder reports
+    cut responses the same way.
 
     Example::
 
@@ -53,22 +55,22 @@ def deltatune_register_dataset_builders(register: Register) -> None:
 
 @hookspec
 def deltatune_register_delta_methods(register: Register) -> None:
-    """Register delta methods (:class:`deltatune.plugin.protocols.DeltaMethod`).
+    """Register delta methods (:class:`deltatune.api.DeltaMethod`).
 
     A delta method changes a loaded (and possibly quantized) base model in place in ``apply``:
-    usually by wrapping ``nn.Linear`` layers in :class:`deltatune.deltas.layers.DeltaLinear` and adding a
-    :class:`deltatune.deltas.layers.Delta` module to it, or by marking existing parameters (BitFit). It then
+    usually by wrapping ``nn.Linear`` layers in :class:`deltatune.api.DeltaLinear` and adding a
+    :class:`deltatune.api.Delta` module to it, or by marking existing parameters (BitFit). It then
     claims its trainable parameters through ``trainable(name, param)``; the core freezes everything no
     method claims and raises a configuration error when two methods claim one parameter or one
     module. Methods that need the base weight (DoRA norms, merging) must read it with
-    :func:`deltatune.deltas.layers.base_weight`, which dequantizes through the active quantizer, and set
+    :func:`deltatune.api.base_weight`, which dequantizes through the active quantizer, and set
     ``supports_quantized = False`` when they cannot work on a quantized base at all.
     """
 
 
 @hookspec
 def deltatune_register_quantizers(register: Register) -> None:
-    """Register quantizers (:class:`deltatune.plugin.protocols.Quantizer`).
+    """Register quantizers (:class:`deltatune.api.Quantizer`).
 
     A quantizer replaces base-model layers by quantized ones in ``quantize`` before any delta method
     runs, and gives back a dense weight with ``dequantize_weight(module)`` so that merging and
@@ -79,7 +81,7 @@ def deltatune_register_quantizers(register: Register) -> None:
 
 @hookspec
 def deltatune_register_evaluators(register: Register) -> None:
-    """Register evaluators (:class:`deltatune.plugin.protocols.Evaluator`).
+    """Register evaluators (:class:`deltatune.api.Evaluator`).
 
     ``evaluate(model, tokenizer, rows, cfg)`` returns a flat ``dict[str, float]`` of metrics (for
     example ``{"loss": 1.9, "perplexity": 6.7}``); keys are reported prefixed by the evaluator name.
@@ -89,13 +91,14 @@ def deltatune_register_evaluators(register: Register) -> None:
 
 @hookspec
 def deltatune_register_optimizers(register: Register) -> None:
-    """Register optimizer factories (:class:`deltatune.plugin.protocols.OptimizerFactory`).
+    """Register optimizer factories (:class:`deltatune.api.OptimizerFactory`).
 
     ``create(named_params, cfg, total_steps)`` returns ``(optimizer, scheduler_or_None)``. An
     optimizer whose update happens inside backward (LOMO) subclasses
-    :class:`deltatune.train.fused.FusedOptimizer`; the core then switches Lightning to manual optimisation
-    and calls ``optimizer.step(closure=lambda: optimizer.fused_backward(loss))`` instead of
-    ``backward`` + ``step``; trainer settings it cannot honour (gradient accumulation, trainer-side
-    clipping, data parallelism, ``16-mixed``) are refused before training by
-    ``FusedOptimizer.check_trainer_compatible``.
+    :class:`deltatune.api.InBackwardOptimizer` and its factory sets ``updates_in_backward = True``
+    (as :class:`deltatune.api.InBackwardOptimizerFactory` does); the core then switches Lightning to
+    manual optimisation and calls ``optimizer.step(closure=lambda: optimizer.backward_and_update(loss))``
+    instead of ``backward`` + ``step``; trainer settings it cannot honour (gradient accumulation,
+    trainer-side clipping, data parallelism, ``16-mixed``) are refused before training by
+    ``InBackwardOptimizer.check_trainer_compatible``.
     """

@@ -21,23 +21,8 @@ from pydantic import BaseModel
 
 from deltatune.plugin import hookspecs
 from deltatune.errors import ConfigError, PluginError
-from deltatune.plugin.protocols import KINDS
+from deltatune.plugin.protocols import PLUGIN_KINDS, optional_member_problems, required_members
 from deltatune.plugin.registry import load_registry
-
-HOOK_FOR_KIND: dict[str, str] = {
-    "dataset_builder": "deltatune_register_dataset_builders",
-    "delta_method": "deltatune_register_delta_methods",
-    "quantizer": "deltatune_register_quantizers",
-    "evaluator": "deltatune_register_evaluators",
-    "optimizer": "deltatune_register_optimizers",
-}
-KIND_LABEL = {
-    "dataset_builder": "dataset builder",
-    "delta_method": "delta method",
-    "quantizer": "quantizer",
-    "evaluator": "evaluator",
-    "optimizer": "optimizer",
-}
 
 
 @dataclass(frozen=True)
@@ -74,16 +59,13 @@ def _check_contract(kind: str, cls: Any) -> None:
         raise PluginError(f"{cls.__qualname__} ({name}) has no pydantic `Config` class")
     if config.model_config.get("extra") != "forbid":
         raise PluginError(f"{cls.__qualname__}.Config ({name}) must set extra='forbid'")
-    protocol = KINDS[kind]
-    missing = [m for m in _protocol_members(protocol) if not hasattr(cls, m)]
+    protocol = PLUGIN_KINDS[kind].protocol
+    missing = [m for m in required_members(protocol) if not hasattr(cls, m)]
     if missing:
         raise PluginError(f"{cls.__qualname__} ({name}) lacks {', '.join(missing)} of {protocol.__name__}")
-
-
-def _protocol_members(protocol: type) -> list[str]:
-    members = set(getattr(protocol, "__protocol_attrs__", ()))
-    members |= {k for k in vars(protocol) if not k.startswith("_")}
-    return sorted(members)
+    wrong = optional_member_problems(kind, cls)
+    if wrong:
+        raise PluginError(f"{cls.__qualname__} ({name}): {'; '.join(wrong)} (optional members of {protocol.__name__})")
 
 
 class PluginManager:
@@ -95,7 +77,7 @@ class PluginManager:
         self.pluggy.add_hookspecs(hookspecs)
         self.failures: list[PluginFailure] = []
         self.conflicts: dict[tuple[str, str], list[PluginInfo]] = {}
-        self._plugins: dict[str, dict[str, PluginInfo]] = {kind: {} for kind in KINDS}
+        self._plugins: dict[str, dict[str, PluginInfo]] = {kind: {} for kind in PLUGIN_KINDS}
 
     # -- loading ---------------------------------------------------------------------------
     def load_entry_points(self, allow: set[str] | None = None, deny: set[str] | None = None) -> None:
@@ -127,8 +109,8 @@ class PluginManager:
             return
         collected: list[PluginInfo] = []
         try:
-            for kind, hook_name in HOOK_FOR_KIND.items():
-                for impl in getattr(self.pluggy.hook, hook_name).get_hookimpls():
+            for kind, spec in PLUGIN_KINDS.items():
+                for impl in getattr(self.pluggy.hook, spec.hook).get_hookimpls():
                     if impl.plugin is not module:
                         continue
 
@@ -149,7 +131,7 @@ class PluginManager:
         if existing is not None and existing.distribution != info.distribution:
             self.conflicts.setdefault((info.kind, info.name), [existing]).append(info)
             message = (
-                f"{KIND_LABEL[info.kind]} '{info.name}' is registered by two distributions: "
+                f"{PLUGIN_KINDS[info.kind].label} '{info.name}' is registered by two distributions: "
                 f"{existing.distribution} and {info.distribution}; uninstall one or deny it with "
                 "DELTATUNE_DISABLE_PLUGINS"
             )
@@ -171,18 +153,18 @@ class PluginManager:
 
     def all(self) -> list[PluginInfo]:
         """Every registered plugin class, by kind then name."""
-        return [info for kind in KINDS for _, info in sorted(self._plugins[kind].items())]
+        return [info for kind in PLUGIN_KINDS for _, info in sorted(self._plugins[kind].items())]
 
     def get(self, kind: str, name: str) -> PluginInfo:
         """The plugin ``name`` of ``kind``; a :class:`ConfigError` explaining what is installed if not."""
         if (kind, name) in self.conflicts:
             both = " and ".join(i.distribution for i in self.conflicts[(kind, name)])
-            raise ConfigError(f"{KIND_LABEL[kind]} '{name}' is registered by {both}; keep only one")
+            raise ConfigError(f"{PLUGIN_KINDS[kind].label} '{name}' is registered by {both}; keep only one")
         info = self._plugins[kind].get(name)
         if info is not None:
             return info
         installed = ", ".join(self.names(kind)) or "none"
-        message = f"unknown {KIND_LABEL[kind]} '{name}'. Installed {KIND_LABEL[kind]}s: {installed}."
+        message = f"unknown {PLUGIN_KINDS[kind].label} '{name}'. Installed {PLUGIN_KINDS[kind].label}s: {installed}."
         entry = load_registry().find(kind, name)
         if entry is not None:
             message += (
@@ -192,10 +174,6 @@ class PluginManager:
         else:
             message += f" No plugin named '{name}' is listed in registry.toml either."
         raise ConfigError(message)
-
-    def instantiate(self, kind: str, name: str) -> Any:
-        """A fresh instance of the plugin class ``name`` of ``kind``."""
-        return self.get(kind, name).cls()
 
 
 def _env_set(variable: str) -> set[str] | None:
@@ -223,9 +201,4 @@ def _default_manager() -> PluginManager:
 def get_plugin_manager() -> PluginManager:
     """The process-wide manager (loaded once). Tests build their own with :class:`PluginManager`."""
     return _default_manager()
-
-
-def reset_plugin_manager() -> None:
-    """Forget the process-wide manager so the next call reloads entry points."""
-    _default_manager.cache_clear()
 

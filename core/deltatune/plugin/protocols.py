@@ -1,24 +1,87 @@
-"""The five plugin protocols: what a class registered through a hook must provide.
+"""The five plugin protocols, their optional members, and the one table of plugin kinds.
 
-These are structural (``typing.Protocol``): a plugin needs no base class from the core, only the
-attributes and methods below. ``deltatune.testing`` checks them with contract tests.
+A protocol is structural (``typing.Protocol``): a plugin needs no base class from the core, only the
+*required* members written in the protocol's body. ``deltatune.testing`` checks them with contract
+tests, and the plugin manager refuses a class that lacks one.
+
+**Optional members** are declared once per protocol with :func:`optional_members` (name, default,
+shape, meaning) and never written in the protocol's body, so a plugin may leave them out. The core
+reaches them only through :meth:`deltatune.plugin.resolve.ResolvedPlugin.optional` (or
+:func:`optional_member` when it holds a bare plugin instance), which returns the plugin's member or
+the declared default; asking for a name that is not declared is an error, so there is no ad-hoc
+probing with ``getattr``/``hasattr``. A present optional member of the wrong shape (a number where a
+method is declared) is refused when the plugin registers (:func:`optional_member_problems`).
+
+**Kinds**: :data:`PLUGIN_KINDS` is the single table of plugin kinds — name, label used in messages,
+hook specification, protocol, contract class of ``deltatune.testing`` — in the order of the hook
+specifications; everything else (manager, registry, scaffold, CLI, contract kit) derives from it.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
 
-import torch
 from pydantic import BaseModel
-from torch import nn
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 Row = dict[str, Any]
 """One tokenised example: ``input_ids`` and ``labels`` (lists of int), optional text fields."""
 
 
+@dataclass(frozen=True)
+class OptionalMember:
+    """A member a plugin may leave out: when it does, the core uses :attr:`default`."""
+
+    name: str
+    default: Any
+    """What the core gets for a plugin without the member (``None``: "not provided / unknown")."""
+    shape: Literal["method", "attribute"]
+    """``method``: a callable; ``attribute``: a class attribute of :attr:`type`."""
+    doc: str
+    """Signature and meaning, as the plugin author needs them."""
+    type: type | None = None
+    """For an attribute: the type its value must have."""
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` cannot be this member, or ``None`` when it can."""
+        if self.shape == "method":
+            return None if callable(value) else f"`{self.name}` must be a method, got {type(value).__name__}"
+        if self.type is not None and not isinstance(value, self.type):
+            return f"`{self.name}` must be a {self.type.__name__}, got {type(value).__name__}"
+        return None
+
+
+_OPTIONAL: dict[type, dict[str, OptionalMember]] = {}
+
+
+def declare_optional(*members: OptionalMember) -> Callable[[type], type]:
+    """Class decorator declaring a protocol's optional members (kept out of the protocol's body, so
+    ``isinstance`` and the manager's contract check do not require them)."""
+
+    def declare(protocol: type) -> type:
+        _OPTIONAL[protocol] = {member.name: member for member in members}
+        return protocol
+
+    return declare
+
+
+def optional_members(protocol: type) -> dict[str, OptionalMember]:
+    """The optional members declared for ``protocol``, by name."""
+    return _OPTIONAL.get(protocol, {})
+
+
+@declare_optional()
 @runtime_checkable
 class DatasetBuilder(Protocol):
-    """Turns data files into tokenised rows for one split."""
+    """Turns data files into tokenised rows for one split.
+
+    Optional members: none.
+    """
 
     name: ClassVar[str]
     Config: ClassVar[type[BaseModel]]
@@ -28,9 +91,36 @@ class DatasetBuilder(Protocol):
         ...
 
 
+@declare_optional(
+    OptionalMember(
+        "peft_state_dict", None, "method",
+        "peft_state_dict(model, cfg) -> dict[str, Tensor]: this method's tensors under PEFT checkpoint "
+        "names (`base_model.model.<module>.<key>`); raise ConfigError when this model's state cannot be "
+        "expressed in PEFT. Absent: the method cannot be exported as a PEFT adapter.",
+    ),
+    OptionalMember(
+        "load_peft_state_dict", None, "method",
+        "load_peft_state_dict(model, cfg, state) -> None: copy the tensors of a PEFT checkpoint (PEFT "
+        "names) into this method's deltas, raising ConfigError for a missing key or a shape mismatch; "
+        "keys of other methods are ignored. Absent: the method cannot start from a PEFT adapter (init_from).",
+    ),
+    OptionalMember(
+        "peft_fields", {}, "attribute",
+        "peft_fields: ClassVar[dict[str, str]]: option name -> PEFT adapter_config.json key, for the "
+        "options `init_from` adopts from the adapter when the user leaves them unset. Absent: none is adopted.",
+        dict,
+    ),
+)
 @runtime_checkable
 class DeltaMethod(Protocol):
-    """A parameter-efficient change of the base model (LoRA, DoRA, VeRA, BitFit, …)."""
+    """A parameter-efficient change of the base model (LoRA, DoRA, VeRA, BitFit, …).
+
+    Optional members (PEFT interoperability, used by :mod:`deltatune.io.export` to write a PEFT
+    adapter folder and to start from one with ``init_from``): ``peft_state_dict``,
+    ``load_peft_state_dict``, ``peft_fields`` — see :func:`optional_members`.
+    :class:`deltatune.deltas.layers.LayerDeltaMethod` implements the first two for methods whose
+    delta tensors carry PEFT's names (override ``peft_names`` to rename).
+    """
 
     name: ClassVar[str]
     Config: ClassVar[type[BaseModel]]
@@ -62,34 +152,19 @@ class DeltaMethod(Protocol):
         ...
 
 
-@runtime_checkable
-class PeftMapping(Protocol):
-    """Optional members of a :class:`DeltaMethod` that PEFT can express (checked with ``hasattr``).
-
-    :mod:`deltatune.io.export` uses them to write a PEFT adapter folder (``export_peft``) and to start
-    from one (``init_from``). The method keeps its own tensor-name mapping here; the core fills in
-    ``target_modules`` and ``base_model_name_or_path`` and checks the PEFT config against
-    :meth:`DeltaMethod.peft_config`. :class:`deltatune.deltas.layers.LayerDeltaMethod` implements both
-    for methods whose delta tensors carry PEFT's names (override ``peft_names`` to rename).
-    """
-
-    def peft_state_dict(self, model: nn.Module, cfg: BaseModel) -> dict[str, torch.Tensor]:
-        """This method's tensors under PEFT checkpoint names (``base_model.model.<module>.<key>``).
-
-        Raise :class:`deltatune.errors.ConfigError` when this model's state cannot be expressed in
-        PEFT (BitFit biases that the base model does not have)."""
-        ...
-
-    def load_peft_state_dict(self, model: nn.Module, cfg: BaseModel, state: dict[str, torch.Tensor]) -> None:
-        """Copy the tensors of a PEFT checkpoint (``state``, PEFT names) into this method's deltas,
-        raising :class:`deltatune.errors.ConfigError` for a missing key or a shape mismatch; keys of
-        other methods are ignored."""
-        ...
-
-
+@declare_optional(
+    OptionalMember(
+        "bits_per_weight", None, "method",
+        "bits_per_weight(cfg) -> float: storage bits per quantized weight, scales included (for "
+        "`deltatune estimate`). Absent: unknown.",
+    ),
+)
 @runtime_checkable
 class Quantizer(Protocol):
-    """Replaces base layers by quantized ones and gives dense weights back on demand."""
+    """Replaces base layers by quantized ones and gives dense weights back on demand.
+
+    Optional member: ``bits_per_weight`` (see :func:`optional_members`).
+    """
 
     name: ClassVar[str]
     Config: ClassVar[type[BaseModel]]
@@ -107,9 +182,13 @@ class Quantizer(Protocol):
         ...
 
 
+@declare_optional()
 @runtime_checkable
 class Evaluator(Protocol):
-    """Computes metrics of a model on a list of rows."""
+    """Computes metrics of a model on a list of rows.
+
+    Optional members: none.
+    """
 
     name: ClassVar[str]
     Config: ClassVar[type[BaseModel]]
@@ -119,9 +198,26 @@ class Evaluator(Protocol):
         ...
 
 
+@declare_optional(
+    OptionalMember(
+        "updates_in_backward", False, "attribute",
+        "updates_in_backward: ClassVar[bool]: True when the optimizer updates each parameter inside "
+        "backward (an InBackwardOptimizer, as LOMO); the core then drives it with manual optimisation. "
+        "Absent: a usual optimizer (backward, then step).",
+        bool,
+    ),
+    OptionalMember(
+        "state_bytes_per_param", None, "method",
+        "state_bytes_per_param(cfg) -> float: optimizer state bytes per trainable parameter (for "
+        "`deltatune estimate`). Absent: unknown.",
+    ),
+)
 @runtime_checkable
 class OptimizerFactory(Protocol):
-    """Builds the optimizer (and learning-rate schedule) for the trainable parameters."""
+    """Builds the optimizer (and learning-rate schedule) for the trainable parameters.
+
+    Optional members: ``updates_in_backward``, ``state_bytes_per_param`` (see :func:`optional_members`).
+    """
 
     name: ClassVar[str]
     Config: ClassVar[type[BaseModel]]
@@ -133,11 +229,72 @@ class OptimizerFactory(Protocol):
         ...
 
 
-KINDS: dict[str, type] = {
-    "dataset_builder": DatasetBuilder,
-    "delta_method": DeltaMethod,
-    "quantizer": Quantizer,
-    "evaluator": Evaluator,
-    "optimizer": OptimizerFactory,
+# -- the table of plugin kinds -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class PluginKind:
+    """One kind of plugin and everything the core and the tools derive from it."""
+
+    name: str
+    """The kind's key: ``PluginInfo.kind``, ``registry.toml``'s ``kind``, ``--kind`` of ``new-plugin``."""
+    label: str
+    """How messages name it (``delta method``)."""
+    hook: str
+    """The hook specification (:mod:`deltatune.plugin.hookspecs`) that registers classes of this kind."""
+    protocol: type
+    """The protocol its classes follow."""
+    contract: str
+    """The ``deltatune.testing`` contract class every plugin of this kind passes."""
+    tested_name: str
+    """The contract's class attribute naming the plugin under test (``method_name``)."""
+
+    @property
+    def optional(self) -> dict[str, OptionalMember]:
+        """The optional members of :attr:`protocol`."""
+        return optional_members(self.protocol)
+
+
+PLUGIN_KINDS: dict[str, PluginKind] = {
+    kind.name: kind
+    for kind in (
+        PluginKind("dataset_builder", "dataset builder", "deltatune_register_dataset_builders", DatasetBuilder,
+                   "DatasetBuilderContract", "builder_name"),
+        PluginKind("delta_method", "delta method", "deltatune_register_delta_methods", DeltaMethod,
+                   "DeltaMethodContract", "method_name"),
+        PluginKind("quantizer", "quantizer", "deltatune_register_quantizers", Quantizer,
+                   "QuantizerContract", "quantizer_name"),
+        PluginKind("evaluator", "evaluator", "deltatune_register_evaluators", Evaluator,
+                   "EvaluatorContract", "evaluator_name"),
+        PluginKind("optimizer", "optimizer", "deltatune_register_optimizers", OptimizerFactory,
+                   "OptimizerContract", "optimizer_name"),
+    )
 }
-"""Plugin kind name → protocol, in the order of the hook specifications."""
+"""Plugin kind name → :class:`PluginKind`, in the order of the hook specifications."""
+
+
+def required_members(protocol: type) -> list[str]:
+    """The required members of ``protocol`` (those written in its body), sorted."""
+    members = set(getattr(protocol, "__protocol_attrs__", ()))
+    members |= {k for k in vars(protocol) if not k.startswith("_")}
+    return sorted(members)
+
+
+# -- reaching optional members ---------------------------------------------------------------------
+def optional_member(kind: str, plugin: Any, name: str) -> Any:
+    """``plugin``'s optional member ``name`` — declared on the protocol of ``kind`` — or its default.
+
+    ``plugin`` is a plugin instance (or class). Raises :class:`KeyError` when ``name`` is not an
+    optional member of that protocol, so a misspelt member fails instead of reading as absent.
+    """
+    declared = PLUGIN_KINDS[kind].optional
+    if name not in declared:
+        raise KeyError(f"'{name}' is not an optional member of {PLUGIN_KINDS[kind].protocol.__name__} "
+                       f"(declared: {', '.join(declared) or 'none'})")
+    return getattr(plugin, name, declared[name].default)
+
+
+def optional_member_problems(kind: str, cls: type) -> list[str]:
+    """What is wrong with the optional members ``cls`` does provide (empty when all is well)."""
+    absent = object()
+    provided = {name: (member, getattr(cls, name, absent)) for name, member in PLUGIN_KINDS[kind].optional.items()}
+    return [problem for member, value in provided.values()
+            if value is not absent and (problem := member.problem(value)) is not None]

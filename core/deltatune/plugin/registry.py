@@ -10,7 +10,9 @@ from typing import Literal
 from packaging.specifiers import SpecifierSet
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-Kind = Literal["dataset_builder", "delta_method", "quantizer", "evaluator", "optimizer"]
+from deltatune.plugin.protocols import PLUGIN_KINDS
+
+Kind = Literal[tuple(PLUGIN_KINDS)]  # type: ignore[valid-type]  # the kind names of the one table
 
 
 class RegistryEntry(BaseModel):

@@ -8,7 +8,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from deltatune.errors import ConfigError
-from deltatune.plugin.manager import KIND_LABEL, PluginInfo, PluginManager, get_plugin_manager
+from deltatune.plugin.manager import PluginInfo, PluginManager, get_plugin_manager
+from deltatune.plugin.protocols import PLUGIN_KINDS, optional_member
 
 
 class PluginRef(BaseModel):
@@ -41,10 +42,15 @@ class ResolvedPlugin:
         """The plugin's registered name."""
         return self.info.name
 
+    def optional(self, member: str) -> Any:
+        """The plugin's optional member ``member`` (a bound method or a value), or the default its
+        protocol declares for it (:func:`deltatune.plugin.protocols.optional_member`)."""
+        return optional_member(self.info.kind, self.plugin, member)
+
 
 def format_validation_error(kind: str, name: str, error: ValidationError) -> str:
     """One readable message per invalid field, naming the plugin and the field."""
-    lines = [f"invalid options for {KIND_LABEL[kind]} '{name}':"]
+    lines = [f"invalid options for {PLUGIN_KINDS[kind].label} '{name}':"]
     for item in error.errors():
         field = ".".join(str(p) for p in item["loc"]) or "(options)"
         message = item["msg"]

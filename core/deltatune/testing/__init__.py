@@ -12,7 +12,7 @@ environment where ``deltatune`` is installed, pytest knows these fixtures:
     the process-wide one): call ``plugin_manager.register_module(module)`` to add a plugin module
     in-process, without installing it;
 ``make_plugin_manager``
-    a factory, ``make_plugin_manager(module, ..., entry_points=True)``, for a manager holding the
+    a factory, ``make_plugin_manager(module, ..., entry_points_too=True)``, for a manager holding the
     given in-process modules (their own installed entry points, if any, are left out so nothing is
     registered twice).
 
@@ -61,7 +61,8 @@ from deltatune.model import loading as models
 from deltatune.plugin.resolve import resolve
 from deltatune.errors import ConfigError, DataError
 from deltatune.plugin.manager import PluginManager
-from deltatune.plugin.protocols import KINDS, Row
+from deltatune.plugin.protocols import PLUGIN_KINDS, Row, optional_member_problems
+from deltatune.train.update_in_backward import optimizer_updates_in_backward
 
 __all__ = [
     "CONTRACTS",
@@ -270,7 +271,7 @@ class PluginContract:
     @property
     def plugin_name(self) -> str:
         """The registered name under test (``method_name``, ``builder_name``, … of the subclass)."""
-        attribute = _NAME_ATTRIBUTE[self.kind]
+        attribute = PLUGIN_KINDS[self.kind].tested_name
         name = getattr(self, attribute, None)
         if not name:
             raise TypeError(f"{type(self).__name__} must set `{attribute}` (the registered name to test)")
@@ -302,11 +303,12 @@ class PluginContract:
         return models.load_tokenizer(self.base)
 
     def test_registered_and_follows_its_protocol(self, manager: PluginManager) -> None:
-        """Registered under its name, an instance satisfies the protocol, ``Config`` forbids unknown
-        options, and :attr:`config` is valid."""
+        """Registered under its name, an instance satisfies the protocol (and the optional members it
+        has are of the declared shape), ``Config`` forbids unknown options, and :attr:`config` is valid."""
         plugin = self.resolved(manager)
-        protocol = KINDS[self.kind]
+        protocol = PLUGIN_KINDS[self.kind].protocol
         assert isinstance(plugin.plugin, protocol), f"{plugin.info.cls.__qualname__} does not follow {protocol.__name__}"
+        assert optional_member_problems(self.kind, plugin.info.cls) == []
         assert plugin.info.cls.Config.model_config.get("extra") == "forbid"
         assert plugin.name == self.plugin_name
 
@@ -853,9 +855,9 @@ class OptimizerContract(PluginContract):
     scheduler bound to it (or ``None``); the optimizer holds exactly the given parameters and changes
     no other; :attr:`steps` steps lower the loss below :attr:`target_ratio` of its start; the
     schedule gives finite non-negative rates for ``total_steps`` steps; and a state dict saved after
-    some steps continues identically in a fresh optimizer (resuming from a checkpoint). Fused
-    optimizers (``fused = True``, :class:`deltatune.train.fused.FusedOptimizer`) are driven with
-    ``fused_backward(loss)``, the others with ``backward`` + ``step``.
+    some steps continues identically in a fresh optimizer (resuming from a checkpoint). Optimizers
+    that update inside backward (:class:`deltatune.train.update_in_backward.InBackwardOptimizer`) are
+    driven with ``backward_and_update(loss)``, the others with ``backward`` + ``step``.
     """
 
     kind: ClassVar[str] = "optimizer"
@@ -890,8 +892,8 @@ class OptimizerContract(PluginContract):
     def step(optimizer: Any, scheduler: Any, problem: nn.Module) -> float:
         """One optimisation step; returns the loss before it."""
         loss = problem()
-        if getattr(optimizer, "fused", False):
-            optimizer.fused_backward(loss)
+        if optimizer_updates_in_backward(optimizer):
+            optimizer.backward_and_update(loss)
         else:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -940,7 +942,7 @@ class OptimizerContract(PluginContract):
             for group in optimizer.param_groups:
                 assert math.isfinite(group["lr"]) and group["lr"] >= 0
             if scheduler is not None:
-                if not getattr(optimizer, "fused", False):
+                if not optimizer_updates_in_backward(optimizer):
                     optimizer.step()  # no gradients: changes nothing, keeps the scheduler's order check quiet
                 scheduler.step()
 
@@ -966,22 +968,8 @@ class OptimizerContract(PluginContract):
         torch.testing.assert_close(copy.bias.detach(), problem.bias.detach(), rtol=1e-6, atol=1e-7)
 
 
-_NAME_ATTRIBUTE = {
-    "dataset_builder": "builder_name",
-    "delta_method": "method_name",
-    "quantizer": "quantizer_name",
-    "evaluator": "evaluator_name",
-    "optimizer": "optimizer_name",
-}
-
-CONTRACTS: dict[str, type[PluginContract]] = {
-    "dataset_builder": DatasetBuilderContract,
-    "delta_method": DeltaMethodContract,
-    "quantizer": QuantizerContract,
-    "evaluator": EvaluatorContract,
-    "optimizer": OptimizerContract,
-}
-"""Plugin kind → its contract class (the kinds of :data:`deltatune.plugin.protocols.KINDS`)."""
+CONTRACTS: dict[str, type[PluginContract]] = {kind: globals()[spec.contract] for kind, spec in PLUGIN_KINDS.items()}
+"""Plugin kind → its contract class (named in :data:`deltatune.plugin.protocols.PLUGIN_KINDS`)."""
 
 
 def contract_subclasses(paths: list[Path]) -> Iterator[tuple[Path, str, str]]:

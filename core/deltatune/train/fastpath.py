@@ -48,7 +48,7 @@ import torch.utils.checkpoint
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from deltatune.train.fused import DeferredGrad, deferred_tied_head, updated_in_backward
+from deltatune.train.update_in_backward import DeferredGrad, deferred_tied_head, updated_in_backward
 from deltatune.deltas.layers import DeltaLinear, LowRankDelta
 from deltatune.data.packing import IGNORE_INDEX
 
@@ -98,7 +98,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     and freed; backward only scales the stored gradients. Logits are computed in the weight's dtype
     and the softmax in fp32, as ``head(hidden).float()`` followed by ``F.cross_entropy`` does.
 
-    With a :class:`deltatune.train.fused.DeferredGrad` (a tied head trained by a fused optimizer) the
+    With a :class:`deltatune.train.update_in_backward.DeferredGrad` (a tied head trained by a fused optimizer) the
     weight's gradient is not computed here: backward hands :func:`head_weight_grad` to it, which
     recomputes it when backward reaches the tied embedding."""
 
@@ -157,7 +157,7 @@ class LinearCrossEntropy(torch.autograd.Function):
 def head_weight_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
                      chunk: int, scale: torch.Tensor) -> torch.Tensor:
     """The gradient of ``scale * LinearCrossEntropy(hidden, weight, bias, targets)`` with respect to
-    ``weight``, recomputing the logits chunk by chunk (for a :class:`deltatune.train.fused.DeferredGrad`).
+    ``weight``, recomputing the logits chunk by chunk (for a :class:`deltatune.train.update_in_backward.DeferredGrad`).
     It is accumulated in place in the weight's dtype: one weight-sized tensor, no temporary."""
     with _no_autocast(hidden):
         dw = torch.zeros_like(weight, memory_format=torch.contiguous_format)
@@ -200,7 +200,7 @@ def head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
               deferred: DeferredGrad | None = None) -> torch.Tensor:
     """Summed cross-entropy of ``head(hidden)`` against ``targets`` (every target is labelled),
     chunked; a head that is not a plain ``nn.Linear`` (a delta on it) is called chunk by chunk.
-    ``deferred`` (:func:`deltatune.train.fused.deferred_tied_head`) moves the head weight's gradient to
+    ``deferred`` (:func:`deltatune.train.update_in_backward.deferred_tied_head`) moves the head weight's gradient to
     the end of backward, where the tied embedding is reached.
 
     The rows are padded with ignored ones to a multiple of :data:`HEAD_ROW_STEP`, so the head's

@@ -19,17 +19,9 @@ import torch
 from torch import nn
 
 from deltatune.train.fastpath import fast_token_loss, head_loss
-from deltatune.train.fused import deferred_lookup, deferred_tied_head
+from deltatune.train.update_in_backward import deferred_lookup, deferred_tied_head
 from deltatune.data.packing import IGNORE_INDEX
-
-
-def hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The last hidden states of ``model`` (a Hugging Face causal LM) for ``batch``."""
-    decoder = model.get_decoder()
-    kwargs = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask")}
-    if "position_ids" in batch:
-        kwargs["position_ids"] = batch["position_ids"]
-    return decoder(**kwargs, use_cache=False).last_hidden_state
+from deltatune.model.forward import hidden_states
 
 
 def token_loss(model: nn.Module, batch: dict[str, torch.Tensor], fast: bool = True) -> tuple[torch.Tensor, int]:

@@ -3,8 +3,8 @@
 Construction resolves every plugin and validates every option — before any weight is loaded — so a
 typo in a YAML file fails in a second with a message naming the plugin and the field.
 ``configure_model`` then loads the base and applies quantizer → delta methods (in the listed order)
-→ freezes what no method claims. The optimizer plugin builds the optimizer; a fused optimizer
-(LOMO, AdaLomo) switches the module to manual optimisation and updates inside backward.
+→ freezes what no method claims. The optimizer plugin builds the optimizer; an optimizer that
+updates inside backward (LOMO, AdaLomo) switches the module to manual optimisation and updates inside backward.
 
 Checkpoints hold only the trainable tensors (and delta buffers), so a LoRA checkpoint of a 135M model
 is a few MB; resuming rebuilds the frozen base from its source.
@@ -21,16 +21,16 @@ import torch
 
 from deltatune.ui import console
 from deltatune.io.adapter import adapter_state, save_adapter
+from deltatune.io.export import build_with_peft_init, resolve_with_peft_init
 from deltatune.plugin.resolve import PluginRef, ResolvedPlugin, coerce_ref, resolve
 from deltatune.errors import ConfigError
-from deltatune.train.fused import FusedOptimizer
+from deltatune.train.update_in_backward import InBackwardOptimizer
 from deltatune.evaluation.helpers import EvaluatorRef
 from deltatune.model.generation import generate
 from deltatune.train.loss import token_loss
 from deltatune.model.loading import DEFAULT_MODEL
-from deltatune.model.assembly import (DType, ModelSpec, build_model, compile_decoder_layers, compute_context, resolve_spec,
-                       trainable_summary)
-from deltatune.data.packing import packing_leak
+from deltatune.model.assembly import DType, ModelSpec, compile_decoder_layers, compute_context, trainable_summary
+from deltatune.train.packing_check import packing_leak
 from deltatune.train.report import PLOT_FILE, REPORT_FILE, RunReport, plot_losses
 
 
@@ -82,7 +82,7 @@ class DeltaTuneModule(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        self.resolved = resolve_spec(
+        self.resolved = resolve_with_peft_init(
             ModelSpec(base=base, quantizer=quantizer, delta=delta or [], base_dtype=base_dtype,
                       trainable_dtype=trainable_dtype, trust_remote_code=trust_remote_code)
         )
@@ -91,8 +91,8 @@ class DeltaTuneModule(L.LightningModule):
                 for e in (evaluators or ["perplexity"])]
         self.evaluator_plugins = [resolve("evaluator", PluginRef(name=e.name, config=e.config)) for e in refs]
         self.evaluator_splits = [e.splits for e in refs]
-        self.fused = bool(getattr(self.optimizer_plugin.info.cls, "fused", False))
-        self.automatic_optimization = not self.fused
+        self.updates_in_backward: bool = self.optimizer_plugin.optional("updates_in_backward")
+        self.automatic_optimization = not self.updates_in_backward
         self.strict_loading = False
         self.model: torch.nn.Module | None = None
         self.report = RunReport()
@@ -104,7 +104,7 @@ class DeltaTuneModule(L.LightningModule):
         """Load the base and apply quantizer and delta methods (once)."""
         if self.model is not None:
             return
-        self.model = build_model(self.resolved)
+        self.model = build_with_peft_init(self.resolved)
         self.model.train()
         if self.hparams.gradient_checkpointing:
             # the training loss asks for no KV cache itself (losses.hidden_states); the config keeps
@@ -136,7 +136,7 @@ class DeltaTuneModule(L.LightningModule):
             return token_loss(self.model, batch, fast=self.uses_fast_path)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
-        """Mean token loss; with a fused optimizer, backward and update happen here.
+        """Mean token loss; with an optimizer that updates inside backward, backward and update happen here.
 
         With several processes (DDP) the loss is the mean over every labelled token of the *global*
         batch: each rank divides its summed loss by the global token count (an all-reduce) and
@@ -154,11 +154,11 @@ class DeltaTuneModule(L.LightningModule):
             mean = loss.detach()
         self.log("train_loss", mean, prog_bar=True, batch_size=batch["input_ids"].shape[0])
         self.report.history["train"].append((self.global_step + 1, float(mean)))
-        if not self.fused:
+        if not self.updates_in_backward:
             return loss
         optimizer = self.optimizers()
-        # step(closure) lets Lightning count the step (global_step, max_steps) for a fused update
-        optimizer.step(closure=lambda: optimizer.optimizer.fused_backward(loss))
+        # step(closure) lets Lightning count the step (global_step, max_steps) for an update inside backward
+        optimizer.step(closure=lambda: optimizer.optimizer.backward_and_update(loss))
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
@@ -206,15 +206,15 @@ class DeltaTuneModule(L.LightningModule):
             self.check_trainer(self.trainer)
 
     def check_trainer(self, trainer: L.Trainer) -> None:
-        """Raise :class:`ConfigError` for trainer settings a fused optimizer cannot honour.
+        """Raise :class:`ConfigError` for trainer settings an in-backward optimizer cannot honour.
 
         The CLI calls this before Lightning validates its own loop configuration, so the user sees
         deltatune's explanation rather than Lightning's generic manual-optimisation message.
         """
-        if not self.fused:
+        if not self.updates_in_backward:
             return
         try:
-            FusedOptimizer.check_trainer_compatible(
+            InBackwardOptimizer.check_trainer_compatible(
                 trainer.accumulate_grad_batches, gradient_clip_val=trainer.gradient_clip_val,
                 world_size=trainer.world_size, precision=trainer.precision, name=self.optimizer_plugin.name,
             )

@@ -3,7 +3,8 @@
 ``base_metrics`` and ``tuned_metrics`` map each evaluation set (``validation``, ``test``, and every
 ``extra_eval`` set such as ``heldout``) to ``{"evaluator/metric": value}``. ``history`` holds the
 training loss of every step and the validation loss of every validation run, for the plot.
-``deltatune report RUN_DIR…`` reads reports back, prints them and compares several side by side.
+``deltatune report RUN_DIR…`` (:mod:`deltatune.cli.report`) reads reports back, prints them and
+compares several side by side.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 from deltatune.io.atomic import atomic_file
 from deltatune.errors import DataError
+from deltatune.ui.console import is_count
 
 REPORT_FILE = "report.json"
 PLOT_FILE = "losses.png"
@@ -79,11 +81,6 @@ class RunReport:
         return metrics.get(split, {}).get(metric)
 
 
-def is_count(metric: str) -> bool:
-    """Whether ``metric`` is a row or token count rather than a score."""
-    return metric.rsplit("/", 1)[-1] in ("tokens", "rows")
-
-
 def smooth(values: list[float] | tuple[float, ...], weight: float = 0.9) -> list[float]:
     """Exponential moving average with bias correction (TensorBoard's smoothing)."""
     out, mean = [], 0.0
@@ -124,29 +121,3 @@ def plot_losses(reports: list[RunReport], path: Path) -> Path:
         figure.savefig(tmp, format="png")
     plt.close(figure)
     return path
-
-
-def cmd_report(args: Any) -> None:
-    """``deltatune report RUN_DIR…``: print one run's table (several runs side by side) and plot losses."""
-    from deltatune.ui import console
-
-    reports = [RunReport.read(Path(p)) for p in args.runs]
-    if len(reports) == 1:
-        console.print_report(reports[0])
-        plot = Path(args.plot) if args.plot else Path(args.runs[0]) / PLOT_FILE
-    else:
-        names = [r.name for r in reports]
-        for report, path in zip(reports, args.runs):
-            if names.count(report.name) > 1:
-                report.name = str(path)
-        console.print_comparison(reports)
-        plot = Path(args.plot or "runs-compared.png")
-    console.console.print(f"loss plot written to [bold]{plot_losses(reports, plot)}[/bold]")
-
-
-def add_parser(sub: Any) -> None:
-    """Add the ``report`` subcommand to the ``deltatune`` command's subparsers."""
-    parser = sub.add_parser("report", help="print and plot a finished run, or compare several side by side")
-    parser.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folder(s) holding report.json")
-    parser.add_argument("--plot", help="PNG to write (default RUN_DIR/losses.png, or runs-compared.png for several)")
-    parser.set_defaults(func=cmd_report)

@@ -43,6 +43,11 @@ def print_run_summary(resolved: "ResolvedSpec", optimizer: "ResolvedPlugin", tra
     console.print(Panel("\n".join(lines), title="deltatune run", expand=False))
 
 
+def is_count(metric: str) -> bool:
+    """Whether ``metric`` is a row or token count rather than a score (not shown as a score)."""
+    return metric.rsplit("/", 1)[-1] in ("tokens", "rows")
+
+
 def _fmt(value: float | None) -> str:
     return "—" if value is None else f"{value:.4f}"
 
@@ -107,8 +112,6 @@ def print_comparison(reports: list["RunReport"]) -> None:
 
 def print_metrics(title: str, metrics: dict[str, dict[str, float]]) -> None:
     """Metrics of one model (``validate``/``test``): evaluation set, metric, value."""
-    from deltatune.train.report import is_count
-
     rows = [[split, key, f"{value:.4f}"] for split, values in metrics.items()
             for key, value in values.items() if not is_count(key)]
     print_table(title, ["set", "metric", "value"], rows)

@@ -44,8 +44,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from deltatune import ConfigError, Delta, DeltaLinear, LayerDeltaMethod, hookimpl
-from deltatune.deltas.layers import target_matches
+from deltatune.api import ConfigError, Delta, DeltaLinear, LayerDeltaMethod, hookimpl, target_matches
 
 __all__ = ["IA3", "IA3Config", "IA3Delta"]
 __version__ = "0.1.0"

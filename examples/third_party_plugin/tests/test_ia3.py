@@ -7,7 +7,7 @@ from importlib.metadata import entry_points
 import pytest
 import torch
 
-from deltatune import ConfigError
+from deltatune.api import ConfigError
 from deltatune.io.adapter import save_adapter
 from deltatune.model.loading import tiny_llama
 from deltatune.model.assembly import build_model, resolve_spec

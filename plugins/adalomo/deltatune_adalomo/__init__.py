@@ -42,13 +42,12 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, Field
 
-from deltatune import hookimpl
-from deltatune.train.fused import FusedOptimizer, FusedOptimizerConfig, FusedOptimizerFactory
+from deltatune.api import InBackwardOptimizer, InBackwardOptimizerConfig, InBackwardOptimizerFactory, hookimpl
 
 __all__ = ["AdaLomo", "AdaLomoOptimizer", "Config"]
 
 
-class Config(FusedOptimizerConfig):
+class Config(InBackwardOptimizerConfig):
     """Options of the ``adalomo`` optimizer (and the shared ``clip_grad_norm``, ``warmup_steps``, ``min_lr_ratio``)."""
 
     lr: float = Field(1e-3, gt=0, description="peak relative learning rate (scaled by each parameter's RMS)")
@@ -60,7 +59,7 @@ class Config(FusedOptimizerConfig):
     clip_threshold: float = Field(1.0, gt=0, description="update normalization: RMS(update) is capped at this")
 
 
-class AdaLomoOptimizer(FusedOptimizer):
+class AdaLomoOptimizer(InBackwardOptimizer):
     """AdaLomo: factored adaptive learning rate, update fused into backward.
 
     Its state per parameter is ``step`` and either ``exp_avg_sq_row``/``exp_avg_sq_col`` (tensors
@@ -148,14 +147,14 @@ class AdaLomoOptimizer(FusedOptimizer):
         param.sub_(update)
 
 
-class AdaLomo(FusedOptimizerFactory):
+class AdaLomo(InBackwardOptimizerFactory):
     """The ``adalomo`` optimizer factory registered with deltatune: an :class:`AdaLomoOptimizer`
     with a warm-up + cosine schedule; trainer settings it cannot honour are refused by
-    :meth:`~deltatune.train.fused.FusedOptimizerFactory.check_trainer_compatible`."""
+    :meth:`~deltatune.api.InBackwardOptimizerFactory.check_trainer_compatible`."""
 
     name: ClassVar[str] = "adalomo"
     Config: ClassVar[type[BaseModel]] = Config
-    optimizer_class: ClassVar[type[FusedOptimizer]] = AdaLomoOptimizer
+    optimizer_class: ClassVar[type[InBackwardOptimizer]] = AdaLomoOptimizer
 
 
 @hookimpl

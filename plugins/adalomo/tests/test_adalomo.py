@@ -10,7 +10,7 @@ import pytest
 import torch
 from deltatune.plugin.resolve import resolve
 from deltatune.errors import ConfigError
-from deltatune.train.fused import is_fused
+from deltatune.train.update_in_backward import optimizer_updates_in_backward
 from deltatune.model.loading import tiny_llama
 from deltatune.plugin.manager import PluginManager
 from deltatune.testing import max_parameter_difference as max_diff, token_batches
@@ -67,7 +67,7 @@ def adafactor_run(
 def adalomo_run(model: nn.Module, clip: float | None, weight_decay: float = 0.0, cls: type = AdaLomoOptimizer) -> Any:
     opt = cls(model.named_parameters(), lr=LR, weight_decay=weight_decay, clip_grad_norm=clip)
     for b in batches():
-        opt.fused_backward(loss_of(model, b))
+        opt.backward_and_update(loss_of(model, b))
     return opt
 
 
@@ -116,7 +116,7 @@ def test_schedule_from_create_matches_adafactor_with_same_lrs(base: nn.Module) -
     lrs = []
     for b in batches():
         lrs.append(opt.param_groups[0]["lr"])
-        opt.fused_backward(loss_of(ours, b))
+        opt.backward_and_update(loss_of(ours, b))
         sched.step()
     assert len(set(lrs)) == STEPS
     adafactor_run(ref, None, lrs=lrs)
@@ -192,7 +192,7 @@ def test_gradients_are_freed_at_once(base: nn.Module) -> None:
     model = copy.deepcopy(base)
     opt = Recording(model.named_parameters(), lr=LR, clip_grad_norm=1.0)
     for b in batches(2):
-        opt.fused_backward(loss_of(model, b))
+        opt.backward_and_update(loss_of(model, b))
         assert all(p.grad is None for p in model.parameters())
     assert opt.alive_grads and max(opt.alive_grads) == 0
 
@@ -204,7 +204,7 @@ def test_only_the_given_parameters_train(base: nn.Module) -> None:
             p.requires_grad_("v_proj" in name or "norm" in name)
     opt = AdaLomoOptimizer([(n, p) for n, p in ours.named_parameters() if p.requires_grad], lr=LR)
     for b in batches():
-        opt.fused_backward(loss_of(ours, b))
+        opt.backward_and_update(loss_of(ours, b))
     adafactor_run(ref, None)
     for (name, p), p0, q in zip(ours.named_parameters(), base.parameters(), ref.parameters()):
         if "v_proj" in name or "norm" in name:
@@ -220,7 +220,7 @@ def test_bf16_weights_match_adafactor_in_bf16(base: nn.Module) -> None:
     ours, ref = copy.deepcopy(base).to(torch.bfloat16), copy.deepcopy(base).to(torch.bfloat16)
     opt = AdaLomoOptimizer(ours.named_parameters(), lr=LR)
     b = batches(1)[0]
-    opt.fused_backward(loss_of(ours, b))
+    opt.backward_and_update(loss_of(ours, b))
     ref_opt = adafactor([p for p in ref.parameters()])
     loss_of(ref, b).backward()
     ref_opt.step()
@@ -243,14 +243,14 @@ def test_state_dict_round_trip_continues_identically(base: nn.Module) -> None:
     opt = AdaLomoOptimizer(first.named_parameters(), lr=LR)
     data = batches(4)
     for b in data[:2]:
-        opt.fused_backward(loss_of(first, b))
+        opt.backward_and_update(loss_of(first, b))
     second = copy.deepcopy(first)
     opt2 = AdaLomoOptimizer(second.named_parameters(), lr=LR)
     opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
     assert opt2.steps == 2
     for b in data[2:]:
-        opt.fused_backward(loss_of(first, b))
-        opt2.fused_backward(loss_of(second, b))
+        opt.backward_and_update(loss_of(first, b))
+        opt2.backward_and_update(loss_of(second, b))
     assert max_diff(first, second) == 0.0
 
 
@@ -261,10 +261,10 @@ def test_trainer_settings_that_cannot_work_are_errors(base: nn.Module) -> None:
     with pytest.raises(ValueError, match=r"'adalomo'.*gradient_clip_val=0.5"):
         AdaLomo.check_trainer_compatible(1, gradient_clip_val=0.5)
     opt = AdaLomoOptimizer(base.named_parameters(), lr=LR)
-    assert is_fused(opt)
+    assert optimizer_updates_in_backward(opt)
     with pytest.raises(ValueError, match=r"'adalomo'.*world_size=4"):
         type(opt).check_trainer_compatible(1, world_size=4)
-    with pytest.raises(RuntimeError, match="fused_backward"):
+    with pytest.raises(RuntimeError, match="backward_and_update"):
         opt.step()
 
 
@@ -284,7 +284,7 @@ def test_statistics_stay_fp32_for_bf16_weights_across_a_checkpoint(base: nn.Modu
     """torch casts optimizer state to the parameter dtype on load; AdaLomo's statistics stay fp32."""
     model = copy.deepcopy(base).to(torch.bfloat16)
     opt = AdaLomoOptimizer(model.named_parameters(), lr=LR)
-    opt.fused_backward(loss_of(model, batches(1)[0]))
+    opt.backward_and_update(loss_of(model, batches(1)[0]))
     restored = copy.deepcopy(model)
     opt2 = AdaLomoOptimizer(restored.named_parameters(), lr=LR)
     opt2.load_state_dict(copy.deepcopy(opt.state_dict()))

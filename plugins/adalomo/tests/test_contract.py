@@ -1,6 +1,6 @@
-"""AdaLomo against deltatune's optimizer contract (``deltatune.testing``): a fused optimizer is
-driven through ``fused_backward`` by the contract, as by the core; its factored statistics must
-survive a state-dict round trip."""
+"""AdaLomo against deltatune's optimizer contract (``deltatune.testing``): an optimizer that updates
+inside backward is driven through ``backward_and_update`` by the contract, as by the core; its
+factored statistics must survive a state-dict round trip."""
 
 from deltatune.testing import OptimizerContract
 

@@ -13,8 +13,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from deltatune import hookimpl
-from deltatune.train.schedules import warmup_cosine
+from deltatune.api import hookimpl, warmup_cosine
 
 
 class AdamWConfig(BaseModel):

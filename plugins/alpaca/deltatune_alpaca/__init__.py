@@ -14,9 +14,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from deltatune import DataError, Row, hookimpl
-from deltatune.data.module import TruncationStats, encode_example, read_records
-from deltatune.model.generation import chat_prompt
+from deltatune.api import DataError, Row, TruncationStats, chat_prompt, encode_example, hookimpl, read_records
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task{context}. Write a response that appropriately completes "

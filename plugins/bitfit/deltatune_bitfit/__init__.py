@@ -29,8 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from deltatune import ConfigError, DeltaLinear, hookimpl
-from deltatune.deltas.layers import PEFT_PREFIX, find_targets
+from deltatune.api import PEFT_PREFIX, ConfigError, DeltaLinear, console, find_targets, hookimpl
 
 logger = logging.getLogger("deltatune.bitfit")
 
@@ -81,12 +80,7 @@ def _add_bias(layer: nn.Module) -> None:
 def _announce(existing: int, added: int, total: int) -> None:
     message = f"bitfit: training the biases of {total} linear layers ({existing} existing, {added} added as zeros)"
     logger.info(message)
-    try:
-        from deltatune.ui.console import console
-
-        console.print(f"[bold]{message}[/bold]")
-    except ImportError:  # the core's rich console is optional for a library user
-        pass
+    console.print(f"[bold]{message}[/bold]")
 
 
 class Bitfit:

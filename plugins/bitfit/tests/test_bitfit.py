@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from deltatune import ConfigError
+from deltatune.api import ConfigError
 from deltatune.model.loading import tiny_llama
 from deltatune.model.assembly import ModelSpec, build_model, resolve_spec
 

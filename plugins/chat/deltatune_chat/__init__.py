@@ -17,8 +17,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from deltatune import DataError, Row, hookimpl
-from deltatune.data.module import TruncationStats, encode_records, encode_segments, passthrough
+from deltatune.api import DataError, Row, TruncationStats, encode_records, encode_segments, hookimpl, passthrough
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "chatgpt": "assistant"}

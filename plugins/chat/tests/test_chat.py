@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from deltatune import DataError, resolve
+from deltatune.api import DataError
+from deltatune.plugin.resolve import resolve
 from deltatune.model.loading import tiny_tokenizer
 from deltatune.testing import DatasetBuilderContract
 

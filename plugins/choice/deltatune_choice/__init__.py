@@ -14,9 +14,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from deltatune import DataError, Row, hookimpl
-from deltatune.data.module import encode_example
-from deltatune.evaluation.helpers import sequence_logprobs, summarize
+from deltatune.api import DataError, Row, encode_example, hookimpl, sequence_logprobs, summarize
 
 
 class ChoiceConfig(BaseModel):

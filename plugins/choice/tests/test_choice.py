@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from deltatune import resolve
+from deltatune.plugin.resolve import resolve
 from deltatune.model.loading import tiny_llama, tiny_tokenizer
 from deltatune.testing import EvaluatorContract, sample_rows
 

@@ -19,7 +19,7 @@ over LoRA is ``n``. PEFT builds ``W + s·B A`` (``out x in``) on every forward; 
 ``||W||²_row`` is cached (``W`` is frozen; the cache follows the weight tensor's identity and
 version), ``W Aᵀ`` is ``out x r`` (one ``out·in·r`` product, the cost of ``B A`` without its
 ``out x in`` result) and ``A Aᵀ`` is ``r x r``. On a quantized base ``W`` is read through
-:func:`deltatune.deltas.layers.base_weight`. The rescaling is one autograd function (:class:`Rescale`)
+:func:`deltatune.api.base_weight`. The rescaling is one autograd function (:class:`Rescale`)
 that touches the ``tokens x out`` activations as few times as the algebra allows, and ``s`` is
 applied to the rank-``r`` intermediate. Merging writes ``(m / n) ⊙ (W + s·B A)`` into ``W`` (``n``
 computed directly and kept); unmerging divides the factor out and subtracts ``s·B A``.
@@ -37,8 +37,16 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from deltatune import ConfigError, DeltaLinear, LayerDeltaMethod, base_weight, hookimpl
-from deltatune.deltas.layers import LowRankConfig, LowRankDelta
+from deltatune.api import (
+    LOW_RANK_PEFT_FIELDS,
+    ConfigError,
+    DeltaLinear,
+    LayerDeltaMethod,
+    LowRankConfig,
+    LowRankDelta,
+    base_weight,
+    hookimpl,
+)
 
 
 class DoraConfig(LowRankConfig):
@@ -147,6 +155,7 @@ class Dora(LayerDeltaMethod):
     name: ClassVar[str] = "dora"
     Config: ClassVar[type[BaseModel]] = DoraConfig
     supports_quantized: ClassVar[bool] = True
+    peft_fields: ClassVar[dict[str, str]] = LOW_RANK_PEFT_FIELDS  # options init_from adopts from a PEFT adapter
     peft_names: ClassVar[dict[str, str]] = {"magnitude": "lora_magnitude_vector"}
 
     def make_delta(self, layer: DeltaLinear, cfg: BaseModel, layer_name: str) -> DoraDelta:

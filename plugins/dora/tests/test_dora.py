@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from deltatune import ConfigError, base_weight
+from deltatune.api import ConfigError, base_weight
 from deltatune.deltas.layers import delta_layers
 from deltatune.model.loading import tiny_llama
 from deltatune.model.assembly import ModelSpec, build_model, resolve_spec

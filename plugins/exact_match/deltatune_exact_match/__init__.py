@@ -11,8 +11,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel
 from torch import nn
 
-from deltatune import Row, hookimpl
-from deltatune.evaluation.helpers import GenerationOptions, answer_rows, generate_answers, normalize_answer, summarize
+from deltatune.api import GenerationOptions, Row, answer_rows, generate_answers, hookimpl, normalize_answer, summarize
 
 
 class ExactMatchConfig(GenerationOptions):

@@ -14,7 +14,7 @@ which is exactly :class:`torch.optim.SGD` (``momentum=0``, L2 ``weight_decay=wd`
 :func:`torch.nn.utils.clip_grad_norm_` does; because the update happens during backward, the global
 norm is measured in an extra backward pass, so **clipping doubles the backward cost**
 (``optimizer.backward_passes`` counts it). The machinery (hooks, clipping pass, fp16 loss scaling,
-fp32 math for bf16 weights) lives in :class:`deltatune.train.fused.FusedOptimizer`; this file only holds
+fp32 math for bf16 weights) lives in :class:`deltatune.api.InBackwardOptimizer`; this file only holds
 the update rule.
 
 Constraints (checked by :meth:`Lomo.check_trainer_compatible` before training): no gradient
@@ -33,20 +33,19 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, Field
 
-from deltatune import hookimpl
-from deltatune.train.fused import FusedOptimizer, FusedOptimizerConfig, FusedOptimizerFactory
+from deltatune.api import InBackwardOptimizer, InBackwardOptimizerConfig, InBackwardOptimizerFactory, hookimpl
 
 __all__ = ["Config", "Lomo", "LomoOptimizer"]
 
 
-class Config(FusedOptimizerConfig):
+class Config(InBackwardOptimizerConfig):
     """Options of the ``lomo`` optimizer (and the shared ``clip_grad_norm``, ``warmup_steps``, ``min_lr_ratio``)."""
 
     lr: float = Field(1e-3, gt=0, description="peak learning rate (SGD needs larger values than Adam, e.g. 1e-2)")
     weight_decay: float = Field(0.0, ge=0, description="L2 weight decay, as torch.optim.SGD's weight_decay")
 
 
-class LomoOptimizer(FusedOptimizer):
+class LomoOptimizer(InBackwardOptimizer):
     """SGD fused into backward (LOMO). Keeps no optimizer state.
 
     Args:
@@ -78,14 +77,14 @@ class LomoOptimizer(FusedOptimizer):
         param.add_(grad, alpha=-lr)
 
 
-class Lomo(FusedOptimizerFactory):
+class Lomo(InBackwardOptimizerFactory):
     """The ``lomo`` optimizer factory registered with deltatune: a :class:`LomoOptimizer` with a
     warm-up + cosine schedule; trainer settings it cannot honour are refused by
-    :meth:`~deltatune.train.fused.FusedOptimizerFactory.check_trainer_compatible`."""
+    :meth:`~deltatune.api.InBackwardOptimizerFactory.check_trainer_compatible`."""
 
     name: ClassVar[str] = "lomo"
     Config: ClassVar[type[BaseModel]] = Config
-    optimizer_class: ClassVar[type[FusedOptimizer]] = LomoOptimizer
+    optimizer_class: ClassVar[type[InBackwardOptimizer]] = LomoOptimizer
 
 
 @hookimpl

@@ -1,5 +1,5 @@
-"""LOMO against deltatune's optimizer contract (``deltatune.testing``): a fused optimizer is driven
-through ``fused_backward`` by the contract, as by the core."""
+"""LOMO against deltatune's optimizer contract (``deltatune.testing``): an optimizer that updates
+inside backward is driven through ``backward_and_update`` by the contract, as by the core."""
 
 from deltatune.testing import OptimizerContract
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from deltatune.plugin.resolve import resolve
 from deltatune.errors import ConfigError
-from deltatune.train.fused import FusedOptimizer, is_fused
+from deltatune.train.update_in_backward import InBackwardOptimizer, optimizer_updates_in_backward
 from deltatune.model.loading import tiny_llama
 from deltatune.plugin.manager import PluginManager
 from deltatune.testing import max_parameter_difference as max_diff, token_batches
@@ -48,7 +48,7 @@ def sgd_reference(model: nn.Module, clip: float | None, weight_decay: float = 0.
 def lomo_run(model: nn.Module, clip: float | None, weight_decay: float = 0.0) -> LomoOptimizer:
     opt = LomoOptimizer(model.named_parameters(), lr=LR, weight_decay=weight_decay, clip_grad_norm=clip)
     for b in batches():
-        opt.fused_backward(loss_of(model, b))
+        opt.backward_and_update(loss_of(model, b))
     return opt
 
 
@@ -78,7 +78,7 @@ def test_matches_lomo_optim_with_schedule(base: nn.Module, clip: float | None) -
     for b in batches():
         lr = opt.param_groups[0]["lr"]
         lrs.append(lr)
-        opt.fused_backward(loss_of(ours, b))
+        opt.backward_and_update(loss_of(ours, b))
         sched.step()
         loss = loss_of(ref, b)
         if clip is not None:
@@ -112,7 +112,7 @@ def test_after_load_state_dict_updates_use_the_scheduled_rate(base: nn.Module) -
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 + step)
     reference = torch.optim.SGD(ref.parameters(), lr=LR)
     for step, b in enumerate(batches()):
-        opt.fused_backward(loss_of(ours, b))
+        opt.backward_and_update(loss_of(ours, b))
         scheduler.step()
         loss_of(ref, b).backward()
         reference.step()
@@ -151,7 +151,7 @@ def test_tied_weights_updated_exactly_once_per_step() -> None:
     ours, ref = copy.deepcopy(base), copy.deepcopy(base)
     opt = Recording(ours.named_parameters(), lr=LR, clip_grad_norm=0.5)
     for b in batches():
-        opt.fused_backward(loss_of(ours, b))
+        opt.backward_and_update(loss_of(ours, b))
     sgd_reference(ref, 0.5)
     tied = ours.model.embed_tokens.weight.data_ptr()
     assert ours.lm_head.weight is ours.model.embed_tokens.weight
@@ -190,7 +190,7 @@ def test_tied_head_gradient_is_deferred_to_the_end_of_backward(fast: bool, clip:
     """Through deltatune's loss (fast and plain path), a tied LM head's weight gradient is computed
     when backward reaches the embedding — after every other parameter is updated — and only then;
     the result is still exactly SGD's."""
-    from deltatune.train import fused
+    from deltatune.train import update_in_backward
     from deltatune.train.loss import token_loss
 
     base = tiny_llama(seed=2, tie_word_embeddings=True).train()
@@ -198,19 +198,19 @@ def test_tied_head_gradient_is_deferred_to_the_end_of_backward(fast: bool, clip:
     opt = Recording(ours.named_parameters(), lr=LR, clip_grad_norm=clip)
     tied = ours.model.embed_tokens.weight
     taken: list[int] = []
-    take = fused.DeferredGrad.take
+    take = update_in_backward.DeferredGrad.take
 
-    def spy(self: fused.DeferredGrad) -> torch.Tensor | None:
+    def spy(self: update_in_backward.DeferredGrad) -> torch.Tensor | None:
         taken.append(len(opt.updated))
         return take(self)
 
     n_params = len(list(ours.parameters()))
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(fused.DeferredGrad, "take", spy)
-        assert fused.deferred_tied_head(ours) is not None
+        patch.setattr(update_in_backward.DeferredGrad, "take", spy)
+        assert update_in_backward.deferred_tied_head(ours) is not None
         for b in batches():
             total, count = token_loss(ours, labelled(b), fast=fast)
-            opt.fused_backward(total / count)
+            opt.backward_and_update(total / count)
     sgd_reference_token_loss(ref, clip)
     assert max_diff(ours, ref) < 1e-6
     passes = 2 if clip else 1
@@ -219,13 +219,13 @@ def test_tied_head_gradient_is_deferred_to_the_end_of_backward(fast: bool, clip:
                for step in range(STEPS * passes)]
     assert taken == updates  # …after every other parameter of that pass was updated (norm pass: none)
     assert opt.updated.count(tied.data_ptr()) == STEPS
-    # nothing is deferred without a fused optimizer driving the tied weight
-    assert fused.deferred_tied_head(ref) is None
-    assert fused.deferred_tied_head(tiny_llama(seed=2)) is None  # untied
+    # nothing is deferred without an in-backward optimizer driving the tied weight
+    assert update_in_backward.deferred_tied_head(ref) is None
+    assert update_in_backward.deferred_tied_head(tiny_llama(seed=2)) is None  # untied
 
 
-def test_loss_uses_lean_logits_chunks_when_a_fused_optimizer_trains_the_head() -> None:
-    """The head's logits chunks shrink to FUSED_LOSS_CHUNK_BYTES only while a fused optimizer
+def test_loss_uses_lean_logits_chunks_when_an_in_backward_optimizer_trains_the_head() -> None:
+    """The head's logits chunks shrink to FUSED_LOSS_CHUNK_BYTES only while an in-backward optimizer
     updates the head inside backward (memory is the point there), and are back once it lets go."""
     from deltatune.train import fastpath
 
@@ -243,7 +243,7 @@ def test_gradients_are_freed_at_once(base: nn.Module) -> None:
     model = copy.deepcopy(base)
     opt = Recording(model.named_parameters(), lr=LR, clip_grad_norm=1.0)
     for b in batches(2):
-        opt.fused_backward(loss_of(model, b))
+        opt.backward_and_update(loss_of(model, b))
         assert all(p.grad is None for p in model.parameters())
     # when any parameter is updated, no other parameter holds a gradient
     assert opt.alive_grads and max(opt.alive_grads) == 0
@@ -258,7 +258,7 @@ def test_only_the_given_parameters_train(base: nn.Module) -> None:
     trainable = [(n, p) for n, p in ours.named_parameters() if p.requires_grad]
     opt = LomoOptimizer(trainable, lr=LR, clip_grad_norm=0.5)
     for b in batches():
-        opt.fused_backward(loss_of(ours, b))
+        opt.backward_and_update(loss_of(ours, b))
     sgd_reference(ref, 0.5)
     for (name, p), p0, q in zip(ours.named_parameters(), base.parameters(), ref.parameters()):
         if "q_proj" in name or "norm" in name:
@@ -293,7 +293,7 @@ def test_bf16_weights_update_in_fp32(base: nn.Module, cls: type[LomoOptimizer]) 
     loss_of(probe, b).backward()
     expected = [p.float().add(p.grad.float(), alpha=-LR).to(torch.bfloat16) for p in probe.parameters()]
     opt = cls(model.named_parameters(), lr=LR)
-    opt.fused_backward(loss_of(model, b))
+    opt.backward_and_update(loss_of(model, b))
     assert opt.backward_passes == 1  # bf16 needs no loss scaling and no norm pass
     for p, e in zip(model.parameters(), expected):
         assert p.dtype == torch.bfloat16
@@ -307,11 +307,11 @@ def test_fp16_uses_loss_scaling_and_skips_overflow(base: nn.Module) -> None:
     model = copy.deepcopy(base).half()
     opt = LomoOptimizer(model.named_parameters(), lr=LR)
     b = batches(1)[0]
-    opt.fused_backward(loss_of(model, b))
+    opt.backward_and_update(loss_of(model, b))
     assert (opt.backward_passes, opt.norm_passes, opt.steps) == (2, 1, 1)  # norm pass = overflow check
     assert opt.loss_scale == 2.0**16
     snapshot = copy.deepcopy(model)
-    opt.fused_backward(loss_of(model, b) * 1e5)  # scaled gradients overflow fp16
+    opt.backward_and_update(loss_of(model, b) * 1e5)  # scaled gradients overflow fp16
     assert (opt.skipped_steps, opt.steps, opt.loss_scale) == (1, 1, 2.0**15)
     assert max_diff(model, snapshot) == 0.0
     assert all(p.grad is None for p in model.parameters())
@@ -331,17 +331,17 @@ def test_trainer_settings_that_cannot_work_are_errors() -> None:
     Lomo.check_trainer_compatible(1, precision="bf16-mixed")
 
 
-def test_step_and_plain_backward_explain_the_fused_api(base: nn.Module) -> None:
+def test_step_and_plain_backward_explain_the_in_backward_api(base: nn.Module) -> None:
     model = copy.deepcopy(base)
     opt = LomoOptimizer(model.named_parameters(), lr=LR, clip_grad_norm=1.0)
-    assert is_fused(opt) and isinstance(opt, FusedOptimizer)
-    with pytest.raises(RuntimeError, match="fused_backward"):
+    assert optimizer_updates_in_backward(opt) and isinstance(opt, InBackwardOptimizer)
+    with pytest.raises(RuntimeError, match="backward_and_update"):
         opt.step()
-    with pytest.raises(RuntimeError, match="did not call fused_backward"):
+    with pytest.raises(RuntimeError, match="did not call backward_and_update"):
         opt.step(closure=lambda: None)
-    with pytest.raises(RuntimeError, match="fused_backward"):
+    with pytest.raises(RuntimeError, match="backward_and_update"):
         loss_of(model, batches(1)[0]).backward()  # clipping cannot happen in a plain backward
-    # without clipping a plain backward is one fused SGD step
+    # without clipping a plain backward is one SGD step inside backward
     plain = copy.deepcopy(base)
     LomoOptimizer(plain.named_parameters(), lr=LR)
     ref = copy.deepcopy(base)
@@ -373,7 +373,7 @@ def test_a_new_optimizer_takes_over_hooked_parameters(base: nn.Module) -> None:
     with pytest.warns(UserWarning, match="'lomo'.*no longer"):
         second = LomoOptimizer(model.named_parameters(), lr=LR)
     for b in batches():
-        second.fused_backward(loss_of(model, b))
+        second.backward_and_update(loss_of(model, b))
     sgd_reference(ref, None)
     assert first.param_updates == 0
     assert max_diff(model, ref) < 1e-6
@@ -385,7 +385,7 @@ def test_a_new_optimizer_takes_over_hooked_parameters(base: nn.Module) -> None:
 
 
 class ManualModule(L.LightningModule):
-    """The way a Lightning module drives a fused optimizer: manual optimisation, step(closure)."""
+    """The way a Lightning module drives an in-backward optimizer: manual optimisation, step(closure)."""
 
     def __init__(self, model: nn.Module, clip: float | None) -> None:
         super().__init__()
@@ -400,7 +400,7 @@ class ManualModule(L.LightningModule):
     def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> None:
         loss = loss_of(self.model, batch[0])
         opt = self.optimizers()
-        opt.step(closure=lambda: opt.optimizer.fused_backward(loss))
+        opt.step(closure=lambda: opt.optimizer.backward_and_update(loss))
         self.lr_schedulers().step()
 
 

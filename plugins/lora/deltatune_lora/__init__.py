@@ -16,13 +16,12 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel
 
-from deltatune import Delta, DeltaLinear, LayerDeltaMethod, hookimpl
-from deltatune.deltas.layers import LowRankConfig, LowRankDelta
+from deltatune.api import LOW_RANK_PEFT_FIELDS, Delta, DeltaLinear, LayerDeltaMethod, LowRankConfig, LowRankDelta, hookimpl
 
 
 class LoraConfig(LowRankConfig):
     """Options of the ``lora`` delta method (``r``, ``alpha``, ``dropout``, ``targets``, ``rslora``,
-    ``init_from``: see :class:`deltatune.deltas.layers.LowRankConfig`)."""
+    ``init_from``: see :class:`deltatune.api.LowRankConfig`)."""
 
 
 class Lora(LayerDeltaMethod):
@@ -31,6 +30,7 @@ class Lora(LayerDeltaMethod):
     name: ClassVar[str] = "lora"
     Config: ClassVar[type[BaseModel]] = LoraConfig
     supports_quantized: ClassVar[bool] = True
+    peft_fields: ClassVar[dict[str, str]] = LOW_RANK_PEFT_FIELDS  # options init_from adopts from a PEFT adapter
 
     def make_delta(self, layer: DeltaLinear, cfg: BaseModel, layer_name: str) -> Delta:
         """A fresh LoRA pair for ``layer``."""

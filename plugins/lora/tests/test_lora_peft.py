@@ -7,8 +7,8 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from deltatune import ConfigError
-from deltatune.io.export import export_peft, load_peft_adapter
+from deltatune.api import ConfigError
+from deltatune.io.export import export_peft, load_peft_adapter, resolve_with_peft_init
 from deltatune.io.adapter import save_adapter
 from deltatune.deltas.layers import delta_layers
 from deltatune.model.loading import tiny_llama
@@ -97,4 +97,4 @@ def test_starts_from_a_peft_lora_adapter(tmp_path) -> None:
     with torch.no_grad():
         assert rel(model(input_ids=ids).logits, peft.eval()(input_ids=ids).logits) <= 1e-6
     with pytest.raises(ConfigError, match="r=4 .* r=6"):
-        resolve_spec(ModelSpec(base="tiny-llama", delta=[{"name": "lora", "config": {"r": 4, "init_from": str(tmp_path / "peft")}}]))
+        resolve_with_peft_init(ModelSpec(base="tiny-llama", delta=[{"name": "lora", "config": {"r": 4, "init_from": str(tmp_path / "peft")}}]))

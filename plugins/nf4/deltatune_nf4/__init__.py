@@ -69,9 +69,7 @@ import torch  # noqa: E402
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator  # noqa: E402
 from torch import nn  # noqa: E402
 
-from deltatune import ConfigError, hookimpl
-from deltatune.deltas.layers import find_targets, get_submodule_parent, target_matches
-from deltatune.model.assembly import compute_dtype
+from deltatune.api import ConfigError, compute_dtype, find_targets, get_submodule_parent, hookimpl, target_matches
 
 __all__ = [
     "NF4",

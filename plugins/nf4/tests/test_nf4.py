@@ -13,9 +13,9 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-import deltatune
 import deltatune_nf4
-from deltatune import ConfigError
+from deltatune.api import ConfigError, Quantizer
+from deltatune.plugin.resolve import resolve
 from deltatune.plugin.manager import PluginManager
 from deltatune.model.assembly import cpu_supports_bf16
 from deltatune_nf4 import (
@@ -357,8 +357,8 @@ def test_core_reports_bad_options_by_plugin_and_field():
     manager.register_module(deltatune_nf4, distribution="deltatune-nf4")
     expected = r"quantizer 'nf4'(.|\n)*compute_dtype: Input should be 'auto', 'bf16' or 'fp32'"
     with pytest.raises(ConfigError, match=expected):
-        deltatune.resolve("quantizer", {"name": "nf4", "config": {"compute_dtype": "int8"}}, manager)
-    resolved = deltatune.resolve("quantizer", {"name": "nf4", "config": {"double_quant": False}}, manager)
+        resolve("quantizer", {"name": "nf4", "config": {"compute_dtype": "int8"}}, manager)
+    resolved = resolve("quantizer", {"name": "nf4", "config": {"double_quant": False}}, manager)
     assert isinstance(resolved.plugin, NF4) and resolved.cfg.double_quant is False
 
 
@@ -393,7 +393,7 @@ def test_registers_through_the_hook_and_follows_the_protocol():
     assert not manager.failures
     info = manager.get("quantizer", "nf4")
     assert info.cls is NF4 and info.distribution == "deltatune-nf4"
-    assert isinstance(NF4(), deltatune.Quantizer)
+    assert isinstance(NF4(), Quantizer)
     assert NF4.Config is NF4Config and NF4Config.model_config["extra"] == "forbid"
 
 

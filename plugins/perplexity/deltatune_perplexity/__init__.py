@@ -9,10 +9,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from deltatune import Row, hookimpl
-from deltatune.data.module import collate
-from deltatune.train.loss import token_loss
-from deltatune.model.assembly import compute_context
+from deltatune.api import Row, collate, compute_context, hookimpl, token_loss
 
 
 class PerplexityConfig(BaseModel):

@@ -11,8 +11,7 @@ from pydantic import BaseModel, Field
 from rouge_score import rouge_scorer
 from torch import nn
 
-from deltatune import Row, hookimpl
-from deltatune.evaluation.helpers import GenerationOptions, answer_rows, generate_answers, summarize
+from deltatune.api import GenerationOptions, Row, answer_rows, generate_answers, hookimpl, summarize
 
 RougeType = Literal["rouge1", "rouge2", "rougeL", "rougeLsum"]
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from deltatune import ConfigError, resolve
+from deltatune.api import ConfigError
+from deltatune.plugin.resolve import resolve
 from deltatune.testing import EvaluatorContract
 
 

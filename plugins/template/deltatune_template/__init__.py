@@ -17,8 +17,17 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from deltatune import DataError, Row, hookimpl
-from deltatune.data.module import ChatMode, TruncationStats, encode_example, encode_records, passthrough, user_prompt
+from deltatune.api import (
+    ChatMode,
+    DataError,
+    Row,
+    TruncationStats,
+    encode_example,
+    encode_records,
+    hookimpl,
+    passthrough,
+    user_prompt,
+)
 
 
 class Template(BaseModel):

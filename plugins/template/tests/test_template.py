@@ -7,7 +7,8 @@ from collections import Counter
 
 import pytest
 
-from deltatune import ConfigError, DataError, resolve
+from deltatune.api import ConfigError, DataError
+from deltatune.plugin.resolve import resolve
 from deltatune.model.loading import tiny_tokenizer
 from deltatune.testing import DatasetBuilderContract
 

@@ -15,8 +15,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from deltatune import DataError, Row, hookimpl
-from deltatune.data.module import read_records, split_path
+from deltatune.api import DataError, Row, hookimpl, read_records, split_path
 
 
 class TextConfig(BaseModel):

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from deltatune import DataError, resolve
+from deltatune.api import DataError
+from deltatune.plugin.resolve import resolve
 from deltatune.data.module import collate
 from deltatune.train.loss import token_loss
 from deltatune.model.loading import tiny_llama, tiny_tokenizer

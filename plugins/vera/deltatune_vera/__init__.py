@@ -26,8 +26,16 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from deltatune import ConfigError, DeltaLinear, LayerDeltaMethod, hookimpl
-from deltatune.deltas.layers import PEFT_PREFIX, WeightUpdateDelta, copy_named_tensors, delta_layers
+from deltatune.api import (
+    PEFT_PREFIX,
+    ConfigError,
+    DeltaLinear,
+    LayerDeltaMethod,
+    WeightUpdateDelta,
+    copy_named_tensors,
+    delta_layers,
+    hookimpl,
+)
 
 
 class VeraConfig(BaseModel):

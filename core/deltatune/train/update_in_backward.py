@@ -1,23 +1,23 @@
-"""Fused optimizers: the parameter update happens inside backward (LOMO, AdaLomo).
+"""Optimizers that update inside backward (LOMO, AdaLomo): each parameter is updated during the backward pass.
 
 A normal optimizer needs every gradient at once: ``loss.backward()`` fills ``p.grad`` for all
 parameters, then ``optimizer.step()`` reads them. For full fine-tuning that is one extra copy of the
 model (plus the optimizer state). LOMO (Lv et al., 2023, *Full Parameter Fine-tuning for Large
-Language Models with Limited Resources*) fuses the two: as soon as a parameter's gradient is final
+Language Models with Limited Resources*) joins the two: as soon as a parameter's gradient is final
 during backward, the parameter is updated and its gradient freed, so at most a few gradients are
 alive at any moment.
 
-:class:`FusedOptimizer` is the shared machinery; a plugin only writes the per-parameter rule
-:meth:`FusedOptimizer._update`. It
+:class:`InBackwardOptimizer` is the shared machinery; a plugin only writes the per-parameter rule
+:meth:`InBackwardOptimizer._update`. It
 
 * registers :meth:`torch.Tensor.register_post_accumulate_grad_hook` on every trainable parameter;
   the hook fires once per backward, after *all* contributions have been summed into ``p.grad`` (so a
   weight used twice, like an embedding tied to the LM head, is updated exactly once per step);
-* implements :meth:`FusedOptimizer.fused_backward`, which replaces ``loss.backward()`` +
+* implements :meth:`InBackwardOptimizer.backward_and_update`, which replaces ``loss.backward()`` +
   ``optimizer.step()``. With gradient-norm clipping it runs **two** backward passes: the first
   (``retain_graph=True``) only measures the global gradient norm (each gradient's norm is taken in
   its hook and the gradient freed at once), the second performs the clipped updates. This doubles
-  the backward cost; :attr:`FusedOptimizer.backward_passes` and :attr:`FusedOptimizer.norm_passes`
+  the backward cost; :attr:`InBackwardOptimizer.backward_passes` and :attr:`InBackwardOptimizer.norm_passes`
   count it so the price is visible;
 * scales the loss only where precision needs it: when the loss, the parameters or an active autocast
   region are ``float16``, a dynamic loss scale is used and the norm pass doubles as the overflow check
@@ -27,15 +27,15 @@ alive at any moment.
 * does the update math in ``float32`` whatever the parameter dtype (``bfloat16`` weights are
   up-cast, updated and written back, one parameter at a time).
 
-Settings that cannot work with an update fused into backward are reported before training by
-:meth:`FusedOptimizer.check_trainer_compatible`. In Lightning, drive it with manual optimisation and
+Settings that cannot work with an update inside backward are reported before training by
+:meth:`InBackwardOptimizer.check_trainer_compatible`. In Lightning, drive it with manual optimisation and
 pass the step as a closure, so that ``global_step`` (and ``max_steps``) count it::
 
     opt = self.optimizers()
-    opt.step(closure=lambda: opt.optimizer.fused_backward(loss))
+    opt.step(closure=lambda: opt.optimizer.backward_and_update(loss))
 
 Re-creating the optimizer on the same parameters hands them over to the new one (with a warning),
-so a parameter is never updated twice per backward; :meth:`FusedOptimizer.remove_hooks` detaches it.
+so a parameter is never updated twice per backward; :meth:`InBackwardOptimizer.remove_hooks` detaches it.
 """
 
 from __future__ import annotations
@@ -55,22 +55,26 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from deltatune.train.schedules import warmup_cosine
 
-__all__ = ["DeferredGrad", "FusedOptimizer", "FusedOptimizerConfig", "FusedOptimizerFactory", "deferred_lookup", "deferred_tied_head", "is_fused", "updated_in_backward"]
+__all__ = ["DeferredGrad", "InBackwardOptimizer", "InBackwardOptimizerConfig", "InBackwardOptimizerFactory", "deferred_lookup", "deferred_tied_head", "optimizer_updates_in_backward", "updated_in_backward"]
 
 _Mode = Literal["idle", "norm", "update"]
 
+STATE_KEY = "fused"
+"""Key of the bookkeeping in :meth:`InBackwardOptimizer.state_dict` (the name checkpoints have
+always used; kept so they still resume with their loss scale and counters)."""
+
 _OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
-"""Parameter -> weak reference to the fused optimizer whose hook updates it (one at a time)."""
+"""Parameter -> weak reference to the in-backward optimizer whose hook updates it (one at a time)."""
 
 
-def is_fused(optimizer: Any) -> bool:
+def optimizer_updates_in_backward(optimizer: Any) -> bool:
     """Whether ``optimizer`` (or a Lightning wrapper around one) updates inside backward."""
     inner = getattr(optimizer, "optimizer", optimizer)  # LightningOptimizer wraps the real one
-    return bool(getattr(inner, "fused", False) or getattr(type(inner), "fused", False))
+    return isinstance(inner, InBackwardOptimizer)
 
 
 def updated_in_backward(param: torch.Tensor) -> bool:
-    """Whether a fused optimizer updates ``param`` inside backward (its gradient is consumed there)."""
+    """Whether an in-backward optimizer updates ``param`` inside backward (its gradient is consumed there)."""
     ref = _OWNERS.get(param)
     owner = ref() if ref is not None else None
     return owner is not None and id(param) in owner._handles
@@ -83,7 +87,7 @@ class DeferredGrad:
 
     A tied head is used last in forward, so backward produces the head's (vocabulary x hidden) weight
     gradient first — and autograd holds it until the embedding lookup, at the very end, has added its
-    part; only then is the tied weight's gradient complete and the weight updated. With a fused
+    part; only then is the tied weight's gradient complete and the weight updated. With an in-backward
     optimizer nothing else of that size is held across backward (108 MiB in fp32 for SmolLM2-135M),
     and at the end the lookup's dense gradient, another such matrix, is added to it. Instead:
 
@@ -92,7 +96,7 @@ class DeferredGrad:
     * the lookup reads the weight through :meth:`attach` and gives a *sparse* gradient (the rows of the
       batch's tokens);
     * when backward reaches the weight — last — the head's part is computed and the lookup's rows are
-      added into it in place; the sum, exactly the usual gradient, goes to the weight (and its fused
+      added into it in place; the sum, exactly the usual gradient, goes to the weight (and its in-backward
       update) as its only contribution.
 
     The head's weight gradient then lives only while the weight is updated. Recomputing it costs one
@@ -149,7 +153,7 @@ def _tied_embedding(model: nn.Module) -> nn.Embedding | None:
 
 def deferred_tied_head(model: nn.Module) -> DeferredGrad | None:
     """A :class:`DeferredGrad` for ``model``'s tied LM-head weight when deferring pays: the head shares
-    its weight with a plain ``nn.Embedding``, and a fused optimizer updates that weight inside backward
+    its weight with a plain ``nn.Embedding``, and an in-backward optimizer updates that weight inside backward
     (other optimizers keep every gradient until ``step()`` anyway). ``None`` otherwise."""
     embedding = _tied_embedding(model)
     if embedding is None or not updated_in_backward(embedding.weight):
@@ -177,15 +181,15 @@ def deferred_lookup(model: nn.Module, deferred: DeferredGrad | None) -> Iterator
         handle.remove()
 
 
-class FusedOptimizer(torch.optim.Optimizer):
-    """Base class of optimizers whose update is fused into backward.
+class InBackwardOptimizer(torch.optim.Optimizer):
+    """Base class of optimizers whose update happens inside backward.
 
     Subclasses set :attr:`plugin_name` and implement :meth:`_update`. Use it like this::
 
-        opt = MyFused(model.named_parameters(), lr=1e-3, clip_grad_norm=1.0)
+        opt = MyInBackward(model.named_parameters(), lr=1e-3, clip_grad_norm=1.0)
         for batch in data:
             loss = model(**batch).loss
-            opt.fused_backward(loss)  # backward + update; no opt.step(), no opt.zero_grad()
+            opt.backward_and_update(loss)  # backward + update; no opt.step(), no opt.zero_grad()
             scheduler.step()
 
     Args:
@@ -200,10 +204,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         loss_scale_window: good ``float16`` steps after which the loss scale doubles.
     """
 
-    fused: ClassVar[bool] = True
-    """Marker the core checks: the update happens inside :meth:`fused_backward`."""
-
-    plugin_name: ClassVar[str] = "fused"
+    plugin_name: ClassVar[str] = "in-backward"
     """The name of the plugin providing this optimizer, used in error messages."""
 
     elementwise: ClassVar[bool] = False
@@ -238,11 +239,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._handles: dict[int, Any] = {}
         self._has_fp16_params = False
         self.backward_passes: int = 0
-        """Backward passes run by :meth:`fused_backward` (two per step when clipping or in fp16)."""
+        """Backward passes run by :meth:`backward_and_update` (two per step when clipping or in fp16)."""
         self.norm_passes: int = 0
         """Of those, the extra passes that only measured the gradient norm."""
         self.steps: int = 0
-        """Completed (not skipped) fused steps."""
+        """Completed (not skipped) steps."""
         self.skipped_steps: int = 0
         """Steps skipped because the gradient norm was not finite (fp16 overflow)."""
         self.param_updates: int = 0
@@ -264,7 +265,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             previous = _OWNERS.get(p)
             owner = previous() if previous is not None else None
             if owner is not None and owner is not self and id(p) in owner._handles:
-                # a parameter is driven by one fused optimizer at a time: a second set of hooks
+                # a parameter is driven by one in-backward optimizer at a time: a second set of hooks
                 # would update it twice per backward
                 owner._release(p)
                 warnings.warn(
@@ -302,7 +303,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         precision: str | int | None = None,
         name: str | None = None,
     ) -> None:
-        """Raise :class:`ValueError` for trainer settings a fused update cannot honour.
+        """Raise :class:`ValueError` for trainer settings an update inside backward cannot honour.
 
         Args:
             accumulate_grad_batches: must be 1 — the gradient is consumed (and freed) inside the
@@ -312,7 +313,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             world_size: must be 1 — data-parallel strategies (DDP, FSDP, DeepSpeed) all-reduce the
                 gradients after the hook has already updated each replica with its local gradient.
             precision: Lightning precision; ``"16-mixed"`` is refused — its gradient scaler unscales
-                and inspects ``p.grad`` after backward, when there is none left. Fused optimizers do
+                and inspects ``p.grad`` after backward, when there is none left. In-backward optimizers do
                 their own fp16 loss scaling: use ``"16-true"`` (fp16 weights), ``"bf16-mixed"``,
                 ``"bf16-true"`` or ``"32-true"``.
             name: plugin name for the message (defaults to :attr:`plugin_name`).
@@ -328,19 +329,19 @@ class FusedOptimizer(torch.optim.Optimizer):
         if gradient_clip_val:
             problems.append(
                 f"gradient_clip_val={gradient_clip_val}: the trainer clips gradients after backward, "
-                f"when the fused update has already been applied; set the optimizer option "
+                f"when the update inside backward has already been applied; set the optimizer option "
                 f"clip_grad_norm={gradient_clip_val} instead and leave the trainer's gradient_clip_val unset"
             )
         if int(world_size) != 1:
             problems.append(
                 f"world_size={world_size}: data-parallel training all-reduces gradients after backward, "
-                "but a fused optimizer has already updated each replica with its local gradient; "
+                "but the optimizer has already updated each replica with its local gradient; "
                 "train on a single device"
             )
         if precision is not None and str(precision) in {"16-mixed", "16"}:
             problems.append(
                 f"precision={precision!r}: its gradient scaler unscales and checks gradients after "
-                "backward, when the fused update has freed them; use '16-true' (the optimizer scales "
+                "backward, when the update inside backward has freed them; use '16-true' (the optimizer scales "
                 "the loss itself), 'bf16-mixed', 'bf16-true' or '32-true'"
             )
         if problems:
@@ -352,35 +353,35 @@ class FusedOptimizer(torch.optim.Optimizer):
     # -- the step ----------------------------------------------------------------------------
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """Plain ``step()`` is an error; ``step(closure)`` runs a closure that calls
-        :meth:`fused_backward`.
+        :meth:`backward_and_update`.
 
-        A fused optimizer updates each parameter inside backward, as soon as its gradient is final,
+        This optimizer updates each parameter inside backward, as soon as its gradient is final,
         so there are no gradients left for a separate ``step()`` to apply. Frameworks that count
         optimizer steps in ``step`` (Lightning's manual optimisation increments ``global_step``
         there) can still drive it by passing the whole step as a closure::
 
             opt = self.optimizers()
-            opt.step(closure=lambda: opt.optimizer.fused_backward(loss))
+            opt.step(closure=lambda: opt.optimizer.backward_and_update(loss))
 
-        The closure's result is returned; a closure that performs no fused step is an error.
+        The closure's result is returned; a closure that performs no step is an error.
         """
         if closure is None:
             raise RuntimeError(
-                f"optimizer '{self.plugin_name}' is fused: it updates each parameter inside backward and "
-                "keeps no gradients for step(). Call optimizer.fused_backward(loss) instead of "
+                f"optimizer '{self.plugin_name}' updates each parameter inside backward and "
+                "keeps no gradients for step(). Call optimizer.backward_and_update(loss) instead of "
                 "loss.backward() followed by optimizer.step(), or pass it as a closure: "
-                "optimizer.step(closure=lambda: optimizer.fused_backward(loss))."
+                "optimizer.step(closure=lambda: optimizer.backward_and_update(loss))."
             )
         done = self.steps + self.skipped_steps
         with torch.enable_grad():
             result = closure()
         if self.steps + self.skipped_steps == done:
             raise RuntimeError(
-                f"optimizer '{self.plugin_name}': the closure given to step() did not call fused_backward(loss)"
+                f"optimizer '{self.plugin_name}': the closure given to step() did not call backward_and_update(loss)"
             )
         return result
 
-    def fused_backward(self, loss: torch.Tensor) -> None:
+    def backward_and_update(self, loss: torch.Tensor) -> None:
         """Backpropagate ``loss`` and update every trainable parameter during the pass.
 
         Without clipping and outside ``float16`` this is one backward pass. With ``clip_grad_norm``
@@ -390,7 +391,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         ``min(1, clip_grad_norm / (norm + 1e-6))``. On return no parameter holds a ``.grad``.
         """
         if loss.dim() != 0:
-            raise ValueError(f"{self.plugin_name}: fused_backward needs a scalar loss, got shape {tuple(loss.shape)}")
+            raise ValueError(f"{self.plugin_name}: backward_and_update needs a scalar loss, got shape {tuple(loss.shape)}")
         if not self._handles:
             raise RuntimeError(f"optimizer '{self.plugin_name}' has no hooked trainable parameter")
         self._clear_grads()
@@ -477,7 +478,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 return
             if self._mode == "idle" and (self.clip_grad_norm is not None or self._has_fp16_params):
                 raise RuntimeError(
-                    f"optimizer '{self.plugin_name}' needs optimizer.fused_backward(loss) (clipping or "
+                    f"optimizer '{self.plugin_name}' needs optimizer.backward_and_update(loss) (clipping or "
                     "fp16 loss scaling take a separate norm pass); plain loss.backward() cannot do them"
                 )
             group = self._group_of[id(param)]
@@ -512,9 +513,9 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # -- checkpoints -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """The usual optimizer state plus the fused bookkeeping (loss scale, counters)."""
+        """The usual optimizer state plus the in-backward bookkeeping (loss scale, counters)."""
         sd = super().state_dict()
-        sd["fused"] = {
+        sd[STATE_KEY] = {
             "loss_scale": self.loss_scale,
             "good_fp16_steps": self._good_fp16_steps,
             "steps": self.steps,
@@ -525,9 +526,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (a plain optimizer state dict without ``fused`` also works)."""
+        """Restore :meth:`state_dict` (a plain optimizer state dict without the bookkeeping also works)."""
         state_dict = dict(state_dict)
-        fused = state_dict.pop("fused", None)
+        bookkeeping = state_dict.pop(STATE_KEY, None)
         super().load_state_dict(state_dict)
         # torch replaces every group dict by a new one; the hooks must read the new groups, which the
         # schedulers now drive (the old ones kept the learning rate of the moment the optimizer was
@@ -537,20 +538,20 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if id(p) in self._handles:
                     self._group_of[id(p)] = group
         # torch casts floating state to each parameter's dtype (bf16 weights would round the
-        # statistics); fused optimizers keep their state in fp32, so restore it from the source
+        # statistics); in-backward optimizers keep their state in fp32, so restore it from the source
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, param in zip(saved_ids, params):
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 if torch.is_tensor(value) and value.is_floating_point() and key != "step":
                     self.state[param][key] = value.to(device=param.device, dtype=torch.float32, copy=True)
-        if fused:
-            self.loss_scale = float(fused["loss_scale"])
-            self._good_fp16_steps = int(fused["good_fp16_steps"])
-            self.steps = int(fused["steps"])
-            self.backward_passes = int(fused["backward_passes"])
-            self.norm_passes = int(fused["norm_passes"])
-            self.skipped_steps = int(fused["skipped_steps"])
+        if bookkeeping:
+            self.loss_scale = float(bookkeeping["loss_scale"])
+            self._good_fp16_steps = int(bookkeeping["good_fp16_steps"])
+            self.steps = int(bookkeeping["steps"])
+            self.backward_passes = int(bookkeeping["backward_passes"])
+            self.norm_passes = int(bookkeeping["norm_passes"])
+            self.skipped_steps = int(bookkeeping["skipped_steps"])
 
     # -- for subclasses ----------------------------------------------------------------------
     def _init_state(self, param: torch.Tensor, group: dict[str, Any], state: dict[str, Any]) -> None:
@@ -576,9 +577,9 @@ class FusedOptimizer(torch.optim.Optimizer):
 
 
 
-# -- what a fused optimizer plugin's factory shares -----------------------------------------------
-class FusedOptimizerConfig(BaseModel):
-    """Options every fused optimizer plugin has; a plugin's ``Config`` subclasses it and adds its
+# -- what an in-backward optimizer plugin's factory shares -----------------------------------------------
+class InBackwardOptimizerConfig(BaseModel):
+    """Options every in-backward optimizer plugin has; a plugin's ``Config`` subclasses it and adds its
     update's own (``lr``, ``weight_decay``, …), named as its optimizer's keyword arguments."""
 
     model_config = ConfigDict(extra="forbid")
@@ -592,15 +593,17 @@ class FusedOptimizerConfig(BaseModel):
     )
 
 
-class FusedOptimizerFactory:
-    """Base of a fused optimizer plugin's factory (:class:`deltatune.plugin.protocols.OptimizerFactory`):
-    set ``name``, ``Config`` (a :class:`FusedOptimizerConfig`) and ``optimizer_class``; ``create``
+class InBackwardOptimizerFactory:
+    """Base of an in-backward optimizer plugin's factory (:class:`deltatune.plugin.protocols.OptimizerFactory`):
+    set ``name``, ``Config`` (a :class:`InBackwardOptimizerConfig`) and ``optimizer_class``; ``create``
     builds the optimizer from every option but the schedule's, with a warm-up + cosine schedule."""
 
     name: ClassVar[str]
-    Config: ClassVar[type[FusedOptimizerConfig]]
-    optimizer_class: ClassVar[type[FusedOptimizer]]
-    fused: ClassVar[bool] = True
+    Config: ClassVar[type[InBackwardOptimizerConfig]]
+    optimizer_class: ClassVar[type[InBackwardOptimizer]]
+    updates_in_backward: ClassVar[bool] = True
+    """The optional :class:`~deltatune.plugin.protocols.OptimizerFactory` member that makes the core
+    drive the optimizer with :meth:`InBackwardOptimizer.backward_and_update`."""
 
     def create(
         self, named_params: list[tuple[str, nn.Parameter]], cfg: BaseModel, total_steps: int
@@ -615,5 +618,5 @@ class FusedOptimizerFactory:
     @classmethod
     def check_trainer_compatible(cls, accumulate_grad_batches: int = 1, **settings: Any) -> None:
         """Raise :class:`ValueError` for trainer settings the optimizer cannot honour (see
-        :meth:`FusedOptimizer.check_trainer_compatible`)."""
+        :meth:`InBackwardOptimizer.check_trainer_compatible`)."""
         cls.optimizer_class.check_trainer_compatible(accumulate_grad_batches, **settings)

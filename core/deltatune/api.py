@@ -1,0 +1,170 @@
+"""The plugin API: everything a deltatune plugin may import from the core, and nothing else.
+
+A plugin imports from ``deltatune.api`` only (a test fails when a package under ``plugins/`` or
+``examples/`` imports another core module); its tests may also use ``deltatune.testing``. Every
+other module of the core is internal and may change without notice. The names, by what they are for:
+
+**Registering** — ``hookimpl`` marks a plugin module's hook implementations (the hooks are in
+:mod:`deltatune.plugin.hookspecs`); ``Register`` is the type of the ``register`` callback they receive.
+
+**Errors** — ``ConfigError`` (bad options or combinations), ``DataError`` (a bad data file, naming
+file and line), both ``DeltaTuneError``\\ s: the core shows their one-line message to the user.
+
+**Protocols** — ``DatasetBuilder``, ``DeltaMethod``, ``Quantizer``, ``Evaluator``,
+``OptimizerFactory``: what a registered class must provide (structural: no base class needed), each
+with its optional members (``optional_members(protocol)``: name, default, meaning). ``Row`` is one
+tokenised example.
+
+**Delta methods: the delta-layer seam** — ``DeltaLinear`` wraps a base linear layer (dense or
+quantized) and holds named ``Delta`` modules (``WeightUpdateDelta`` when the merged form is a weight
+update ``ΔW``); ``LayerDeltaMethod`` implements the whole ``DeltaMethod`` protocol for methods made of
+such deltas (a subclass writes ``make_delta``). ``base_weight`` reads the dense weight of any
+(quantized, wrapped) linear layer. Target selection, as PEFT does it: ``find_targets``,
+``target_matches``, ``get_submodule_parent``, ``delta_layers``. The low-rank pair LoRA-style methods
+share: ``LowRankConfig``, ``LowRankDelta``, ``LOW_RANK_PEFT_FIELDS``. PEFT checkpoint names:
+``PEFT_PREFIX``, ``copy_named_tensors``.
+
+**Quantizers and evaluators: precision** — ``compute_dtype`` (the dtype an ``auto``/``bf16``/``fp32``
+choice means on this machine), ``compute_context`` (the autocast a model of that dtype runs under).
+
+**Dataset builders: reading and encoding** — ``read_records`` (JSON/JSONL/CSV records, errors naming
+file and line), ``split_path``, ``encode_example`` / ``encode_records`` / ``encode_segments`` (prompt
+masking and truncation, reported the same way by every builder through ``TruncationStats``),
+``passthrough``, ``user_prompt``, ``chat_prompt`` and ``ChatMode`` (chat template or plain text),
+``IGNORE_INDEX`` (the label of positions without loss) and ``collate`` (rows → padded batch).
+
+**Evaluators** — ``GenerationOptions`` (the options of evaluators that generate), ``answer_rows``,
+``generate_answers``, ``normalize_answer``, ``sequence_logprobs``, ``summarize`` (per-family
+breakdowns), and ``token_loss`` (the training loss: summed token cross-entropy and token count).
+
+**Optimizers** — ``warmup_cosine`` (the shared learning-rate schedule); ``InBackwardOptimizer``,
+``InBackwardOptimizerConfig`` and ``InBackwardOptimizerFactory`` for optimizers that update each
+parameter inside backward (LOMO): a plugin writes only the per-parameter update rule.
+
+**Messages** — ``console``, the rich console deltatune prints to (for what a user must see).
+"""
+
+from __future__ import annotations
+
+from deltatune import hookimpl
+from deltatune.data.module import (
+    ChatMode,
+    TruncationStats,
+    encode_example,
+    encode_records,
+    encode_segments,
+    passthrough,
+    read_records,
+    split_path,
+    user_prompt,
+)
+from deltatune.data.packing import IGNORE_INDEX, collate
+from deltatune.deltas.layers import (
+    LOW_RANK_PEFT_FIELDS,
+    PEFT_PREFIX,
+    Delta,
+    DeltaLinear,
+    LayerDeltaMethod,
+    LowRankConfig,
+    LowRankDelta,
+    WeightUpdateDelta,
+    base_weight,
+    copy_named_tensors,
+    delta_layers,
+    find_targets,
+    get_submodule_parent,
+    target_matches,
+)
+from deltatune.errors import ConfigError, DataError, DeltaTuneError
+from deltatune.evaluation.helpers import (
+    GenerationOptions,
+    answer_rows,
+    generate_answers,
+    normalize_answer,
+    sequence_logprobs,
+    summarize,
+)
+from deltatune.model.assembly import compute_context, compute_dtype
+from deltatune.model.generation import chat_prompt
+from deltatune.plugin.hookspecs import Register
+from deltatune.plugin.protocols import (
+    DatasetBuilder,
+    DeltaMethod,
+    Evaluator,
+    OptimizerFactory,
+    Quantizer,
+    Row,
+    optional_members,
+)
+from deltatune.train.loss import token_loss
+from deltatune.train.schedules import warmup_cosine
+from deltatune.train.update_in_backward import (
+    InBackwardOptimizer,
+    InBackwardOptimizerConfig,
+    InBackwardOptimizerFactory,
+)
+from deltatune.ui.console import console
+
+__all__ = [
+    # registering
+    "Register",
+    "hookimpl",
+    # errors
+    "ConfigError",
+    "DataError",
+    "DeltaTuneError",
+    # protocols
+    "DatasetBuilder",
+    "DeltaMethod",
+    "Evaluator",
+    "OptimizerFactory",
+    "Quantizer",
+    "Row",
+    "optional_members",
+    # delta methods: the delta-layer seam
+    "Delta",
+    "DeltaLinear",
+    "LOW_RANK_PEFT_FIELDS",
+    "LayerDeltaMethod",
+    "LowRankConfig",
+    "LowRankDelta",
+    "PEFT_PREFIX",
+    "WeightUpdateDelta",
+    "base_weight",
+    "copy_named_tensors",
+    "delta_layers",
+    "find_targets",
+    "get_submodule_parent",
+    "target_matches",
+    # precision
+    "compute_context",
+    "compute_dtype",
+    # dataset builders
+    "ChatMode",
+    "IGNORE_INDEX",
+    "TruncationStats",
+    "chat_prompt",
+    "collate",
+    "encode_example",
+    "encode_records",
+    "encode_segments",
+    "passthrough",
+    "read_records",
+    "split_path",
+    "user_prompt",
+    # evaluators
+    "GenerationOptions",
+    "answer_rows",
+    "generate_answers",
+    "normalize_answer",
+    "sequence_logprobs",
+    "summarize",
+    "token_loss",
+    # optimizers
+    "InBackwardOptimizer",
+    "InBackwardOptimizerConfig",
+    "InBackwardOptimizerFactory",
+    "warmup_cosine",
+    # messages
+    "console",
+]
