@@ -8,7 +8,8 @@ other module of the core is internal and may change without notice. The names, b
 :mod:`deltatune.plugin.hookspecs`); ``Register`` is the type of the ``register`` callback they receive.
 
 **Errors** — ``ConfigError`` (bad options or combinations), ``DataError`` (a bad data file, naming
-file and line), both ``DeltaTuneError``\\ s: the core shows their one-line message to the user.
+file and line), both subclasses of ``DeltaTuneError``: the core shows their one-line message to
+the user.
 
 **Protocols** — ``DatasetBuilder``, ``DeltaMethod``, ``Quantizer``, ``Evaluator``,
 ``OptimizerFactory``: what a registered class must provide (structural: no base class needed), each
