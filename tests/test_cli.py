@@ -38,7 +38,7 @@ def test_plugins_lists_registry_entries_that_are_not_installed(capsys, monkeypat
 def test_fit_with_an_unknown_plugin_fails_clearly_before_loading_anything(capsys, tmp_path):
     code = main(["fit", "--config", str(CONFIG), f"--trainer.default_root_dir={tmp_path}",
                  "--model.delta=[{name: lorra}]"])
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert code == 1
     assert "unknown delta method 'lorra'" in out and "lora" in out
     assert not any(tmp_path.iterdir()), "nothing may be written for a bad configuration"
@@ -50,7 +50,7 @@ def test_fit_with_an_unknown_plugin_fails_clearly_before_loading_anything(capsys
 ])
 def test_fit_with_an_invalid_option_names_plugin_and_field(capsys, tmp_path, option, expected):
     assert main(["fit", "--config", str(CONFIG), f"--trainer.default_root_dir={tmp_path}", option]) == 1
-    assert expected in capsys.readouterr().out
+    assert expected in capsys.readouterr().err
 
 
 def test_generate_from_an_adapter(tmp_path, capsys):
@@ -69,7 +69,7 @@ def test_generate_from_an_adapter(tmp_path, capsys):
 
 def test_generate_refuses_a_folder_that_is_not_an_adapter(tmp_path, capsys):
     assert main(["generate", "--adapter", str(tmp_path), "--prompt", "hi"]) == 1
-    assert "not a deltatune adapter" in capsys.readouterr().out
+    assert "not a deltatune adapter" in capsys.readouterr().err
 
 
 def test_a_step_bounded_fit_labels_its_progress_bar_with_the_step_budget(tmp_path):

@@ -192,7 +192,7 @@ def test_cli_prints_a_table_and_json(capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["trainable_params"] == 4_194_304 and data["ddp_buckets"] == 4_194_304 * 4 and data["runtime"] == 0
     assert main(["estimate", "--base", "no-such-model"]) == 1
-    assert "not a known architecture" in capsys.readouterr().out
+    assert "not a known architecture" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

@@ -82,6 +82,6 @@ def test_peft_export_of_a_full_fine_tune_is_a_clear_error_pointing_to_merged(ful
     root, _ = full_run
     out = tmp_path / "peft"
     assert main(["export", "--adapter", str(root / "adapter"), "--format", "peft", "--out", str(out)]) == 1
-    message = capsys.readouterr().out
+    message = capsys.readouterr().err
     assert "full fine-tune" in message and "--format merged" in message
     assert not out.exists()

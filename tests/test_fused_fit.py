@@ -39,6 +39,6 @@ def test_settings_a_fused_update_cannot_honour_are_refused_before_training(tmp_p
     code = main(["fit", "--config", str(CONFIG), f"--trainer.default_root_dir={tmp_path}",
                  "--model.optimizer={name: lomo}", *FULL, *option.split()])
     assert code == 1
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert "lomo" in out and fragment in out
     assert not (tmp_path / "adapter").exists()

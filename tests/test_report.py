@@ -68,7 +68,7 @@ def test_report_command_compares_runs_side_by_side(run_dir, capsys, tmp_path):
 
 def test_report_of_a_folder_without_a_run_is_a_clear_error(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 1
-    assert "no run report" in capsys.readouterr().out
+    assert "no run report" in capsys.readouterr().err
 
 
 def test_validate_and_test_commands_run_the_evaluators(run_dir, capsys):

@@ -106,9 +106,9 @@ def test_every_kind_scaffolds_a_package_whose_contract_fails_until_written_and_p
 
 def test_bad_names_kinds_and_existing_folders_are_clear_errors(tmp_path, capsys):
     assert main(["new-plugin", "Bad-Name", "--kind", "evaluator", "--dir", str(tmp_path)]) == 1
-    assert "lower case" in capsys.readouterr().out
+    assert "lower case" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["new-plugin", "ok", "--kind", "nonsense", "--dir", str(tmp_path)])
     assert main(["new-plugin", "ok", "--kind", "evaluator", "--dir", str(tmp_path)]) == 0
     assert main(["new-plugin", "ok", "--kind", "evaluator", "--dir", str(tmp_path)]) == 1
-    assert "already exists" in capsys.readouterr().out
+    assert "already exists" in capsys.readouterr().err

@@ -19,3 +19,13 @@ class DataError(DeltaTuneError, ValueError):
 
 class ModelNotFoundError(DeltaTuneError, FileNotFoundError):
     """A base model could not be found locally (deltatune never downloads)."""
+
+
+class DamagedFileError(DeltaTuneError, ValueError):
+    """A file deltatune reads (model, adapter, manifest, data) is truncated or corrupt (the message names it)."""
+
+
+def check_option(option: str, value: object, valid: bool, rule: str) -> None:
+    """Raise :class:`ConfigError` ``"<option> <rule> (got <value>)"`` unless ``valid``."""
+    if not valid:
+        raise ConfigError(f"{option} {rule} (got {value!r})")

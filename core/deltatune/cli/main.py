@@ -4,7 +4,8 @@
 trainer option, ``--ckpt_path last`` to resume). The other subcommands are deltatune's own:
 ``plugins``, ``registry``, ``report`` (print, plot and compare finished runs), ``generate``, ``export``,
 ``merge``, ``estimate`` (memory planning) and ``new-plugin`` (scaffold a plugin package).
-``--strict-plugins`` (anywhere) makes a plugin that fails to load fatal.
+``--strict-plugins`` (anywhere) makes a plugin that fails to load fatal. An error is one line on
+stderr; ``--debug`` (anywhere) or ``DELTATUNE_DEBUG=1`` shows its traceback too.
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
-from deltatune.errors import ConfigError, DeltaTuneError
+from deltatune.errors import ConfigError, DeltaTuneError, check_option
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+TRUST_HELP = "allow the base model's own Python code (needed for an adapter trained with trust_remote_code)"
 
 
 def check_strategy(trainer: Any) -> None:
@@ -39,7 +42,11 @@ def check_strategy(trainer: Any) -> None:
 
 def run_lightning(argv: list[str]) -> None:
     """Run a Lightning CLI subcommand with deltatune's module, data module and defaults."""
+    from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
     from lightning.pytorch.cli import LightningCLI
+
+    from deltatune.plugin.manager import get_plugin_manager
+    from deltatune.ui.console import print_warning
 
     from deltatune.train.checkpoint import AtomicModelCheckpoint
     from deltatune.data.module import InstructionDataModule
@@ -60,6 +67,23 @@ def run_lightning(argv: list[str]) -> None:
         def before_fit(self) -> None:
             self.model.check_trainer(self.trainer)
 
+        def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
+            # Lightning refuses its own switches when a callback of that kind is present: honour them
+            if config.get("enable_checkpointing") is False:
+                callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
+                if self.subcommand == "fit":
+                    print_warning("trainer.enable_checkpointing is false: no checkpoint is written, so this run "
+                                  "cannot be resumed with --ckpt_path")
+            if config.get("enable_progress_bar") is False:
+                self.trainer_defaults = {**self.trainer_defaults, "callbacks": [
+                    c for c in self.trainer_defaults.get("callbacks", []) if not isinstance(c, ProgressBar)]}
+            return super()._instantiate_trainer(config, callbacks)
+
+    failures = get_plugin_manager().failures
+    if failures:
+        print_warning(f"{len(failures)} plugin(s) failed to load and are skipped: "
+                      + "; ".join(f"{f.distribution} {f.version} ({f.error})" for f in failures)
+                      + " (see `deltatune plugins`)")
     sys.argv = [sys.argv[0], *argv]  # LightningCLI reads sys.argv (and warns when given both)
     DeltaTuneCLI(
         DeltaTuneModule,
@@ -92,6 +116,8 @@ def cmd_plugins(args: argparse.Namespace) -> None:
             "installed": [{"kind": i.kind, "name": i.name, "distribution": i.distribution,
                            "version": i.version, "source": i.source} for i in manager.all()],
             "failed": [vars(f) for f in manager.failures],
+            "conflicts": [{"kind": kind, "name": name, "distributions": [i.distribution for i in infos]}
+                          for (kind, name), infos in manager.conflicts.items()],
             "not_installed": [{"kind": e.kind, "name": e.name, "distribution": e.distribution,
                                "install": e.install_command()} for e in missing],
         }, indent=2))
@@ -101,6 +127,11 @@ def cmd_plugins(args: argparse.Namespace) -> None:
     if manager.failures:
         print_table("plugins that failed to load (skipped)", ["distribution", "version", "source", "error"],
                     [[f.distribution, f.version, f.source, f.error] for f in manager.failures])
+    if manager.conflicts:
+        print_table("name conflicts (unusable until one is uninstalled or denied with DELTATUNE_DISABLE_PLUGINS)",
+                    ["kind", "name", "registered by"],
+                    [[KIND_LABEL[kind], name, ", ".join(f"{i.distribution} {i.version}" for i in infos)]
+                     for (kind, name), infos in manager.conflicts.items()])
     if missing:
         print_table("in registry.toml, not installed", ["kind", "name", "distribution", "install with"],
                     [[PLUGIN_KINDS[e.kind].label, e.name, e.distribution, e.install_command()] for e in missing])
@@ -123,11 +154,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from deltatune.model.generation import chat_prompt, generate
     from deltatune.model.loading import load_base, load_tokenizer
 
+    check_option("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "must be at least 1")
+    for number, prompt in enumerate(args.prompt, start=1):
+        check_option(f"--prompt #{number}", prompt, bool(prompt), "is empty: there is nothing to continue")
     if args.adapter:
-        model, resolved = load_adapter(Path(args.adapter), base=args.base)
-        tokenizer = load_tokenizer(resolved.spec.base)
+        model, resolved = load_adapter(Path(args.adapter), base=args.base, trust_remote_code=args.trust_remote_code)
+        tokenizer = load_tokenizer(resolved.spec.base, args.trust_remote_code)
     else:
-        model, tokenizer = load_base(args.base or "smollm2-135m-instruct")
+        model, tokenizer = load_base(args.base or "smollm2-135m-instruct", trust_remote_code=args.trust_remote_code)
     prompts = [p if args.raw else chat_prompt(tokenizer, p) for p in args.prompt]
     for completion in generate(model, tokenizer, prompts, args.max_new_tokens):
         print(completion)
@@ -138,10 +172,11 @@ def cmd_export(args: argparse.Namespace) -> None:
     from deltatune.io import export
 
     if args.format == "merged":
-        result = export.export_merged(Path(args.adapter), Path(args.out), dtype=args.dtype, requantize=args.requantize)
+        result = export.export_merged(Path(args.adapter), Path(args.out), dtype=args.dtype, requantize=args.requantize,
+                                      trust_remote_code=args.trust_remote_code)
         print(result)
     else:
-        print(export.export_peft(Path(args.adapter), Path(args.out)))
+        print(export.export_peft(Path(args.adapter), Path(args.out), trust_remote_code=args.trust_remote_code))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    gen.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
     gen.set_defaults(func=cmd_generate)
 
     for name in ("export", "merge"):
@@ -179,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         exp.add_argument("--format", choices=["merged", "peft"], default="merged" if name == "merge" else "peft")
         exp.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
         exp.add_argument("--requantize", action="store_true", help="re-quantize merged weights (reports the error)")
+        exp.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
         exp.set_defaults(func=cmd_export)
 
     from deltatune.estimate import memory as estimate  # their subcommands: `estimate`, `new-plugin`
@@ -196,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     if "--strict-plugins" in argv:
         argv.remove("--strict-plugins")
         os.environ["DELTATUNE_STRICT_PLUGINS"] = "1"
+    debug = os.environ.get("DELTATUNE_DEBUG", "") not in ("", "0")
+    if "--debug" in argv:
+        argv.remove("--debug")
+        debug = True
     try:
         if argv and argv[0] in LIGHTNING_COMMANDS:
             run_lightning(argv)
@@ -206,10 +247,19 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         args.func(args)
         return 0
-    except DeltaTuneError as exc:
-        from deltatune.ui.console import console
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:
+        from deltatune.ui.console import print_error
 
-        console.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        if debug:
+            traceback.print_exc()
+        if isinstance(exc, DeltaTuneError):
+            print_error(str(exc))
+        else:  # not an error deltatune raises on purpose: one line, the traceback on request
+            first = (str(exc).strip().splitlines() or [""])[0]
+            print_error(f"{type(exc).__name__}: {first}" + ("" if debug else
+                        " (unexpected; rerun with --debug or DELTATUNE_DEBUG=1 for the traceback)"))
         return 1
 
 

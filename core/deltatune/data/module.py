@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from deltatune.ui import console
 from deltatune.plugin.resolve import PluginRef, ResolvedPlugin, coerce_ref, format_validation_error, resolve
-from deltatune.errors import ConfigError, DataError
+from deltatune.errors import ConfigError, DataError, check_option
 from deltatune.model.generation import chat_prompt
 from deltatune.data.mixing import DatasetSpec, mix_rows
 from deltatune.model.loading import DEFAULT_MODEL, load_tokenizer
@@ -184,14 +184,25 @@ def passthrough(record: dict[str, Any]) -> dict[str, Any]:
     return {k: record[k] for k in PASSTHROUGH if record.get(k) is not None}
 
 
+def decode_line(raw: bytes, path: Path, number: int) -> str:
+    """Line ``number`` of ``path`` as text; bytes that are not UTF-8 are a :class:`DataError` naming
+    the file, the line and the column."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}:{number}: not UTF-8 text (byte {raw[exc.start:exc.start + 1]!r} at column "
+                        f"{exc.start + 1}); save the file as UTF-8") from None
+
+
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """``(line number, object)`` for each non-blank line; a malformed line is a :class:`DataError`
     naming the file and the line."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
-    with open(path, encoding="utf-8") as fh:
-        for number, text in enumerate(fh, start=1):
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            text = decode_line(raw, path, number)
             if not text.strip():
                 continue
             try:
@@ -221,8 +232,13 @@ def read_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         return
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
+    raw = path.read_bytes()
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        number = raw.count(b"\n", 0, exc.start) + 1
+        decode_line(raw[raw.rfind(b"\n", 0, exc.start) + 1:].split(b"\n", 1)[0], path, number)
+        raise
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
     if not isinstance(data, list):
@@ -355,6 +371,12 @@ class InstructionDataModule(L.LightningDataModule):
             extra_eval: named evaluation sets besides validation and test (e.g. held-out task families).
         """
         super().__init__()
+        check_option("data.batch_size", batch_size, batch_size >= 1, "must be at least 1")
+        check_option("data.eval_batch_size", eval_batch_size, eval_batch_size >= 1, "must be at least 1")
+        check_option("data.val_fraction", val_fraction, 0 <= val_fraction < 1, "must be in [0, 1)")
+        check_option("data.num_workers", num_workers, num_workers >= 0, "must be 0 or more")
+        check_option("data.pack_length", pack_length, pack_length >= 2, "must be at least 2")
+        check_option("data.mix_size", mix_size, mix_size is None or mix_size >= 1, "must be at least 1")
         self.sources = resolve_sources(builder)
         self.builder: ResolvedPlugin = self.sources[0][0]
         self.extra_sources = {name: resolve_eval_source(name, src, self.builder)

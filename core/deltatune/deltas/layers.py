@@ -212,7 +212,10 @@ def find_targets(model: nn.Module, targets: list[str] | str, method: str) -> lis
         return [name for name in linear if name not in heads]
     chosen: list[str] = []
     for target in targets:
-        hits = [name for name in linear if target_matches(name, target)]
+        try:
+            hits = [name for name in linear if target_matches(name, target)]
+        except re.error as exc:
+            raise ConfigError(f"{method}: target '{target}' is not a valid regular expression ({exc})") from None
         if not hits:
             suffixes = sorted({name.rsplit(".", 1)[-1] for name in linear})
             raise ConfigError(
@@ -282,7 +285,11 @@ class LayerDeltaMethod:
         self.prepare(model, cfg, names)
         for layer_name in names:
             layer = wrap_linear(model, layer_name)
-            layer.add_delta(self.name, self.make_delta(layer, cfg, layer_name), layer_name)
+            try:
+                delta = self.make_delta(layer, cfg, layer_name)
+            except ConfigError as exc:
+                raise ConfigError(f"{self.name} on module '{layer_name}': {exc}") from None
+            layer.add_delta(self.name, delta, layer_name)
 
     def trainable(self, name: str, param: nn.Parameter) -> bool:
         """Claims every parameter under ``.deltas.<name>.``."""
@@ -394,6 +401,12 @@ class LowRankDelta(WeightUpdateDelta):
 
     def __init__(self, in_features: int, out_features: int, r: int, scaling: float, dropout: float) -> None:
         super().__init__()
+        if r > min(in_features, out_features):
+            raise ConfigError(
+                f"rank r={r} exceeds the layer's width ({out_features}x{in_features}): a low-rank update "
+                f"of it has rank at most {min(in_features, out_features)}; choose r <= {min(in_features, out_features)} "
+                "or target other modules"
+            )
         self.lora_A = nn.Linear(in_features, r, bias=False)
         self.lora_B = nn.Linear(r, out_features, bias=False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

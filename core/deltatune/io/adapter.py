@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from deltatune import __version__
 from deltatune.io.atomic import atomic_folder
 from deltatune.plugin.resolve import ResolvedPlugin
-from deltatune.errors import ConfigError
+from deltatune.errors import ConfigError, DamagedFileError
 from deltatune.model.assembly import ModelSpec, ResolvedSpec, build_model, resolve_spec
 from deltatune.plugin.manager import PluginManager
 
@@ -53,6 +54,7 @@ def manifest(resolved: ResolvedSpec) -> dict[str, Any]:
         "quantizer": _plugin_record(resolved.quantizer) if resolved.quantizer else None,
         "delta": [_plugin_record(d) for d in resolved.deltas],
         "weights": FULL_MODEL if resolved.full_finetune else WEIGHTS,
+        "trust_remote_code": spec.trust_remote_code,
     }
 
 
@@ -83,10 +85,34 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise ConfigError(f"{folder} is not a deltatune adapter: {MANIFEST} is missing")
-    data = json.loads(path.read_text())
-    if data.get("format") != FORMAT:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DamagedFileError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); the adapter manifest is damaged") from None
+    except UnicodeDecodeError:
+        raise DamagedFileError(f"{path}: not UTF-8 text; the adapter manifest is damaged") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise ConfigError(f"{path} is not a deltatune adapter manifest")
     return data
+
+
+def adapter_spec(folder: Path, base: str | None = None, trust_remote_code: bool = False) -> tuple[dict[str, Any], ModelSpec]:
+    """The manifest of the adapter at ``folder`` and the :class:`ModelSpec` that rebuilds its model
+    (a full fine-tune's base is its ``model/`` folder). An adapter whose base runs its own code is
+    refused unless ``trust_remote_code`` says the user allows it."""
+    data = read_manifest(folder)
+    try:
+        spec = spec_from_manifest(data, base)
+    except (KeyError, TypeError, ValueError) as exc:
+        detail = f"lacks {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0]
+        raise DamagedFileError(f"{Path(folder) / MANIFEST}: not a valid adapter manifest ({detail})") from None
+    if data.get("trust_remote_code") and not trust_remote_code:
+        raise ConfigError(f"{folder} was trained on a base model that runs its own Python code (trust_remote_code "
+                          f"in {MANIFEST}); pass --trust-remote-code to allow that code to run")
+    update: dict[str, Any] = {"trust_remote_code": bool(data.get("trust_remote_code"))}
+    if data["weights"] == FULL_MODEL:
+        update["base"] = str(Path(folder) / FULL_MODEL)
+    return data, spec.model_copy(update=update)
 
 
 def spec_from_manifest(data: dict[str, Any], base: str | None = None) -> ModelSpec:
@@ -107,7 +133,12 @@ def spec_from_manifest(data: dict[str, Any], base: str | None = None) -> ModelSp
 
 def load_adapter_weights(model: nn.Module, resolved: ResolvedSpec, folder: Path) -> None:
     """Load an adapter's tensors into a model built from the same spec; strict on the adapter's keys."""
-    state = load_file(str(Path(folder) / WEIGHTS))
+    path = Path(folder) / WEIGHTS
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise DamagedFileError(f"{path}: cannot be read ({type(exc).__name__}: {exc}); the adapter weights are "
+                               "damaged or missing") from None
     expected = adapter_state(model, resolved)
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -124,13 +155,11 @@ def load_adapter_weights(model: nn.Module, resolved: ResolvedSpec, folder: Path)
 
 
 def load_adapter(
-    folder: Path, base: str | None = None, manager: PluginManager | None = None
+    folder: Path, base: str | None = None, manager: PluginManager | None = None, trust_remote_code: bool = False
 ) -> tuple[nn.Module, ResolvedSpec]:
-    """Rebuild base + quantizer + deltas from ``folder`` and load the trained tensors."""
-    data = read_manifest(folder)
-    spec = spec_from_manifest(data, base)
-    if data["weights"] == FULL_MODEL:
-        spec = spec.model_copy(update={"base": str(Path(folder) / FULL_MODEL)})
+    """Rebuild base + quantizer + deltas from ``folder`` and load the trained tensors (``trust_remote_code``:
+    the user allows the base model's own code, which the adapter's manifest says it needs)."""
+    _, spec = adapter_spec(folder, base, trust_remote_code)
     resolved = resolve_spec(spec, manager)
     model = build_model(resolved)
     if not resolved.full_finetune:

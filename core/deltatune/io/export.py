@@ -47,7 +47,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from deltatune.deltas import layers
-from deltatune.io.adapter import FULL_MODEL, load_adapter_weights, read_manifest, spec_from_manifest
+from deltatune.io.adapter import adapter_spec, load_adapter_weights
 from deltatune.io.atomic import atomic_folder
 from deltatune.plugin.resolve import PluginRef, ResolvedPlugin, format_validation_error
 from deltatune.errors import ConfigError
@@ -282,9 +282,11 @@ def peft_export(model: nn.Module, resolved: ResolvedSpec) -> tuple[dict[str, Any
     return config, state
 
 
-def export_peft(adapter_dir: str | Path, out: str | Path, manager: PluginManager | None = None) -> Path:
-    """Write the deltatune adapter at ``adapter_dir`` as a PEFT adapter folder ``out``; return ``out``."""
-    model, resolved = _load_for_export(Path(adapter_dir), manager)
+def export_peft(adapter_dir: str | Path, out: str | Path, manager: PluginManager | None = None,
+                trust_remote_code: bool = False) -> Path:
+    """Write the deltatune adapter at ``adapter_dir`` as a PEFT adapter folder ``out``; return ``out``
+    (``trust_remote_code``: the user allows the base model's own code)."""
+    model, resolved = _load_for_export(Path(adapter_dir), manager, trust_remote_code)
     config, state = peft_export(model, resolved)
     out = Path(out)
     with atomic_folder(out) as tmp:
@@ -293,18 +295,16 @@ def export_peft(adapter_dir: str | Path, out: str | Path, manager: PluginManager
     return out
 
 
-def _load_for_export(folder: Path, manager: PluginManager | None) -> tuple[nn.Module, ResolvedSpec]:
+def _load_for_export(folder: Path, manager: PluginManager | None,
+                     trust_remote_code: bool = False) -> tuple[nn.Module, ResolvedSpec]:
     """The adapter's model with an fp32 base (so merging is exact), in eval mode.
 
     Quantized layers multiply in fp32 too: their own compute dtype (bf16 for nf4 ``auto`` on bf16
     hardware) would otherwise round both the reference logits and, through
     :meth:`~deltatune.deltas.layers.DeltaLinear.merge_delta`, the merged weights.
     """
-    data = read_manifest(folder)
-    spec = spec_from_manifest(data).model_copy(update={"base_dtype": "fp32"})
-    if data["weights"] == FULL_MODEL:
-        spec = spec.model_copy(update={"base": str(folder / FULL_MODEL)})
-    resolved = resolve_spec(spec, manager)
+    _, spec = adapter_spec(folder, trust_remote_code=trust_remote_code)
+    resolved = resolve_spec(spec.model_copy(update={"base_dtype": "fp32"}), manager)
     model = build_model(resolved)
     for module in model.modules():
         if layers.is_quantized(module) and getattr(module, "compute_dtype", None) is not None:
@@ -434,12 +434,14 @@ def _requantize_config(resolved: ResolvedSpec) -> Any:
 def export_merged(
     adapter_dir: str | Path, out: str | Path, *, dtype: Literal["fp32", "bf16"] = "fp32", requantize: bool = False,
     prompts: tuple[str, ...] | list[str] = PROMPTS, manager: PluginManager | None = None,
+    trust_remote_code: bool = False,
 ) -> MergedExport:
     """Write the adapter at ``adapter_dir`` merged into its base as a Hugging Face folder ``out``.
 
     ``dtype`` is the dtype of the written weights. ``requantize`` writes NF4 weights instead
     (``transformers`` + ``bitsandbytes`` load them). The returned report holds the largest absolute
     logit difference between the adapter model and the written model reloaded by ``transformers``.
+    ``trust_remote_code``: the user allows the base model's own code (needed when the adapter says so).
     """
     from transformers import AutoModelForCausalLM
 
@@ -448,8 +450,8 @@ def export_merged(
     if dtype not in ("fp32", "bf16"):
         raise ConfigError(f"dtype must be 'fp32' or 'bf16', not {dtype!r}")
     adapter_dir, out = Path(adapter_dir), Path(out)
-    model, resolved = _load_for_export(adapter_dir, manager)
-    tokenizer = load_tokenizer(resolved.spec.base)
+    model, resolved = _load_for_export(adapter_dir, manager, trust_remote_code)
+    tokenizer = load_tokenizer(resolved.spec.base, trust_remote_code)
     batch = prompt_batch(tokenizer, prompts)
     reference = model_logits(model, batch)
     dequantized = merge_into_base(model, resolved)
@@ -468,7 +470,8 @@ def export_merged(
             model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
     del model
-    written = AutoModelForCausalLM.from_pretrained(out, dtype=torch_dtype, local_files_only=True, device_map="cpu")
+    written = AutoModelForCausalLM.from_pretrained(out, dtype=torch_dtype, local_files_only=True, device_map="cpu",
+                                                   trust_remote_code=trust_remote_code)
     written.eval()
     for module in written.modules():
         if getattr(module, "support_avx512bf16_for_cpu", False):

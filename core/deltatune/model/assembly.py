@@ -9,8 +9,10 @@ is loaded; :func:`build_model` then does the work. A delta method that starts fr
 
 from __future__ import annotations
 
+import contextlib
+import os
 import platform
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -108,6 +110,21 @@ def resolve_spec(spec: ModelSpec | dict[str, Any], manager: PluginManager | None
             "cannot be trained; add a delta method (e.g. lora) or remove the quantizer"
         )
     return ResolvedSpec(spec=spec, quantizer=quantizer, deltas=deltas)
+
+
+def check_on_skeleton(resolved: ResolvedSpec) -> None:
+    """Apply the delta methods to the base model's skeleton (built on the meta device from its config;
+    no weight is read) and claim its parameters, so that a model that is not a causal decoder, targets
+    that match nothing, sizes that do not fit the layers (a rank above a layer's width) and
+    conflicting claims fail before any weight loads. Fresh plugin instances keep the run's own clean
+    and what the methods print is left to the real run."""
+    spec = resolved.spec
+    skeleton = models.model_skeleton(spec.base, spec.trust_remote_code)
+    fresh = [replace(delta, plugin=delta.info.cls()) for delta in resolved.deltas]
+    with open(os.devnull, "w") as silent, contextlib.redirect_stdout(silent):  # the real run reports
+        for delta in fresh:
+            delta.plugin.apply(skeleton, delta.cfg)
+        claim_parameters(skeleton, replace(resolved, deltas=fresh))
 
 
 def apply_quantizer(model: nn.Module, quantizer: ResolvedPlugin) -> None:

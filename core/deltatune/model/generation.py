@@ -7,7 +7,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from deltatune.errors import ConfigError
 from deltatune.model.assembly import compute_context
+from deltatune.ui.console import print_warning
 
 
 def chat_prompt(tokenizer: Any, text: str) -> str:
@@ -17,19 +19,44 @@ def chat_prompt(tokenizer: Any, text: str) -> str:
     return text
 
 
+def prompt_room(model: nn.Module, max_new_tokens: int) -> int | None:
+    """How many prompt tokens fit before ``max_new_tokens`` new ones in the model's positions
+    (``None``: the model sets no limit); a :class:`ConfigError` when not even one does."""
+    positions = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not positions:
+        return None
+    if max_new_tokens >= positions:
+        raise ConfigError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt: the model has "
+                          f"{positions} positions")
+    return positions - max_new_tokens
+
+
+def warn_long_prompts(tokenizer: Any, prompts: list[str], room: int, first: int = 0) -> None:
+    """Say, one line per prompt, which prompts lose their start to fit ``room`` tokens."""
+    for number, prompt in enumerate(prompts, start=first + 1):
+        length = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if length > room:
+            print_warning(f"prompt {number} has {length} tokens; the model's positions leave room for {room} "
+                  f"before the new tokens: its first {length - room} tokens are dropped")
+
+
 @torch.no_grad()
 def generate(model: nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 8) -> list[str]:
     """Greedy completions of already-formatted ``prompts`` (special tokens stripped)."""
+    room = prompt_room(model, max_new_tokens)
     was_training = model.training
     model.eval()
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+    sides = tokenizer.padding_side, tokenizer.truncation_side
+    tokenizer.padding_side = tokenizer.truncation_side = "left"
     outputs: list[str] = []
     device = next(model.parameters()).device
     try:
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
-            encoded = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            if room is not None:
+                warn_long_prompts(tokenizer, chunk, room, start)
+            encoded = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False,
+                                truncation=room is not None, max_length=room).to(device)
             with compute_context(model):
                 generated = model.generate(
                     **encoded,
@@ -41,6 +68,6 @@ def generate(model: nn.Module, tokenizer: Any, prompts: list[str], max_new_token
             new_tokens = generated[:, encoded["input_ids"].shape[1]:]
             outputs += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
     finally:
-        tokenizer.padding_side = side
+        tokenizer.padding_side, tokenizer.truncation_side = sides
         model.train(was_training)
     return outputs

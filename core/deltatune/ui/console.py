@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
@@ -14,6 +15,18 @@ if TYPE_CHECKING:
     from deltatune.train.report import RunReport
 
 console = Console()
+errors = Console(stderr=True, soft_wrap=True, highlight=False)
+"""Errors and warnings go to stderr, one line each."""
+
+
+def print_error(message: str) -> None:
+    """``error: <message>`` on stderr."""
+    errors.print(f"[bold red]error:[/bold red] {escape(message)}")
+
+
+def print_warning(message: str) -> None:
+    """``warning: <message>`` on stderr."""
+    errors.print(f"[bold yellow]warning:[/bold yellow] {escape(message)}")
 
 
 def _plugin_text(plugin: "ResolvedPlugin") -> str:
