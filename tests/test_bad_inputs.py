@@ -19,6 +19,7 @@ from deltatune.io.adapter import MANIFEST, WEIGHTS, save_adapter
 from deltatune.model.assembly import ModelSpec, build_model, resolve_spec
 from deltatune.model.loading import tiny_llama, tiny_tokenizer
 from deltatune.plugin.manager import reset_plugin_manager
+from test_plugins import GOOD
 
 ROWS = [
     {"instruction": f"Repeat the word {word}.", "input": "", "output": word}
@@ -145,8 +146,8 @@ def test_models_deltatune_cannot_train_are_refused_naming_the_file(files, tmp_pa
 def test_data_that_is_not_utf8_names_file_and_line(files, tmp_path, capsys):
     data = tmp_path / "latin1.jsonl"
     lines = [json.dumps(r).encode() for r in ROWS]
-    lines[2] = json.dumps({"instruction": "Say café.", "input": "", "output": "café"}, ensure_ascii=False).encode().replace(
-        "é".encode(), "é".encode("latin-1"))
+    record = {"instruction": "Say café.", "input": "", "output": "café"}
+    lines[2] = json.dumps(record, ensure_ascii=False).encode("latin-1")  # é is one byte, 0xe9: not UTF-8
     data.write_bytes(b"\n".join(lines) + b"\n")
     builder = f"--data.builder={{name: alpaca, config: {{path: {data}, max_length: 48}}}}"
     code, _, err = run(capsys, *fit(files, tmp_path, builder))
@@ -226,24 +227,7 @@ def test_debug_flag_and_environment_show_the_traceback(files, capsys, monkeypatc
 
 
 # -- plugins ------------------------------------------------------------------------------------------
-EVALUATOR = """
-from typing import ClassVar
-from pydantic import BaseModel, ConfigDict
-from deltatune import hookimpl
-
-class Cfg(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-class Echo:
-    name: ClassVar[str] = "echo"
-    Config = Cfg
-    def evaluate(self, model, tokenizer, rows, cfg):
-        return {"rows": float(len(rows))}
-
-@hookimpl
-def deltatune_register_evaluators(register):
-    register(Echo)
-"""
+EVALUATOR = GOOD.format(name="echo")  # an evaluator plugin module registering `echo`
 
 
 @pytest.fixture
@@ -274,6 +258,7 @@ def test_plugins_shows_two_distributions_registering_one_name(capsys, fake_dist,
     code, out, err = run(capsys, "plugins", "--json")
     assert code == 0, err
     conflicts = json.loads(out)["conflicts"]
-    assert conflicts == [{"kind": "evaluator", "name": "echo", "distributions": ["deltatune-echo-a", "deltatune-echo-b"]}]
+    assert conflicts == [{"kind": "evaluator", "name": "echo",
+                          "distributions": ["deltatune-echo-a", "deltatune-echo-b"]}]
     code, out, _ = run(capsys, "plugins")
     assert code == 0 and "name conflicts" in out and "deltatune-echo-a 1.0" in out and "deltatune-echo-b 2.0" in out

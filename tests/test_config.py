@@ -27,10 +27,10 @@ def test_module_validates_plugins_without_loading_the_model():
     # the base does not exist: construction must still fail on the plugin option first
     with pytest.raises(ConfigError, match="adamw"):
         DeltaTuneModule(base="/no/such/model", delta=["lora"], optimizer={"name": "adamw", "config": {"lr": -1}})
-    module = DeltaTuneModule(base="/no/such/model", delta=["lora"])
-    assert module.model is None
+    # then the base's config (never its weights): a missing base fails at construction
     with pytest.raises(ModelNotFoundError, match="never downloads"):
-        module.configure_model()
+        DeltaTuneModule(base="/no/such/model", delta=["lora"])
+    assert DeltaTuneModule(base="tiny-llama", delta=["lora"]).model is None
 
 
 def test_targets_that_match_nothing_list_existing_modules():

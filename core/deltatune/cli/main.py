@@ -69,6 +69,7 @@ def run_lightning(argv: list[str]) -> None:
 
         def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
             # Lightning refuses its own switches when a callback of that kind is present: honour them
+            # (this LightningCLI method is where the CLI's extra and default callbacks are added)
             if config.get("enable_checkpointing") is False:
                 callbacks = [c for c in callbacks if not isinstance(c, ModelCheckpoint)]
                 if self.subcommand == "fit":
@@ -247,9 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         args.func(args)
         return 0
-    except KeyboardInterrupt:
-        raise
-    except Exception as exc:
+    except Exception as exc:  # KeyboardInterrupt and SystemExit pass through
         from deltatune.ui.console import print_error
 
         if debug:

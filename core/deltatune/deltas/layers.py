@@ -401,12 +401,10 @@ class LowRankDelta(WeightUpdateDelta):
 
     def __init__(self, in_features: int, out_features: int, r: int, scaling: float, dropout: float) -> None:
         super().__init__()
-        if r > min(in_features, out_features):
-            raise ConfigError(
-                f"rank r={r} exceeds the layer's width ({out_features}x{in_features}): a low-rank update "
-                f"of it has rank at most {min(in_features, out_features)}; choose r <= {min(in_features, out_features)} "
-                "or target other modules"
-            )
+        width = min(in_features, out_features)
+        if r > width:
+            raise ConfigError(f"rank r={r} exceeds the layer's width ({out_features}x{in_features}): a low-rank "
+                              f"update of it has rank at most {width}; choose r <= {width} or target other modules")
         self.lora_A = nn.Linear(in_features, r, bias=False)
         self.lora_B = nn.Linear(r, out_features, bias=False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

@@ -88,7 +88,8 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise DamagedFileError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); the adapter manifest is damaged") from None
+        raise DamagedFileError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}); the adapter manifest is "
+                               "damaged") from None
     except UnicodeDecodeError:
         raise DamagedFileError(f"{path}: not UTF-8 text; the adapter manifest is damaged") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
@@ -96,10 +97,10 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     return data
 
 
-def adapter_spec(folder: Path, base: str | None = None, trust_remote_code: bool = False) -> tuple[dict[str, Any], ModelSpec]:
-    """The manifest of the adapter at ``folder`` and the :class:`ModelSpec` that rebuilds its model
-    (a full fine-tune's base is its ``model/`` folder). An adapter whose base runs its own code is
-    refused unless ``trust_remote_code`` says the user allows it."""
+def adapter_spec(folder: Path, base: str | None = None, trust_remote_code: bool = False) -> ModelSpec:
+    """The :class:`ModelSpec` that rebuilds the model of the adapter at ``folder`` (a full fine-tune's
+    base is its ``model/`` folder; ``base`` overrides the recorded one otherwise). An adapter whose
+    base runs its own code is refused unless ``trust_remote_code`` says the user allows it."""
     data = read_manifest(folder)
     try:
         spec = spec_from_manifest(data, base)
@@ -112,7 +113,7 @@ def adapter_spec(folder: Path, base: str | None = None, trust_remote_code: bool 
     update: dict[str, Any] = {"trust_remote_code": bool(data.get("trust_remote_code"))}
     if data["weights"] == FULL_MODEL:
         update["base"] = str(Path(folder) / FULL_MODEL)
-    return data, spec.model_copy(update=update)
+    return spec.model_copy(update=update)
 
 
 def spec_from_manifest(data: dict[str, Any], base: str | None = None) -> ModelSpec:
@@ -159,7 +160,7 @@ def load_adapter(
 ) -> tuple[nn.Module, ResolvedSpec]:
     """Rebuild base + quantizer + deltas from ``folder`` and load the trained tensors (``trust_remote_code``:
     the user allows the base model's own code, which the adapter's manifest says it needs)."""
-    _, spec = adapter_spec(folder, base, trust_remote_code)
+    spec = adapter_spec(folder, base, trust_remote_code)
     resolved = resolve_spec(spec, manager)
     model = build_model(resolved)
     if not resolved.full_finetune:

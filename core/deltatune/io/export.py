@@ -303,7 +303,7 @@ def _load_for_export(folder: Path, manager: PluginManager | None,
     hardware) would otherwise round both the reference logits and, through
     :meth:`~deltatune.deltas.layers.DeltaLinear.merge_delta`, the merged weights.
     """
-    _, spec = adapter_spec(folder, trust_remote_code=trust_remote_code)
+    spec = adapter_spec(folder, trust_remote_code=trust_remote_code)
     resolved = resolve_spec(spec.model_copy(update={"base_dtype": "fp32"}), manager)
     model = build_model(resolved)
     for module in model.modules():

@@ -37,7 +37,7 @@ def warn_long_prompts(tokenizer: Any, prompts: list[str], room: int, first: int 
         length = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
         if length > room:
             print_warning(f"prompt {number} has {length} tokens; the model's positions leave room for {room} "
-                  f"before the new tokens: its first {length - room} tokens are dropped")
+                          f"before the new tokens: its first {length - room} tokens are dropped")
 
 
 @torch.no_grad()

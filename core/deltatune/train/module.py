@@ -89,12 +89,12 @@ class DeltaTuneModule(L.LightningModule):
             ModelSpec(base=base, quantizer=quantizer, delta=delta or [], base_dtype=base_dtype,
                       trainable_dtype=trainable_dtype, trust_remote_code=trust_remote_code)
         )
-        check_on_skeleton(self.resolved)
         self.optimizer_plugin: ResolvedPlugin = resolve("optimizer", coerce_ref(optimizer or "adamw"))
         refs = [e if isinstance(e, EvaluatorRef) else EvaluatorRef.model_validate(e)
                 for e in (evaluators or ["perplexity"])]
         self.evaluator_plugins = [resolve("evaluator", PluginRef(name=e.name, config=e.config)) for e in refs]
         self.evaluator_splits = [e.splits for e in refs]
+        check_on_skeleton(self.resolved)  # the base's config, not its weights: after every plugin option
         self.updates_in_backward: bool = self.optimizer_plugin.optional("updates_in_backward")
         self.automatic_optimization = not self.updates_in_backward
         self.strict_loading = False
