@@ -131,7 +131,7 @@ def cmd_plugins(args: argparse.Namespace) -> None:
     if manager.conflicts:
         print_table("name conflicts (unusable until one is uninstalled or denied with DELTATUNE_DISABLE_PLUGINS)",
                     ["kind", "name", "registered by"],
-                    [[KIND_LABEL[kind], name, ", ".join(f"{i.distribution} {i.version}" for i in infos)]
+                    [[PLUGIN_KINDS[kind].label, name, ", ".join(f"{i.distribution} {i.version}" for i in infos)]
                      for (kind, name), infos in manager.conflicts.items()])
     if missing:
         print_table("in registry.toml, not installed", ["kind", "name", "distribution", "install with"],

@@ -204,3 +204,8 @@ def get_plugin_manager() -> PluginManager:
     """The process-wide manager (loaded once). Tests build their own with :class:`PluginManager`."""
     return _default_manager()
 
+
+
+def reset_plugin_manager() -> None:
+    """Forget the process-wide manager so the next call reloads entry points (tests that install plugins)."""
+    _default_manager.cache_clear()
