@@ -75,7 +75,7 @@ SHAPES_NOTE = (
     "RSS between steps grew by about 18 MiB per step and had not levelled off after 12 steps. The fast "
     "path now rounds the token rows up to a multiple of 32 (filler rows with no target, outside every "
     "attention example: exact zeros in every gradient), the attention width to 16 and the LM head's "
-    "rows to 16 (`deltatune.train.fastpath.SHAPE_STEPS`, `HEAD_ROW_STEP`). With both, the "
+    "rows to 16 (`deltatune.train.fast.tokens.SHAPE_STEPS`, `deltatune.train.head_loss.HEAD_ROW_STEP`). With both, the "
     "RSS between steps stays within 2 MiB over 10 steps, and the step is faster, not slower (the caches "
     "are not capped: `ONEDNN_PRIMITIVE_CACHE_CAPACITY=0` had cost 5.5x in speed)."
 )
@@ -304,7 +304,7 @@ def notes_for(rows: list[dict]) -> str:
         "recomputed there, chunk by chunk), so it exists only while that weight is updated, instead "
         "of through the whole backward plus a dense embedding gradient beside it; and the logits "
         "chunks of the loss are 8 MiB instead of 32 MiB when a fused optimizer trains the head "
-        "(`deltatune.train.fastpath.FUSED_LOSS_CHUNK_BYTES`). `lomo_optim.Lomo` gets neither."
+        "(`deltatune.train.head_loss.FUSED_LOSS_CHUNK_BYTES`). `lomo_optim.Lomo` gets neither."
     )
     if "adamw" in by:
         a = by["adamw"]

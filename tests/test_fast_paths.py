@@ -1,14 +1,18 @@
 """The fast paths compute what the plain path computes.
 
 Speed is measured by ``benchmarks/speed.py``, never asserted here. These tests check that every fast
-path — the chunked LM-head cross-entropy, the unpadded/fused Llama forward of
-:mod:`deltatune.train.fastpath`, its gradient checkpointing and the layers it leaves to their own forward —
-gives the plain path's loss and gradients: to 1e-5 in fp32, and close (bf16 rounding) in bf16.
+path — the chunked LM-head cross-entropy, the unpadded Llama forward of :mod:`deltatune.train.fast.llama`
+with LoRA's grouped low-rank products, its gradient checkpointing and the layers it leaves to their own
+forward — gives the plain path's loss and gradients: to 1e-5 in fp32, and close (bf16 rounding) in bf16.
+Every comparison asserts that the fast forward really computed its side (:func:`fast_forward_runs`),
+so a silent fall-back to the plain path fails it.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from functools import partial
 from pathlib import Path
 
@@ -16,8 +20,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from deltatune.deltas.grouped import Projection, ProjectionGroup, grouped_product_class
 from deltatune.model import loading as models
-from deltatune.train import fastpath
+from deltatune.testing import fast_forward_runs
+from deltatune.train.fast.llama import fast_forward_for
+from deltatune.train.fast.tokens import SHAPE_STEPS, TokenLayout
+from deltatune.train.head_loss import LOSS_CHUNK_BYTES, LinearCrossEntropy, loss_chunk_rows
 from deltatune.train.loss import token_loss
 from deltatune.data.packing import collate, collate_packed, pack_rows
 from deltatune.cli.main import main
@@ -53,9 +61,11 @@ def make_rows(lengths=(7, 12, 5, 9, 11), seed: int = 1) -> list[dict]:
 
 
 def loss_and_grads(model, batch, fast: bool):
+    """Loss, labelled tokens and gradients; with ``fast``, the fast forward must have computed them."""
     model.zero_grad(set_to_none=True)
-    with compute_context(model):
+    with compute_context(model), fast_forward_runs() as runs:
         total, count = token_loss(model, batch, fast=fast)
+    assert runs == (["llama"] if fast else []), "the fast forward did not compute this loss"
     (total / count).backward()
     grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
     return float(total), count, grads
@@ -87,7 +97,7 @@ def test_chunked_cross_entropy_equals_full_logits(trainable_head: bool):
 
     full = F.cross_entropy(head(hidden).float(), targets, reduction="sum")
     grads_full = torch.autograd.grad(full, [hidden, *(p for p in head.parameters() if p.requires_grad)])
-    chunked = fastpath.LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, 16)  # 4 chunks
+    chunked = LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, 16)  # 4 chunks
     grads_chunked = torch.autograd.grad(chunked, [hidden, *(p for p in head.parameters() if p.requires_grad)])
 
     assert abs(float(full.detach()) - float(chunked.detach())) < 1e-5 * abs(float(full.detach()))
@@ -99,14 +109,14 @@ def test_chunked_cross_entropy_keeps_no_logits():
     """Backward keeps the gradient of the hidden states only — no chunk of logits survives forward."""
     hidden = torch.randn(40, 16, requires_grad=True)
     weight = torch.randn(1000, 16)
-    loss = fastpath.LinearCrossEntropy.apply(hidden, weight, None, torch.randint(0, 1000, (40,)), 8)
+    loss = LinearCrossEntropy.apply(hidden, weight, None, torch.randint(0, 1000, (40,)), 8)
     saved = loss.grad_fn.saved_tensors
     assert sum(t.numel() for t in saved) == hidden.numel()
 
 
 def test_chunk_rows_bound_logit_memory():
-    rows = fastpath.loss_chunk_rows(49152)
-    assert rows * 49152 * 4 <= fastpath.LOSS_CHUNK_BYTES and rows >= 16
+    rows = loss_chunk_rows(49152)
+    assert rows * 49152 * 4 <= LOSS_CHUNK_BYTES and rows >= 16
 
 
 # -- the fast decoder forward -------------------------------------------------------------------------------
@@ -114,7 +124,7 @@ def test_chunk_rows_bound_logit_memory():
 def test_fast_path_equals_plain_fp32(kind: str):
     model = make_model()
     batch = BATCHES[kind]()
-    assert fastpath.plan_for(model) is not None
+    assert fast_forward_for(model) is not None
     plain = loss_and_grads(model, batch, fast=False)
     fast = loss_and_grads(model, batch, fast=True)
     assert plain[1] == fast[1]
@@ -151,13 +161,13 @@ def test_fast_path_equals_plain_with_biased_base_layers():
     assert model.model.layers[0].self_attn.k_proj.base_layer.bias is not None
     batch = collate(make_rows(), pad_id=0)
     plain, fast = loss_and_grads(model, batch, fast=False), loss_and_grads(model, batch, fast=True)
-    assert fastpath.plan_for(model) is not None
+    assert fast_forward_for(model) is not None
     assert abs(plain[0] - fast[0]) <= 1e-5 * abs(plain[0])
     assert_close_grads(plain[2], fast[2], 1e-4)
 
 
 def test_fast_path_equals_plain_when_a_group_mixes_scalings():
-    # q/k/v share one fused product; each member's own LoRA scaling must reach its output and gradients
+    # q/k/v share one grouped product; each member's own LoRA scaling must reach its output and gradients
     model = make_model()
     attention = model.get_decoder().layers[0].self_attn
     for module, scaling in ((attention.q_proj, 0.5), (attention.v_proj, 3.0)):
@@ -199,7 +209,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # Hugging Face hooks the embedding when checkpointing is enabled; the fast path must still apply
     assert model.get_input_embeddings()._forward_hooks
-    assert fastpath.plan_for(model) is not None
+    assert fast_forward_for(model) is not None
     calls = []
     original = torch.utils.checkpoint.checkpoint
     with pytest.MonkeyPatch.context() as patch:
@@ -215,7 +225,9 @@ def test_no_grad_evaluation_matches():
     batch = collate(make_rows(), pad_id=0)
     with torch.no_grad():
         plain, _ = token_loss(model, batch, fast=False)
-        fast, _ = token_loss(model, batch, fast=True)
+        with fast_forward_runs() as runs:
+            fast, _ = token_loss(model, batch, fast=True)
+    assert runs == ["llama"]
     assert abs(float(plain) - float(fast)) <= 1e-5 * abs(float(plain))
 
 
@@ -236,15 +248,17 @@ def test_hooked_linear_layer_runs_its_own_forward():
 def test_unrecognised_model_uses_the_plain_path():
     model = make_model()
     model.model.layers[1].mlp.register_forward_hook(lambda *args: None)
-    assert fastpath.plan_for(model) is None
+    assert fast_forward_for(model) is None
 
 
 def test_lora_dropout_in_training_is_left_to_the_layer():
     model = make_model(delta=[{"name": "lora", "config": {"r": 4, "dropout": 0.5, "targets": "all-linear"}}])
     layer = model.model.layers[0].self_attn.q_proj
-    assert fastpath.Member.of(layer) is None
+    assert grouped_product_class([Projection.of(layer)]) is None
+    assert ProjectionGroup([layer]).grouped(torch.float32) is None
     model.eval()
-    assert fastpath.Member.of(layer) is not None
+    assert grouped_product_class([Projection.of(layer)]) is not None
+    assert ProjectionGroup([layer]).grouped(torch.float32) is not None
 
 
 def test_merged_delta_is_read_from_the_base_weight():
@@ -254,8 +268,9 @@ def test_merged_delta_is_read_from_the_base_weight():
     for module in model.modules():
         if hasattr(module, "merge_delta") and "lora" in getattr(module, "deltas", {}):
             module.merge_delta("lora")
-    with torch.no_grad():
+    with torch.no_grad(), fast_forward_runs() as runs:
         merged, _ = token_loss(model, batch, fast=True)
+    assert runs == ["llama"]
     assert abs(plain[0] - float(merged)) <= 1e-4 * abs(plain[0])
 
 
@@ -275,15 +290,18 @@ def test_adapter_update_is_seen_by_the_next_step(optimizer_class):
     assert abs(plain[0] - fast[0]) <= 1e-5 * abs(plain[0])
 
 
-def test_a_graph_older_than_the_refreshed_lora_copies_refuses_backward():
+@pytest.mark.parametrize("optimizer_class", [partial(torch.optim.SGD, lr=0.5),
+                                             partial(torch.optim.AdamW, lr=0.01, fused=True)])
+def test_a_graph_older_than_the_refreshed_lora_copies_refuses_backward(optimizer_class):
     """The compute-dtype LoRA copies are refreshed in place: a graph built before an optimizer step
     must fail loudly rather than backpropagate through the new weights."""
     model = make_model()
     batch = collate(make_rows(), pad_id=0)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    optimizer = optimizer_class([p for p in model.parameters() if p.requires_grad])
     with compute_context(model):
         stale, count = token_loss(model, batch)
-    optimizer.step()  # no gradients yet: nothing moves, but the copies are due for a refresh
+    loss_and_grads(model, batch, fast=True)
+    optimizer.step()  # the weights move: the copies are due for a refresh
     with compute_context(model):
         token_loss(model, batch)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
@@ -292,11 +310,11 @@ def test_a_graph_older_than_the_refreshed_lora_copies_refuses_backward():
 
 def test_layout_of_packed_rows_separates_examples():
     batch = collate_packed(pack_rows(make_rows((3, 4)), 10), pad_id=0)
-    layout = fastpath.TokenLayout.build(batch)
+    layout = TokenLayout.build(batch)
     assert layout.real == 7  # the padding segment has no label: dropped
     assert layout.positions[:7].tolist() == [0, 1, 2, 0, 1, 2, 3]
     # shapes are rounded up: filler rows (no target, outside attention), a wider attention layout
-    tokens_step, width_step = fastpath.SHAPE_STEPS
+    tokens_step, width_step = SHAPE_STEPS
     assert len(layout.index) == len(layout.positions) == len(layout.targets) == tokens_step
     assert (layout.targets[7:] == -100).all()
     assert layout.examples == 2 and layout.width == width_step
@@ -304,6 +322,39 @@ def test_layout_of_packed_rows_separates_examples():
     rows = torch.arange(len(layout.index), dtype=torch.float32)[:, None] + 1
     back = layout.to_tokens(layout.to_examples(rows))
     assert back[:7].equal(rows[:7]) and not back[7:].any()  # filler rows come back as zeros
+
+
+def test_lora_copies_are_not_refreshed_while_the_weights_stand_still():
+    """Forwards without a gradient in between (evaluation, accumulation's later micro-batches read the
+    same weights) reuse the compute-dtype copies instead of copying every pair again."""
+    model = make_model().eval()
+    batch = collate(make_rows(), pad_id=0)
+    forward = fast_forward_for(model)
+    product, _ = forward.groups[0][0].grouped(torch.float32)
+    with torch.no_grad():
+        forward(batch)
+        key = product.copies.key
+        buffer = product.copies.a
+        forward(batch)
+    assert product.copies.key == key and product.copies.a is buffer
+    loss_and_grads(model.train(), batch, fast=True)  # a gradient reached the masters: refreshed next time
+    with torch.no_grad():
+        forward(batch)
+    assert product.copies.key != key
+
+
+def test_plain_loss_imports_no_fast_forward_and_the_fast_forward_no_global_hook():
+    """The plain path of any model leaves the Llama forward unimported, and importing it (with LoRA's
+    grouped product) registers nothing process-wide."""
+    code = (
+        "import sys\n"
+        "from torch.optim import optimizer\n"
+        "import deltatune.train.loss\n"
+        "assert 'deltatune.train.fast.llama' not in sys.modules\n"
+        "import deltatune.train.fast.llama, deltatune_lora\n"
+        "assert not optimizer._global_optimizer_pre_hooks and not optimizer._global_optimizer_post_hooks\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 # -- model.compile: compiled decoder layers ----------------------------------------------------------------
@@ -346,4 +397,4 @@ def test_compile_option_compiles_the_decoder_layers():
     module = DeltaTuneModule(base="tiny-llama", delta=DORA, compile=True, compare_base=False, samples=0)
     module.configure_model()
     assert all(layer._compiled_call_impl is not None for layer in module.model.model.layers)
-    assert not module.uses_fast_path  # training runs the compiled layers, not the hand-fused path
+    assert not module.uses_fast_path  # training runs the compiled layers, not the fast forward

@@ -11,6 +11,7 @@ from deltatune.data.module import InstructionDataModule, collate
 from deltatune.model.forward import hidden_states
 from deltatune.train.loss import token_loss
 from deltatune.train.packing_check import packing_leak
+from deltatune.testing import fast_forward_runs
 from deltatune.model.loading import tiny_llama, tiny_tokenizer
 from deltatune.data.packing import (
     IGNORE_INDEX,
@@ -70,9 +71,10 @@ def test_every_example_has_the_same_loss_packed_and_unpacked(model, train_on_pro
     assert len(got) == len(rows)
     assert max(abs(a - b) for a, b in zip(got, want)) < 1e-5 * max(max(want), 1.0)
     # and the batch loss the trainer optimises is the same too
-    with torch.no_grad():
+    with torch.no_grad(), fast_forward_runs() as runs:
         total_packed, count_packed = token_loss(model, collate_packed(packed, pad_id=0))
         total_plain, count_plain = token_loss(model, collate(rows, pad_id=0))
+    assert runs == ["llama", "llama"]  # both through the fast forward, which is what is compared here
     assert count_packed == count_plain, "an example's first token is predicted from nothing, packed or not"
     assert abs(float(total_packed) - sum(want)) < 1e-4 * sum(want)
 

@@ -23,7 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import deltatune_nf4
-from deltatune.deltas import layers
+from deltatune.deltas.layer import base_weight, delta_layers
 from deltatune.io.adapter import load_adapter, load_adapter_weights, save_adapter
 from deltatune.plugin.resolve import resolve
 from deltatune.io.export import PROMPTS, _load_for_export, export_merged, model_logits, prompt_batch
@@ -163,7 +163,7 @@ def test_dora_magnitude_starts_at_the_row_norms_of_the_dequantized_weights() -> 
     model, _ = build([DORA])
     dense = tiny_llama()
     found = 0
-    for name, layer, delta in layers.delta_layers(model, "dora"):
+    for name, layer, delta in delta_layers(model, "dora"):
         assert deltatune_nf4.is_quantized(layer.base_layer)
         dequantized = deltatune_nf4.dequantize_weight(layer.base_layer)
         assert torch.equal(delta.magnitude.detach(), dequantized.norm(dim=1))
@@ -188,11 +188,11 @@ def test_delta_methods_read_base_weights_only_through_dequantize_weight(monkeypa
     fp32 = {"name": "nf4", "config": {"compute_dtype": "fp32"}}  # so that merging stays in fp32
     model, resolved = build([DORA], quantizer=fp32, base_dtype="fp32")
     assert len(calls) == 2 * 7  # DoRA's magnitude: one dequantization per layer
-    true = {name: true_dequantize(None, layer.base_layer) for name, layer, _ in layers.delta_layers(model, "dora")}
-    for name, layer, delta in layers.delta_layers(model, "dora"):
+    true = {name: true_dequantize(None, layer.base_layer) for name, layer, _ in delta_layers(model, "dora")}
+    for name, layer, delta in delta_layers(model, "dora"):
         assert torch.equal(delta.magnitude.detach(), (2 * true[name]).norm(dim=1))
         torch.testing.assert_close(delta.weight_norm(layer), (2 * true[name]).norm(dim=1))  # B = 0: n = ||W||
-        assert torch.equal(layers.base_weight(layer), 2 * true[name])
+        assert torch.equal(base_weight(layer), 2 * true[name])
 
     calls.clear()
     with torch.no_grad():
@@ -200,7 +200,7 @@ def test_delta_methods_read_base_weights_only_through_dequantize_weight(monkeypa
     assert len(calls) == 2 * 7  # DoRA's norm n in the forward pass, through the quantizer
 
     resolved.deltas[0].plugin.merge(model)  # the merged dense weight starts from the dequantization
-    for name, layer, _ in layers.delta_layers(model, "dora"):
+    for name, layer, _ in delta_layers(model, "dora"):
         assert not deltatune_nf4.is_quantized(layer.base_layer)
         torch.testing.assert_close(layer.base_layer.weight, 2 * true[name])  # B = 0, m = n: W' = W
 

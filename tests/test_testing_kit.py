@@ -21,10 +21,11 @@ from torch import nn
 from deltatune import hookimpl
 from deltatune.errors import DataError
 from deltatune.data.module import encode_example, read_records
-from deltatune.deltas.layers import LowRankConfig, LowRankDelta
+from deltatune.deltas.lowrank import LowRankConfig
 from deltatune_adamw import AdamW
 from deltatune_alpaca import AlpacaBuilder, AlpacaConfig
 from deltatune_lora import Lora
+from deltatune_lora.layer import LoraDelta
 from deltatune_nf4 import NF4
 from deltatune_perplexity import Perplexity
 
@@ -38,7 +39,7 @@ class NonZeroInit(Lora):  # promises identity, but B starts non-zero
         return delta
 
 
-class UnscaledDelta(LowRankDelta):
+class UnscaledDelta(LoraDelta):
     def merge_weight(self, weight, layer):  # forgets the scale
         return weight + self.lora_B.weight.float() @ self.lora_A.weight.float()
 

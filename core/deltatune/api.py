@@ -25,6 +25,11 @@ such deltas (a subclass writes ``make_delta``). ``base_weight`` reads the dense 
 share: ``LowRankConfig``, ``LowRankDelta``, ``LOW_RANK_PEFT_FIELDS``. PEFT checkpoint names:
 ``PEFT_PREFIX``, ``copy_named_tensors``.
 
+**Delta methods: grouped products** — a ``Delta`` class may name a ``GroupedProduct`` that computes
+linear layers reading one input (q/k/v, gate/up) as one product in a fast training forward; it gets
+each layer as a ``Projection`` (frozen dense base, at most one delta) and may build on
+``base_products`` / ``base_input_grad`` (the frozen bases' part), ``no_autocast`` and ``hooked``.
+
 **Quantizers and evaluators: precision** — ``compute_dtype`` (the dtype an ``auto``/``bf16``/``fp32``
 choice means on this machine), ``compute_context`` (the autocast a model of that dtype runs under).
 
@@ -60,22 +65,12 @@ from deltatune.data.module import (
     user_prompt,
 )
 from deltatune.data.packing import IGNORE_INDEX, collate
-from deltatune.deltas.layers import (
-    LOW_RANK_PEFT_FIELDS,
-    PEFT_PREFIX,
-    Delta,
-    DeltaLinear,
-    LayerDeltaMethod,
-    LowRankConfig,
-    LowRankDelta,
-    WeightUpdateDelta,
-    base_weight,
-    copy_named_tensors,
-    delta_layers,
-    find_targets,
-    get_submodule_parent,
-    target_matches,
-)
+from deltatune.deltas.grouped import GroupedProduct, Projection, base_input_grad, base_products, hooked, no_autocast
+from deltatune.deltas.layer import Delta, DeltaLinear, WeightUpdateDelta, base_weight, delta_layers, get_submodule_parent
+from deltatune.deltas.lowrank import LOW_RANK_PEFT_FIELDS, LowRankConfig, LowRankDelta
+from deltatune.deltas.method import LayerDeltaMethod
+from deltatune.deltas.peft_names import PEFT_PREFIX, copy_named_tensors
+from deltatune.deltas.targets import find_targets, target_matches
 from deltatune.errors import ConfigError, DataError, DeltaTuneError
 from deltatune.evaluation.helpers import (
     GenerationOptions,
@@ -137,6 +132,13 @@ __all__ = [
     "find_targets",
     "get_submodule_parent",
     "target_matches",
+    # delta methods: grouped products
+    "GroupedProduct",
+    "Projection",
+    "base_input_grad",
+    "base_products",
+    "hooked",
+    "no_autocast",
     # precision
     "compute_context",
     "compute_dtype",

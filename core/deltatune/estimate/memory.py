@@ -22,7 +22,7 @@ configurations stored here, nothing is downloaded), a local Hugging Face folder 
 * optimizer state: AdamW two moments in the parameter dtype, LOMO none, AdaLomo factored row and
   column statistics; a third-party optimizer may declare ``state_bytes_per_param(cfg)``;
 * activations kept for backward (:func:`activation_bytes`: a per-layer, per-token model of a
-  Llama-style decoder as deltatune runs it — its fast path with fused LoRA, hand-written norm,
+  Llama-style decoder as deltatune runs it — its fast path with grouped low-rank products, hand-written norm,
   attention and SiLU backward, and a chunked cross-entropy that keeps no logits — checked against
   the tensors autograd really keeps in ``tests/test_estimate.py``); with gradient checkpointing
   the layer inputs plus one recomputed layer;
@@ -75,8 +75,6 @@ the bytes autograd keeps (measured: 1,672 MiB resident for 1,290 MiB of saved te
 8 x 256 tokens; with ``MALLOC_MMAP_THRESHOLD_=131072`` it is 1,319 MiB). The heap stays that large
 after training, so a checkpoint saved then comes on top of it."""
 
-LOSS_CHUNK_BYTES = 32 * 2**20
-"""fp32 logits one chunk of the chunked cross-entropy holds (``deltatune.train.fastpath.LOSS_CHUNK_BYTES``)."""
 
 def _llama(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int | None = None,
            context: int = 2048, eps: float = 1e-6, vocab: int = 32000, tied: bool = False,
@@ -163,7 +161,7 @@ class Layout:
     groups: dict[str, Group] | None = None
     """The first decoder layer's linear-layer groups when the fast path runs the model."""
     compute_copies: int = 0
-    """Elements of the compute-dtype copies of fused LoRA weights the fast path caches."""
+    """Elements of the compute-dtype copies of trained weights the fast path's grouped products keep."""
     trains_base: bool = False
     """A trained tensor belongs to the base model (BitFit's biases, full fine-tuning)."""
 
@@ -189,7 +187,7 @@ def _quantized_names(model: Any, quantizer: Any) -> set[str]:
 
     from torch import nn
 
-    from deltatune.deltas.layers import output_layer_names, target_matches
+    from deltatune.deltas.targets import output_layer_names, target_matches
 
     uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     heads = output_layer_names(model)
@@ -210,10 +208,11 @@ def _quantized_names(model: Any, quantizer: Any) -> set[str]:
 
 def layout(config: Any, deltas: list[Any], quantizer: Any | None, fast_path: bool = True) -> Layout:
     """Count parameters of ``config`` with ``deltas`` applied on the meta device, and describe what
-    its decoder layers keep for backward (``fast_path``: as :mod:`deltatune.train.fastpath` runs them)."""
+    its decoder layers keep for backward (``fast_path``: as the model's fast training forward,
+    :mod:`deltatune.train.fast`, runs them)."""
     import torch
 
-    from deltatune.deltas.layers import DeltaLinear
+    from deltatune.deltas.layer import DeltaLinear
     from deltatune.model.assembly import ResolvedSpec, claim_parameters
 
     model = meta_model(config)
@@ -263,12 +262,12 @@ def layout(config: Any, deltas: list[Any], quantizer: Any | None, fast_path: boo
         elif hasattr(module, "weight") and getattr(module.weight, "requires_grad", False) and module.weight.ndim == 2:
             out.adapted[suffix] = {"in": module.weight.shape[1], "out": module.weight.shape[0], "r": 0,
                                    "dropout": False, "input": True}
-    from deltatune.train.fastpath import Plan
+    from deltatune.train.fast import fast_forward
 
-    if fast_path and Plan.supports(model):
+    if fast_path and fast_forward(model) is not None:
         out.groups = _groups(model, quantized)
         if out.groups is not None:
-            per_layer = sum(g.rank * (g.in_features + g.out_features) for g in out.groups.values() if g.fused)
+            per_layer = sum(g.compute_copies for g in out.groups.values() if g.fused)
             out.compute_copies = per_layer * config.num_hidden_layers
     return out
 
@@ -327,8 +326,11 @@ class Group:
     in_features: int
     out_features: int
     fused: bool = True
-    """The fast path computes it as one product with fused LoRA (frozen dense bases, plain LoRA)."""
-    rank: int = 0
+    """The fast path computes it as one grouped product (:mod:`deltatune.deltas.grouped`)."""
+    grouped_kept: int = 0
+    """Elements per token the grouped product keeps for backward (its input included)."""
+    compute_copies: int = 0
+    """Elements the grouped product holds in the compute dtype between steps."""
     trains: bool = False
     keeps_input: bool = False
     extra: int = 0
@@ -342,8 +344,8 @@ class Group:
 def _groups(model: Any, quantized: set[str]) -> dict[str, Group] | None:
     """The groups of the first decoder layer of ``model`` (after deltas), or ``None`` when the
     decoder is not Llama-shaped."""
-    from deltatune.train.fastpath import Member
-    from deltatune.deltas.layers import DeltaLinear
+    from deltatune.deltas.grouped import Projection, grouped_product_class
+    from deltatune.deltas.layer import DeltaLinear
 
     decoder = model.get_decoder()
     first = decoder.layers[0]
@@ -358,11 +360,14 @@ def _groups(model: Any, quantized: set[str]) -> dict[str, Group] | None:
                 return None
             modules.append(module)
         group = Group(in_features=modules[0].in_features, out_features=sum(m.out_features for m in modules))
-        for name, module in zip(members, modules):
-            full = prefix + ("self_attn." if parent_of(name) == "attn" else "mlp.") + name
-            is_quantized = full in quantized
-            member = None if is_quantized else Member.of(module)
-            group.fused &= member is not None
+        projections = [None if prefix + ("self_attn." if parent_of(name) == "attn" else "mlp.") + name in quantized
+                       else Projection.of(module) for name, module in zip(members, modules)]
+        product = grouped_product_class(projections) if all(p is not None for p in projections) else None
+        group.fused = product is not None
+        if product is not None:
+            group.grouped_kept = product.kept_per_token(projections)
+            group.compute_copies = product.compute_copies(projections)
+        for module in modules:
             base = module.base_layer if isinstance(module, DeltaLinear) else module
             if base.weight.requires_grad:
                 group.trains = group.keeps_input = True
@@ -377,8 +382,6 @@ def _groups(model: Any, quantized: set[str]) -> dict[str, Group] | None:
                     group.keeps_input |= saves_input and not dropout  # dropout keeps its own copy
                     group.extra += extra
                     group.dropout_copies += int(dropout)
-                    if member is not None and member.delta is delta:
-                        group.rank += member.delta.lora_A.out_features
         out[key] = group
     return out
 
@@ -404,16 +407,17 @@ def activation_bytes(config: Any, lay: Layout, batch: int, seq: int, compute: in
 
     Per decoder layer and token, with ``c`` the compute dtype's bytes (2 for bf16, 4 for fp32),
     ``h`` hidden, ``i`` intermediate, ``q``/``kv`` the query and key/value widths, ``H`` heads and
-    ``W`` the sequence length, on deltatune's fast path (:mod:`deltatune.train.fastpath`: Llama decoders):
+    ``W`` the sequence length, on deltatune's fast path (:mod:`deltatune.train.fast.llama`: Llama decoders):
 
     * each RMSNorm keeps its input and 1/rms: ``c h + 4`` (twice);
-    * each group of linear layers sharing an input (q/k/v, o, gate/up, down) keeps the input
-      (``c h``, ``c q``, ``c h``, ``c i``) and its fused LoRA ``A`` output (``c r``);
+    * each group of linear layers sharing an input (q/k/v, o, gate/up, down) keeps what its grouped
+      product says (:meth:`deltatune.deltas.grouped.GroupedProduct.kept_per_token`): LoRA's keeps the
+      input (``c h``, ``c q``, ``c h``, ``c i``) and its ``A`` output (``c r``), frozen bases alone nothing;
     * attention keeps q, k, v and the softmax probabilities: ``c (q + 2 kv) + c H W`` per row of its
       ``(examples x width)`` layout (width rounded up, as the token rows are: :class:`TokenLayout`);
     * the SiLU gate keeps gate and up: ``2 c i``.
 
-    A group the fast path does not fuse (a quantized base, dropout, DoRA/VeRA, several deltas, a
+    A group the fast path does not run as a grouped product (a quantized base, dropout, DoRA/VeRA, several deltas, a
     trained weight) runs its modules under autocast: it keeps its input only when a delta or a
     trained weight needs it, what each delta keeps (:func:`_delta_keeps`), a dropped copy and a
     scaled noise mask per dropout (``2 c in``), and the compute-dtype copy of a trained weight. With
@@ -428,10 +432,11 @@ def activation_bytes(config: Any, lay: Layout, batch: int, seq: int, compute: in
     """
     if lay.groups is None:
         return plain_activation_bytes(config, lay, batch, seq, compute, checkpointing, labelled)
-    from deltatune.train.fastpath import HEAD_ROW_STEP, SHAPE_STEPS, round_up
+    from deltatune.train.fast.tokens import SHAPE_STEPS
+    from deltatune.train.head_loss import HEAD_ROW_STEP, round_up
 
     h, i, heads, head_dim, q, kv = _widths(config)
-    # the fast path rounds its shapes up (deltatune.train.fastpath.TokenLayout): token rows, attention
+    # the fast path rounds its shapes up (deltatune.train.fast.tokens.TokenLayout): token rows, attention
     # width (one example per row here), and the head's labelled rows
     tokens_step, width_step = SHAPE_STEPS
     tokens = round_up(batch * seq, tokens_step)
@@ -441,7 +446,7 @@ def activation_bytes(config: Any, lay: Layout, batch: int, seq: int, compute: in
 
     def group_bytes(group: Group, grad: bool) -> float:
         if group.fused:
-            return compute * (group.in_features + group.rank)
+            return compute * group.grouped_kept
         # dropout keeps its scaled noise (when its input needs a gradient) and the dropped copy
         kept = compute * group.extra + group.dropout_copies * compute * group.in_features * (2 if grad else 1)
         if group.keeps_input or quantized_saves_input:
@@ -610,6 +615,7 @@ def estimate(
     """Estimate parameters and peak memory per device of a run (see the module docstring)."""
     from deltatune.plugin.resolve import coerce_ref, resolve
     from deltatune.io.export import resolve_with_peft_init
+    from deltatune.train.head_loss import loss_chunk_rows
 
     if device not in ("cpu", "cuda"):
         raise ConfigError(f"--device must be cpu or cuda, not {device!r}")
@@ -641,7 +647,7 @@ def estimate(
     tokens = batch * seq
     heads = config.num_attention_heads
     # one chunk of logits of the chunked cross-entropy (fp32, its compute-dtype copy, its gradient)
-    rows = max(16, LOSS_CHUNK_BYTES // (4 * config.vocab_size))
+    rows = loss_chunk_rows(config.vocab_size)
     logits = min(tokens * labelled, rows) * config.vocab_size * (4 + compute + 4)
     # attention of one layer in backward: fp32 score gradients and probabilities, per example
     attention = batch * heads * seq * seq * (4 + 4 + compute)

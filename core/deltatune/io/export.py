@@ -46,7 +46,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from deltatune.deltas import layers
+from deltatune.deltas.layer import delta_layers, dense_copy, get_submodule_parent, is_quantized, unwrap
 from deltatune.io.adapter import adapter_spec, load_adapter_weights
 from deltatune.io.atomic import atomic_folder
 from deltatune.plugin.resolve import PluginRef, ResolvedPlugin, format_validation_error
@@ -269,7 +269,7 @@ def peft_export(model: nn.Module, resolved: ResolvedSpec) -> tuple[dict[str, Any
             if key in config and config[key] != PEFT_DEFAULTS.get(key) and config[key] != value:
                 raise ConfigError(f"'{delta.name}' needs PEFT {key}={value!r} but '{main.name}' has {config[key]!r}" + hint)
             config[key] = value
-    targets = sorted(name for name, _, _ in layers.delta_layers(model, main.name))
+    targets = sorted(name for name, _, _ in delta_layers(model, main.name))
     base = resolve_base(resolved.spec.base)
     config.update(target_modules=targets, base_model_name_or_path=str(base), task_type="CAUSAL_LM", inference_mode=True)
     state: dict[str, torch.Tensor] = {}
@@ -301,13 +301,13 @@ def _load_for_export(folder: Path, manager: PluginManager | None,
 
     Quantized layers multiply in fp32 too: their own compute dtype (bf16 for nf4 ``auto`` on bf16
     hardware) would otherwise round both the reference logits and, through
-    :meth:`~deltatune.deltas.layers.DeltaLinear.merge_delta`, the merged weights.
+    :meth:`~deltatune.deltas.layer.DeltaLinear.merge_delta`, the merged weights.
     """
     spec = adapter_spec(folder, trust_remote_code=trust_remote_code)
     resolved = resolve_spec(spec.model_copy(update={"base_dtype": "fp32"}), manager)
     model = build_model(resolved)
     for module in model.modules():
-        if layers.is_quantized(module) and getattr(module, "compute_dtype", None) is not None:
+        if is_quantized(module) and getattr(module, "compute_dtype", None) is not None:
             module.compute_dtype = torch.float32
     if not resolved.full_finetune:
         load_adapter_weights(model, resolved, folder)
@@ -363,12 +363,12 @@ def merge_into_base(model: nn.Module, resolved: ResolvedSpec) -> int:
     were dequantized. ``model`` is then a plain ``transformers`` model."""
     for delta in resolved.deltas:
         delta.plugin.merge(model)
-    layers.unwrap(model)
+    unwrap(model)
     dequantized = 0
     for name, module in list(model.named_modules()):
-        if layers.is_quantized(module):
-            parent, child = layers.get_submodule_parent(model, name)
-            setattr(parent, child, layers.dense_copy(module))
+        if is_quantized(module):
+            parent, child = get_submodule_parent(model, name)
+            setattr(parent, child, dense_copy(module))
             dequantized += 1
     if getattr(model.config, "quantization_config", None) is not None:
         del model.config.quantization_config

@@ -19,7 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, field_validator
 from torch import nn
 
-from deltatune.deltas import layers
+from deltatune.deltas.layer import base_weight, is_quantized_param, mark_quantized
 
 from deltatune.model import loading as models
 from deltatune.plugin.resolve import PluginRef, ResolvedPlugin, coerce_ref, resolve
@@ -128,11 +128,11 @@ def check_on_skeleton(resolved: ResolvedSpec) -> None:
 
 
 def apply_quantizer(model: nn.Module, quantizer: ResolvedPlugin) -> None:
-    """Quantize ``model`` and mark every quantized module so :func:`layers.base_weight` works."""
+    """Quantize ``model`` and mark every quantized module so :func:`base_weight` works."""
     quantizer.plugin.quantize(model, quantizer.cfg)
     for module in model.modules():
         if quantizer.plugin.is_quantized(module):
-            layers.mark_quantized(module, quantizer.plugin.dequantize_weight)
+            mark_quantized(module, quantizer.plugin.dequantize_weight)
 
 
 def claim_parameters(model: nn.Module, resolved: ResolvedSpec) -> dict[str, str]:
@@ -162,7 +162,7 @@ def claim_parameters(model: nn.Module, resolved: ResolvedSpec) -> dict[str, str]
 def cast_parameters(model: nn.Module, frozen: torch.dtype, trainable: torch.dtype) -> None:
     """Hold frozen floating-point weights in ``frozen`` and trainable ones in ``trainable``."""
     for param in model.parameters():
-        if not param.is_floating_point() or layers.is_quantized_param(param):
+        if not param.is_floating_point() or is_quantized_param(param):
             continue
         target = trainable if param.requires_grad else frozen
         if param.dtype != target:

@@ -118,7 +118,7 @@ class DeltaMethod(Protocol):
     Optional members (PEFT interoperability, used by :mod:`deltatune.io.export` to write a PEFT
     adapter folder and to start from one with ``init_from``): ``peft_state_dict``,
     ``load_peft_state_dict``, ``peft_fields`` — see :func:`optional_members`.
-    :class:`deltatune.deltas.layers.LayerDeltaMethod` implements the first two for methods whose
+    :class:`deltatune.deltas.method.LayerDeltaMethod` implements the first two for methods whose
     delta tensors carry PEFT's names (override ``peft_names`` to rename).
     """
 

@@ -41,6 +41,7 @@ clear error, for example. ``docs/plugin-authoring.md`` is the manual.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
@@ -55,7 +56,7 @@ import pytest
 import torch
 from torch import nn
 
-from deltatune.deltas import layers
+from deltatune.deltas.layer import is_quantized
 
 from deltatune.model import loading as models
 from deltatune.plugin.resolve import resolve
@@ -72,6 +73,7 @@ __all__ = [
     "OptimizerContract",
     "PluginContract",
     "QuantizerContract",
+    "fast_forward_runs",
     "isolated_manager",
     "logits_of",
     "max_parameter_difference",
@@ -191,6 +193,36 @@ def token_batches(count: int, seed: int = 0, shape: tuple[int, int] = (2, 16), v
     data for an optimizer and its reference."""
     generator = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, shape, generator=generator) for _ in range(count)]
+
+
+@contextlib.contextmanager
+def fast_forward_runs() -> Iterator[list[str]]:
+    """Within the block, the model type of every batch a fast training forward computed
+    (:mod:`deltatune.train.fast`) is appended to the yielded list, so a test comparing the fast and
+    the plain path can assert that the fast one really ran rather than silently falling back."""
+    from deltatune.train import fast
+
+    runs: list[str] = []
+    find = fast.fast_forward
+
+    def counting(model: nn.Module) -> Callable[[dict[str, torch.Tensor]], Any] | None:
+        forward = find(model)
+        if forward is None:
+            return None
+
+        def run(batch: dict[str, torch.Tensor]) -> Any:
+            result = forward(batch)
+            if result is not None:
+                runs.append(model.config.model_type)
+            return result
+
+        return run
+
+    fast.fast_forward = counting
+    try:
+        yield runs
+    finally:
+        fast.fast_forward = find
 
 
 def _through_bytes(state: Any) -> Any:
@@ -536,7 +568,7 @@ class DeltaMethodContract(PluginContract):
         assert plugin.supports_quantized is True
         batch = sample_batch(self.tokenizer())
         model, resolved = self.build(manager, quantizer=quantizer)
-        assert any(layers.is_quantized(m) for m in model.modules()), "no layer was quantized"
+        assert any(is_quantized(m) for m in model.modules()), "no layer was quantized"
         if self.promises_identity_at_init:
             base = models.load_model(self.base, torch.float32)
             apply_quantizer(base, resolve("quantizer", quantizer, manager))

@@ -1,4 +1,5 @@
-"""Training: the Lightning module, the token loss, optimizers that update inside backward, learning-rate
+"""Training: the Lightning module, the token loss (with its chunked LM-head cross-entropy), the seam for a
+model's fast training forward (:mod:`deltatune.train.fast`), optimizers that update inside backward, learning-rate
 schedules, atomic checkpoints and the run report.
 
 May import every layer below it: :mod:`deltatune.evaluation`, :mod:`deltatune.io`,

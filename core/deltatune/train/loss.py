@@ -2,15 +2,12 @@
 
 Instruction tuning masks the prompt and the padding, so most positions carry no loss. Instead of
 projecting every hidden state through the LM head (``batch x length x vocabulary`` logits), the loss
-gathers the hidden states of labelled positions first and projects only those, in chunks: each
-chunk's fp32 logits are turned into its loss and its gradients at once and freed
-(:class:`deltatune.train.fastpath.LinearCrossEntropy`), so logits never exceed one chunk, in forward or
-backward.
+gathers the hidden states of labelled positions first and projects only those, in chunks
+(:func:`deltatune.train.head_loss.head_loss`), so logits never exceed one chunk, in forward or backward.
 
-For a recognised decoder (Llama family) :func:`token_loss` takes the fast path of
-:mod:`deltatune.train.fastpath` — unpadded tokens, fused LoRA, hand-written backward — which computes the
-same loss; ``fast=False``, or anything that path does not recognise, uses the plain Hugging Face
-decoder forward below.
+:func:`token_loss` first asks :mod:`deltatune.train.fast` for a fast training forward of the model
+(one computing the same loss faster, such as the Llama family's on unpadded tokens); ``fast=False``,
+a model without one, or a batch it does not take uses the plain Hugging Face decoder forward below.
 """
 
 from __future__ import annotations
@@ -18,21 +15,23 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from deltatune.train.fastpath import fast_token_loss, head_loss
-from deltatune.train.update_in_backward import deferred_lookup, deferred_tied_head
 from deltatune.data.packing import IGNORE_INDEX
 from deltatune.model.forward import hidden_states
+from deltatune.train import fast as fast_forwards
+from deltatune.train.head_loss import head_loss
+from deltatune.train.update_in_backward import deferred_lookup, deferred_tied_head
 
 
 def token_loss(model: nn.Module, batch: dict[str, torch.Tensor], fast: bool = True) -> tuple[torch.Tensor, int]:
     """``(sum of token cross-entropies, number of labelled tokens)`` of next-token prediction.
 
-    ``fast`` allows :mod:`deltatune.train.fastpath` (same result, computed faster) where it applies.
+    ``fast`` allows the model's fast training forward (:func:`deltatune.train.fast.fast_forward`: same
+    result, computed faster) where it has one and it takes the batch.
     """
-    if fast:
-        result = fast_token_loss(model, batch)
-        if result is not None:
-            return result
+    forward = fast_forwards.fast_forward(model) if fast else None
+    result = forward(batch) if forward is not None else None
+    if result is not None:
+        return result
     labels = batch["labels"][:, 1:]
     mask = labels != IGNORE_INDEX
     count = int(mask.sum())

@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from deltatune.api import ConfigError, base_weight
-from deltatune.deltas.layers import delta_layers
+from deltatune.deltas.layer import delta_layers
 from deltatune.model.loading import tiny_llama
 from deltatune.model.assembly import ModelSpec, build_model, resolve_spec
 from deltatune.testing import max_relative_difference as rel

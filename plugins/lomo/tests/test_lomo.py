@@ -15,7 +15,7 @@ from deltatune.errors import ConfigError
 from deltatune.train.update_in_backward import InBackwardOptimizer, optimizer_updates_in_backward
 from deltatune.model.loading import tiny_llama
 from deltatune.plugin.manager import PluginManager
-from deltatune.testing import max_parameter_difference as max_diff, token_batches
+from deltatune.testing import fast_forward_runs, max_parameter_difference as max_diff, token_batches
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -209,7 +209,9 @@ def test_tied_head_gradient_is_deferred_to_the_end_of_backward(fast: bool, clip:
         patch.setattr(update_in_backward.DeferredGrad, "take", spy)
         assert update_in_backward.deferred_tied_head(ours) is not None
         for b in batches():
-            total, count = token_loss(ours, labelled(b), fast=fast)
+            with fast_forward_runs() as runs:
+                total, count = token_loss(ours, labelled(b), fast=fast)
+            assert runs == (["llama"] if fast else [])  # the fast forward really computed it
             opt.backward_and_update(total / count)
     sgd_reference_token_loss(ref, clip)
     assert max_diff(ours, ref) < 1e-6
@@ -227,16 +229,16 @@ def test_tied_head_gradient_is_deferred_to_the_end_of_backward(fast: bool, clip:
 def test_loss_uses_lean_logits_chunks_when_an_in_backward_optimizer_trains_the_head() -> None:
     """The head's logits chunks shrink to FUSED_LOSS_CHUNK_BYTES only while an in-backward optimizer
     updates the head inside backward (memory is the point there), and are back once it lets go."""
-    from deltatune.train import fastpath
+    from deltatune.train import head_loss as loss
 
     model = tiny_llama(seed=2, tie_word_embeddings=True)
     head, vocab = model.get_output_embeddings(), model.config.vocab_size
-    assert fastpath.head_chunk_rows(head) == fastpath.loss_chunk_rows(vocab, fastpath.LOSS_CHUNK_BYTES)
+    assert loss.head_chunk_rows(head) == loss.loss_chunk_rows(vocab, loss.LOSS_CHUNK_BYTES)
     opt = LomoOptimizer(model.named_parameters(), lr=LR)
-    lean = fastpath.loss_chunk_rows(vocab, fastpath.FUSED_LOSS_CHUNK_BYTES)
-    assert fastpath.head_chunk_rows(head) == lean < fastpath.loss_chunk_rows(vocab)
+    lean = loss.loss_chunk_rows(vocab, loss.FUSED_LOSS_CHUNK_BYTES)
+    assert loss.head_chunk_rows(head) == lean < loss.loss_chunk_rows(vocab)
     opt.remove_hooks()
-    assert fastpath.head_chunk_rows(head) == fastpath.loss_chunk_rows(vocab)
+    assert loss.head_chunk_rows(head) == loss.loss_chunk_rows(vocab)
 
 
 def test_gradients_are_freed_at_once(base: nn.Module) -> None:

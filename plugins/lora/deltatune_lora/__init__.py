@@ -7,7 +7,9 @@ A frozen linear layer ``y = W x + b`` gets a trainable low-rank update::
 ``A`` starts Kaiming-uniform (``a = sqrt(5)``) and ``B`` at zero, so the model is unchanged before
 training; the scale ``s`` is ``alpha / r`` (or ``alpha / sqrt(r)`` with ``rslora``). This matches
 Hugging Face PEFT's LoRA layer weight for weight, so adapters export to and import from PEFT.
-Merging adds ``s · B A`` to ``W``; unmerging subtracts it.
+Merging adds ``s · B A`` to ``W``; unmerging subtracts it. The pair is the core's low-rank base
+(:class:`deltatune.api.LowRankDelta`, shared with DoRA); LoRA's own forward and the grouped
+product a fast training forward runs for layers that read one input are in :mod:`deltatune_lora.layer`.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel
 
-from deltatune.api import LOW_RANK_PEFT_FIELDS, Delta, DeltaLinear, LayerDeltaMethod, LowRankConfig, LowRankDelta, hookimpl
+from deltatune.api import LOW_RANK_PEFT_FIELDS, Delta, DeltaLinear, LayerDeltaMethod, LowRankConfig, hookimpl
+from deltatune_lora.layer import LoraDelta
 
 
 class LoraConfig(LowRankConfig):
@@ -34,7 +37,7 @@ class Lora(LayerDeltaMethod):
 
     def make_delta(self, layer: DeltaLinear, cfg: BaseModel, layer_name: str) -> Delta:
         """A fresh LoRA pair for ``layer``."""
-        return LowRankDelta(layer.in_features, layer.out_features, cfg.r, cfg.scaling, cfg.dropout)
+        return LoraDelta(layer.in_features, layer.out_features, cfg.r, cfg.scaling, cfg.dropout)
 
     def peft_config(self, cfg: BaseModel) -> dict[str, Any] | None:
         """PEFT ``LoraConfig`` fields equivalent to ``cfg``."""

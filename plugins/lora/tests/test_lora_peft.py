@@ -10,7 +10,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from deltatune.api import ConfigError
 from deltatune.io.export import export_peft, load_peft_adapter, resolve_with_peft_init
 from deltatune.io.adapter import save_adapter
-from deltatune.deltas.layers import delta_layers
+from deltatune.deltas.layer import delta_layers
 from deltatune.model.loading import tiny_llama
 from deltatune.model.assembly import ModelSpec, build_model, resolve_spec
 from deltatune.testing import max_relative_difference as rel

@@ -12,7 +12,7 @@ from peft import VeraConfig, get_peft_model
 from safetensors.torch import load_file
 
 from deltatune.io.adapter import WEIGHTS, load_adapter, save_adapter
-from deltatune.deltas.layers import delta_layers
+from deltatune.deltas.layer import delta_layers
 from deltatune.model.loading import tiny_llama
 from deltatune.model.assembly import ModelSpec, build_model, resolve_spec
 from deltatune.testing import max_relative_difference as rel

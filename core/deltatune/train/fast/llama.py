@@ -1,0 +1,227 @@
+"""The Llama family's fast training forward: the decoder computed on unpadded tokens.
+
+Hugging Face's decoder forward, run on a padded batch under autocast, spends most of a CPU training
+step outside the matrix products that do the work: on padding rows, on skinny low-rank products
+(``x Aᵀ`` has 16 columns), on autocast re-casting the fp32 adapters at every op, on a chain of
+small element-wise kernels per norm and per rotary embedding, and on a CPU bf16 attention kernel
+that is slower than three plain batched products for sequences this short. This module computes
+the *same function* (``tests/test_fast_paths.py`` checks loss and gradients against the plain
+path) with these changes:
+
+1. **Unpadded tokens** (:class:`~deltatune.train.fast.tokens.TokenLayout`). The real tokens of a
+   batch — ``attention_mask == 1``, or every token of packed rows — are gathered into one
+   ``(tokens x hidden)`` matrix, and every linear layer, norm and activation runs on those rows
+   only. Examples are told apart as Hugging Face does (a new row, or ``position_ids`` not increasing
+   by one: packing); only attention needs them, and it runs in an ``(examples x longest example)``
+   layout. Examples without a labelled target are dropped before the first layer, and past its
+   attention the last layer computes only the labelled positions: nothing else reaches the loss.
+2. **Grouped products** (:class:`~deltatune.deltas.grouped.ProjectionGroup`). Linear layers that
+   read the same input (q/k/v, gate/up) run as one grouped product when their deltas provide one
+   (a low-rank pair's: its ``A`` products as one product, its ``B`` products as one block-diagonal product,
+   with a hand-written backward); the products refresh what they keep between steps for the whole
+   model at once, before the first layer.
+3. **bf16 without autocast.** Frozen weights are held in bf16 (see
+   :func:`deltatune.model.assembly.compute_dtype`); products run in bf16, norms and softmax accumulate in
+   fp32 exactly where Hugging Face does.
+4. **Hand-written backward** for RMSNorm, rotary embedding + attention and the SiLU gate
+   (:mod:`deltatune.train.fast.kernels`): fewer saved tensors and fewer passes over memory than
+   autograd's chain of small ops.
+
+Anything not recognised is left to the module itself: a linear layer whose deltas provide no grouped
+product (DoRA, VeRA, several deltas), a quantized base, dropout while training, or a forward hook runs
+its own ``forward`` inside the fast forward; an unknown architecture or a hooked norm/attention/MLP
+makes :func:`fast_forward_for` return ``None``, and a batch whose labelled positions follow padding
+makes the forward return ``None``: the loss then uses the plain Hugging Face forward.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+from torch import nn
+
+from deltatune.data.packing import IGNORE_INDEX
+from deltatune.deltas.grouped import ProjectionGroup, hooked, refresh_groups
+from deltatune.train.fast.kernels import Attention, RMSNorm, SiluGate
+from deltatune.train.fast.tokens import TokenLayout
+from deltatune.train.head_loss import HEAD_ROW_STEP, head_loss, round_up
+from deltatune.train.update_in_backward import deferred_tied_head
+
+SUPPORTED_MODEL_TYPES = ("llama",)
+
+
+def _only_input_grad_hooks(model: nn.Module, embedding: nn.Module) -> bool:
+    """Whether the only hooks on ``embedding`` are the ones Hugging Face's
+    ``gradient_checkpointing_enable`` adds (``enable_input_require_grads``: the embedding's output
+    requires grad, which re-entrant checkpointing needs). The fast path checkpoints without re-entry,
+    so they change nothing it computes."""
+    handles = getattr(model, "_require_grads_hooks", None) or []
+    ids = {handle.id for handle in handles}
+    return (bool(ids) and set(embedding._forward_hooks) <= ids and not embedding._forward_pre_hooks
+            and not embedding._backward_hooks and not getattr(embedding, "_backward_pre_hooks", None))
+
+
+
+# -- the decoder ---------------------------------------------------------------------------------------------
+def _llama_classes() -> tuple[type, ...]:
+    from transformers.models.llama import modeling_llama as llama
+
+    return llama.LlamaModel, llama.LlamaDecoderLayer, llama.LlamaAttention, llama.LlamaMLP, llama.LlamaRMSNorm
+
+
+class LlamaFastForward:
+    """The fast training forward of one recognised Llama decoder: its pieces, checked once and
+    re-checked cheaply at every call; calling it computes a batch's loss."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        decoder = model.get_decoder()
+        self.decoder = decoder
+        self.config = decoder.config
+        self.layers = list(decoder.layers[: self.config.num_hidden_layers])
+        self.groups = [
+            (ProjectionGroup([l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj]),
+             ProjectionGroup([l.self_attn.o_proj]), ProjectionGroup([l.mlp.gate_proj, l.mlp.up_proj]),
+             ProjectionGroup([l.mlp.down_proj]))
+            for l in self.layers
+        ]
+        self.heads = self.config.num_attention_heads
+        self.kv_heads = self.config.num_key_value_heads
+        self.head_dim = self.layers[0].self_attn.head_dim
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        """Whether ``model`` is a decoder this path computes exactly (checked module by module)."""
+        getter = getattr(model, "get_decoder", None)
+        config = getattr(model, "config", None)
+        if not callable(getter) or config is None or getattr(config, "model_type", None) not in SUPPORTED_MODEL_TYPES:
+            return False
+        try:
+            decoder = getter()
+        except Exception:  # noqa: BLE001 - an unusual model: use the plain path
+            return False
+        model_cls, layer_cls, attn_cls, mlp_cls, norm_cls = _llama_classes()
+        rope = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+        if type(decoder) is not model_cls or rope != "default" or config.hidden_act != "silu":
+            return False
+        if getattr(decoder.rotary_emb, "attention_scaling", 1.0) != 1.0:
+            return False
+        if type(decoder.embed_tokens) is not nn.Embedding or type(decoder.norm) is not norm_cls:
+            return False
+        if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+            return False
+        for module in (model, decoder, decoder.norm):
+            if hooked(module):
+                return False
+        if hooked(decoder.embed_tokens) and not _only_input_grad_hooks(model, decoder.embed_tokens):
+            return False
+        for layer in decoder.layers:
+            parts = (layer, layer.self_attn, layer.mlp, layer.input_layernorm, layer.post_attention_layernorm)
+            if (type(layer) is not layer_cls or type(layer.self_attn) is not attn_cls or type(layer.mlp) is not mlp_cls
+                    or type(layer.input_layernorm) is not norm_cls or type(layer.post_attention_layernorm) is not norm_cls
+                    or any(hooked(p) for p in parts)):
+                return False
+        return True
+
+    def current(self) -> bool:
+        """Whether the model still has the modules this forward was made for."""
+        if self.model.get_decoder() is not self.decoder:
+            return False
+        for layer, (qkv, o, gate_up, down) in zip(self.layers, self.groups):
+            attn, mlp = layer.self_attn, layer.mlp
+            if (qkv.modules != [attn.q_proj, attn.k_proj, attn.v_proj] or o.modules[0] is not attn.o_proj
+                    or gate_up.modules != [mlp.gate_proj, mlp.up_proj] or down.modules[0] is not mlp.down_proj):
+                return False
+        return True
+
+    def layer(self, index: int, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: TokenLayout,
+              autocast: tuple[bool, torch.dtype], rows: torch.Tensor | None = None) -> torch.Tensor:
+        """One decoder layer on the token rows ``hidden``; with ``rows``, only those rows' outputs are
+        computed (keys and values still come from every row) and returned, in that order."""
+        layer = self.layers[index]
+        qkv, o, gate_up, down = self.groups[index]
+        attn = layer.self_attn
+        x = RMSNorm.apply(hidden, layer.input_layernorm.weight, layer.input_layernorm.variance_epsilon)
+        heads = Attention.apply(qkv(x, autocast), cos, sin, layout, self.heads, self.kv_heads, self.head_dim,
+                                attn.scaling)
+        if rows is not None:
+            hidden, heads = hidden[rows], heads[rows]
+        hidden = hidden + o(heads, autocast)
+        x = RMSNorm.apply(hidden, layer.post_attention_layernorm.weight, layer.post_attention_layernorm.variance_epsilon)
+        return hidden + down(SiluGate.apply(gate_up(x, autocast)), autocast)
+
+    def refresh_products(self, dtype: torch.dtype) -> None:
+        """Let the grouped products refresh what they keep, for every group of the model at once
+        (:func:`deltatune.deltas.grouped.refresh_groups`)."""
+        refresh_groups((g for layer_groups in self.groups for g in layer_groups), dtype)
+
+    def rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos``, ``sin`` of ``positions`` (``tokens x 1 x head_dim``), as ``LlamaRotaryEmbedding``."""
+        inv_freq = self.decoder.rotary_emb.inv_freq.float()
+        freqs = positions[:, None].float() * inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+
+    def __call__(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int] | None:
+        """``(summed cross-entropy, labelled tokens)`` of ``batch``, or ``None`` (use the plain path)."""
+        embed = self.decoder.embed_tokens
+        dtype = embed.weight.dtype
+        if not dtype.is_floating_point or self.config.attention_dropout and self.model.training:
+            return None
+        layout = TokenLayout.build(batch)
+        if layout is None:
+            return None
+        head = self.model.get_output_embeddings()
+        if layout.count == 0:
+            return embed.weight.new_zeros((), dtype=torch.float32), 0
+        device = embed.weight.device
+        autocast = (torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type))
+        with torch.autocast(device.type, enabled=False):
+            deferred = deferred_tied_head(self.model)  # a tied head trained by LOMO/AdaLomo
+            weight = embed.weight if deferred is None else deferred.attach()
+            hidden = F.embedding(batch["input_ids"].reshape(-1)[layout.index], weight, embed.padding_idx,
+                                 sparse=deferred is not None)
+            cos, sin = self.rotary(layout.positions, dtype)
+            self.refresh_products(dtype)
+            checkpoint = self.decoder.gradient_checkpointing and self.model.training and torch.is_grad_enabled()
+            # the last layer computes only the labelled rows past its attention (padded to the head's
+            # row step with row 0, whose target is ignored): nothing else reaches the loss
+            labelled = (layout.targets != IGNORE_INDEX).nonzero().squeeze(1)
+            filler = round_up(len(labelled), HEAD_ROW_STEP) - len(labelled)
+            targets = F.pad(layout.targets[labelled], (0, filler), value=IGNORE_INDEX)
+            labelled = F.pad(labelled, (0, filler))
+            last = len(self.layers) - 1
+            for index in range(len(self.layers)):
+                rows = labelled if index == last else None
+                if checkpoint:
+                    hidden = torch.utils.checkpoint.checkpoint(self.layer, index, hidden, cos, sin, layout, autocast,
+                                                               rows, use_reentrant=False)
+                else:
+                    hidden = self.layer(index, hidden, cos, sin, layout, autocast, rows)
+            if last < 0:  # a decoder without layers
+                hidden = hidden[labelled]
+            norm = self.decoder.norm
+            hidden = RMSNorm.apply(hidden, norm.weight, norm.variance_epsilon)
+            total = head_loss(head, hidden, targets, deferred)
+        return total, layout.count
+
+
+_FORWARDS: weakref.WeakKeyDictionary[nn.Module, LlamaFastForward] = weakref.WeakKeyDictionary()
+
+
+def fast_forward_for(model: nn.Module) -> LlamaFastForward | None:
+    """The fast forward of ``model`` (made once, re-checked at every call), or ``None`` when this module
+    does not compute it exactly. Registered in :mod:`deltatune.train.fast` for ``llama`` models."""
+    forward = _FORWARDS.get(model)
+    if forward is not None and forward.current() and LlamaFastForward.supports(model):
+        return forward
+    if not LlamaFastForward.supports(model):
+        _FORWARDS.pop(model, None)
+        return None
+    forward = LlamaFastForward(model)
+    _FORWARDS[model] = forward
+    return forward
+
