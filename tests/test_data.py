@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 
 import pytest
 
 from deltatune.errors import DataError
 from deltatune.plugin.resolve import resolve
-from deltatune.data.module import IGNORE_INDEX, TruncationStats, collate, encode_example
+from deltatune.data.module import IGNORE_INDEX, TruncationStats, collate, encode_example, read_jsonl
 from deltatune.model.loading import tiny_tokenizer
 
 
@@ -50,6 +51,18 @@ def test_malformed_jsonl_row_names_file_and_line(tmp_path):
         build(tmp_path, [good, good, "{oops", good])
     with pytest.raises(DataError, match=r"data.jsonl:2: field 'output' is missing"):
         build(tmp_path, [good, json.dumps({"instruction": "a"})])
+
+
+def test_gzip_compressed_jsonl_reads_like_plain_and_names_its_bad_line(tmp_path):
+    lines = [json.dumps({"a": 1}), "", json.dumps({"a": 2})]
+    packed = tmp_path / "data.jsonl.gz"
+    with gzip.open(packed, "wt", encoding="utf-8") as fh:
+        fh.write("\n".join(lines) + "\n")
+    assert list(read_jsonl(packed)) == [(1, {"a": 1}), (3, {"a": 2})]
+    with gzip.open(packed, "wt", encoding="utf-8") as fh:
+        fh.write(lines[0] + "\n{oops\n")
+    with pytest.raises(DataError, match=r"data.jsonl.gz:2: not valid JSON"):
+        list(read_jsonl(packed))
 
 
 def test_missing_data_file_is_a_clear_error(tmp_path):

@@ -11,6 +11,7 @@ record by file and line and reports truncation the same way. The data module mix
 
 from __future__ import annotations
 
+import gzip
 import json
 import random
 from collections.abc import Callable, Iterator
@@ -195,12 +196,12 @@ def decode_line(raw: bytes, path: Path, number: int) -> str:
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """``(line number, object)`` for each non-blank line; a malformed line is a :class:`DataError`
-    naming the file and the line."""
+    """``(line number, object)`` for each non-blank line (a ``.gz`` file is read decompressed); a
+    malformed line is a :class:`DataError` naming the file and the line."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")
-    with open(path, "rb") as fh:
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as fh:
         for number, raw in enumerate(fh, start=1):
             text = decode_line(raw, path, number)
             if not text.strip():

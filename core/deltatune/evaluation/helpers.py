@@ -48,10 +48,14 @@ def answer_rows(rows: Sequence[Row], limit: int | None = None) -> list[Row]:
     return usable[:limit] if limit else usable
 
 
-def generate_answers(model: nn.Module, tokenizer: Any, rows: Sequence[Row], opts: GenerationOptions) -> list[str]:
-    """Greedy completions of every row's ``prompt``, batched by prompt length (less left padding)."""
+def generate_answers(model: nn.Module, tokenizer: Any, rows: Sequence[Row], opts: GenerationOptions,
+                     **generation: Any) -> list[str]:
+    """Completions of every row's ``prompt``, batched by prompt length (less left padding): greedy,
+    unless ``generation`` passes :func:`deltatune.model.generation.generate` other options (``stop``,
+    ``temperature``, ``top_p``, ``seed``, ``strip``)."""
     order = sorted(range(len(rows)), key=lambda i: len(rows[i]["prompt"]))
-    outputs = generate(model, tokenizer, [rows[i]["prompt"] for i in order], opts.max_new_tokens, opts.batch_size)
+    outputs = generate(model, tokenizer, [rows[i]["prompt"] for i in order], opts.max_new_tokens, opts.batch_size,
+                       **generation)
     answers = [""] * len(rows)
     for i, out in zip(order, outputs):
         answers[i] = out

@@ -1,7 +1,9 @@
-"""Greedy generation for prompts, shared by ``deltatune generate``, evaluators and run reports."""
+"""Generation for prompts (greedy, or sampled with a seed; optional stop sequences), shared by
+``deltatune generate``, evaluators and run reports."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -41,33 +43,55 @@ def warn_long_prompts(tokenizer: Any, prompts: list[str], room: int, first: int 
 
 
 @torch.no_grad()
-def generate(model: nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 8) -> list[str]:
-    """Greedy completions of already-formatted ``prompts`` (special tokens stripped)."""
+def generate(model: nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens: int = 64, batch_size: int = 8, *,
+             stop: Sequence[str] = (), temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+             strip: bool = True) -> list[str]:
+    """Completions of already-formatted ``prompts`` (special tokens removed).
+
+    Greedy when ``temperature`` is 0; otherwise sampled at that temperature with nucleus ``top_p``,
+    from a generator seeded with ``seed`` (the global random state is left as it was). Each
+    completion ends before the first of the ``stop`` strings it contains (generation of a sequence
+    stops once it produced one). ``strip`` removes surrounding whitespace; without it only trailing
+    whitespace goes (the leading indentation of a code completion is kept). A prompt longer than the
+    model's positions leave room for loses its start, with a one-line warning.
+    """
     room = prompt_room(model, max_new_tokens)
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
+    if stop:
+        sampling.update(stop_strings=list(stop), tokenizer=tokenizer)
     was_training = model.training
     model.eval()
     sides = tokenizer.padding_side, tokenizer.truncation_side
     tokenizer.padding_side = tokenizer.truncation_side = "left"
     outputs: list[str] = []
     device = next(model.parameters()).device
-    try:
-        for start in range(0, len(prompts), batch_size):
-            chunk = prompts[start:start + batch_size]
-            if room is not None:
-                warn_long_prompts(tokenizer, chunk, room, start)
-            encoded = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False,
-                                truncation=room is not None, max_length=room).to(device)
-            with compute_context(model):
-                generated = model.generate(
-                    **encoded,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                )
-            new_tokens = generated[:, encoded["input_ids"].shape[1]:]
-            outputs += [t.strip() for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-    finally:
-        tokenizer.padding_side, tokenizer.truncation_side = sides
-        model.train(was_training)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        try:
+            for start in range(0, len(prompts), batch_size):
+                chunk = prompts[start:start + batch_size]
+                if room is not None:
+                    warn_long_prompts(tokenizer, chunk, room, start)
+                encoded = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False,
+                                    truncation=room is not None, max_length=room).to(device)
+                with compute_context(model):
+                    generated = model.generate(
+                        **encoded,
+                        max_new_tokens=max_new_tokens,
+                        pad_token_id=tokenizer.pad_token_id,
+                        eos_token_id=tokenizer.eos_token_id,
+                        **sampling,
+                    )
+                new_tokens = generated[:, encoded["input_ids"].shape[1]:]
+                texts = [cut_at_stop(t, stop) for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+                outputs += [t.strip() if strip else t.rstrip() for t in texts]
+        finally:
+            tokenizer.padding_side, tokenizer.truncation_side = sides
+            model.train(was_training)
     return outputs
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to (not including) the earliest of the ``stop`` strings it contains."""
+    ends = [i for i in (text.find(s) for s in stop if s) if i >= 0]
+    return text[:min(ends)] if ends else text
