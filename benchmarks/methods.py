@@ -7,6 +7,9 @@ taken from the method's own example). Run it on an otherwise idle machine::
     flock -x /tmp/deltatune-cpu.lock python benchmarks/methods.py --write
 
 A method whose plugin is not installed is listed as missing. ``--steps`` shortens every run alike.
+With the ``humaneval`` plugin installed, every run also measures HumanEval pass@1 (greedy, chat mode,
+all 164 problems; model-written code runs in its sandbox), base and tuned, for a public check that
+tuning on the task suite does not make the model worse at code; ``--no-humaneval`` leaves it out.
 Methods that start from the untouched dense base (every one but QLoRA, whose base is 4-bit) share the
 base figures of the LoRA run instead of measuring the same model again.
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -39,6 +43,9 @@ DEMO = ROOT / "examples" / "lora-smollm2.yaml"
 DOC = ROOT / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- methods:begin -->", "<!-- methods:end -->"
 LORA = {"name": "lora", "config": {"r": 16, "alpha": 32, "targets": "all-linear"}}
+HUMANEVAL = {"name": "humaneval", "splits": ["test"],  # its problems are its own: run it once per phase
+             "config": {"allow_code_execution": True, "mode": "chat", "max_new_tokens": 300, "per_problem": True}}
+HUMANEVAL_METRIC = "humaneval/pass@1.chat"
 
 METHODS: dict[str, dict] = {
     "LoRA": {"delta": [LORA], "lr": 1.0e-3, "needs": ["lora"]},
@@ -61,11 +68,13 @@ def installed() -> set[str]:
     return {p["name"] for p in json.loads(out)["installed"]}
 
 
-def method_config(method: dict, steps: int | None, root: Path) -> dict:
+def method_config(method: dict, steps: int | None, root: Path, humaneval: bool = False) -> dict:
     """The demo configuration with ``method`` in place of LoRA (a whole file: jsonargparse does not merge
-    a plugin reference across two --config files reliably)."""
+    a plugin reference across two --config files reliably), and with HumanEval when asked."""
     config = yaml.safe_load(DEMO.read_text())
     model = config["model"]
+    if humaneval:
+        model["evaluators"].append(HUMANEVAL)
     model.update(delta=method["delta"], quantizer=method.get("quantizer"), samples=0,
                  compare_base="base_from" not in method)
     model["optimizer"] = method.get("optimizer") or {"name": "adamw", "config": {"lr": method["lr"], "warmup_steps": 10}}
@@ -75,11 +84,11 @@ def method_config(method: dict, steps: int | None, root: Path) -> dict:
     return config
 
 
-def run(name: str, method: dict, steps: int | None, out: Path) -> dict:
+def run(name: str, method: dict, steps: int | None, out: Path, humaneval: bool = False) -> dict:
     """Train one method; its report (``report.json``) as a dict, plus the wall time."""
     root = out / name.lower()
     config = out / f"{name.lower()}.yaml"
-    config.write_text(yaml.safe_dump(method_config(method, steps, root), sort_keys=False))
+    config.write_text(yaml.safe_dump(method_config(method, steps, root, humaneval), sort_keys=False))
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "deltatune.cli.main", "fit", "--config", str(config)],
                           cwd=ROOT, capture_output=True, text=True)
@@ -164,6 +173,28 @@ def cell(report: dict, split: str, metric: str = "exact_match/accuracy") -> str:
     if base is None or tuned is None:
         return "—"
     return f"{100 * base:.1f}% → **{100 * tuned:.1f}%** ({100 * (tuned - base):+.1f})"
+
+
+def sign_test(gained: int, lost: int) -> float:
+    """Two-sided exact sign test (McNemar's exact test) of ``gained`` against ``lost`` paired outcomes."""
+    n = gained + lost
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(gained, lost) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def humaneval_cell(report: dict) -> str:
+    """HumanEval pass@1 ``base → tuned (±points)`` with the problems gained and lost and the sign test's p."""
+    text = cell(report, "test", HUMANEVAL_METRIC)
+    prefix = "humaneval/passed.chat."
+    base, tuned = (report[k].get("test", {}) for k in ("base_metrics", "tuned_metrics"))
+    problems = [k for k in tuned if k.startswith(prefix)]
+    if text == "—" or not problems or not all(k in base for k in problems):
+        return text
+    gained = sum(base[k] == 0 and tuned[k] == 1 for k in problems)
+    lost = sum(base[k] == 1 and tuned[k] == 0 for k in problems)
+    return f"{text}; +{gained} −{lost} of {len(problems)}, p = {sign_test(gained, lost):.2f}"
 
 
 def share_base(results: dict[str, dict]) -> None:
@@ -276,21 +307,26 @@ def table(results: dict[str, dict], missing: list[str], steps: int | None) -> st
                   "benchmarks/methods.py --reevaluate --only METHOD… --write` loads each run's saved adapter "
                   "(LOMO: its saved full model) and runs the run's own evaluators again on the current splits, "
                   "base and tuned, last on " + max(r["at"] for r in reevaluated) + ". " + reproduction(results)]
-    lines += ["", "| method | trainable params | steps | exact match, test | exact match, heldout | val loss (tuned) | train time | wall time |",
-              "|---|---:|---:|---|---|---:|---:|---:|"]
+    lines += ["", "| method | trainable params | steps | exact match, test | exact match, heldout | HumanEval pass@1 (chat) "
+              "| val loss (tuned) | train time | wall time |",
+              "|---|---:|---:|---|---|---|---:|---:|---:|"]
     for name, report in results.items():
         if "error" in report:
             wall = f"{report['wall']:.0f} s" if "wall" in report else ""
             lines.append(f"| {name} | — | — | {'not measured' if report.get('missing') else 'failed'}: {report['error']} "
-                         f"| | | | {wall} |")
+                         f"| | | | | {wall} |")
             continue
         loss = report["tuned_metrics"].get("validation", {}).get("perplexity/loss")
         lines.append(f"| {name} | {report.get('parameters', {}).get('trainable', 0):,} | {report['steps']} | {cell(report, 'test')} | "
-                     f"{cell(report, 'heldout')} | {loss:.3f} | {report['timings'].get('train_s', 0):.0f} s | "
+                     f"{cell(report, 'heldout')} | {humaneval_cell(report)} | {loss:.3f} | {report['timings'].get('train_s', 0):.0f} s | "
                      f"{report['wall']:.0f} s |")
     lines += ["", "QLoRA's base is the 4-bit (NF4) model, measured on its own; every other method starts from the "
               "same dense model, whose figures the LoRA run measured once. Train time is the training loop alone; "
-              "wall time is the whole `deltatune fit` process (model loading, evaluations, adapter)."]
+              "wall time is the whole `deltatune fit` process (model loading, evaluations, adapter).",
+              "", "HumanEval: greedy pass@1 on OpenAI's 164 problems, chat mode (the model is asked for the completed "
+              "function; docs/data-and-evaluation.md), `—` where a run did not measure it; +gained −lost counts "
+              "the problems the tuned model solves and its base did not, and the reverse, with the two-sided exact "
+              "sign test's p over those problems."]
     if families:
         lines += ["", "Held-out exact match per family (base → tuned):", "", *family_table(results, families),
                   "", *heldout_verdict(results, families, rows // len(families))]
@@ -331,6 +367,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="methods to run (default: all); the others keep their last results")
     parser.add_argument("--out", default=str(ROOT / "runs" / "methods"), help="run folders and logs")
     parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
+    parser.add_argument("--no-humaneval", action="store_true", help="do not measure HumanEval pass@1")
     parser.add_argument("--rewrite", action="store_true", help="run nothing: rebuild the table from the last results")
     parser.add_argument("--reevaluate", action="store_true",
                         help="train nothing: evaluate the saved runs again on the current splits, base and tuned")
@@ -348,7 +385,8 @@ def main() -> None:
             missing.append(f"{name} (needs {', '.join(sorted(set(method['needs']) - have))})")
             continue
         print(f"{name} …", flush=True)
-        results[name] = reevaluate(name, out) if args.reevaluate else run(name, method, args.steps, out)
+        humaneval = "humaneval" in have and not args.no_humaneval
+        results[name] = reevaluate(name, out) if args.reevaluate else run(name, method, args.steps, out, humaneval)
         print(json.dumps({k: results[name].get(k) for k in ("tuned_metrics", "timings", "wall", "error")}), flush=True)
         if args.write:  # after every method, so an interrupted run keeps what it measured
             write_section(table(results, missing, args.steps))
