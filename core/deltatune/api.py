@@ -48,6 +48,9 @@ breakdowns), and ``token_loss`` (the training loss: summed token cross-entropy a
 parameter inside backward (LOMO): a plugin writes only the per-parameter update rule.
 
 **Messages** — ``console``, the rich console deltatune prints to (for what a user must see).
+
+**Files** — ``home`` (deltatune's cache folder, ``$DELTATUNE_HOME``: where a plugin keeps what it
+caches) and ``atomic_file`` (write a file so that a reader never sees it half written).
 """
 
 from __future__ import annotations
@@ -72,6 +75,7 @@ from deltatune.deltas.method import LayerDeltaMethod
 from deltatune.deltas.peft_names import PEFT_PREFIX, copy_named_tensors
 from deltatune.deltas.targets import find_targets, target_matches
 from deltatune.errors import ConfigError, DataError, DeltaTuneError
+from deltatune.io.atomic import atomic_file
 from deltatune.evaluation.helpers import (
     GenerationOptions,
     answer_rows,
@@ -82,6 +86,7 @@ from deltatune.evaluation.helpers import (
 )
 from deltatune.model.assembly import compute_context, compute_dtype
 from deltatune.model.generation import chat_prompt
+from deltatune.model.loading import home
 from deltatune.plugin.hookspecs import Register
 from deltatune.plugin.protocols import (
     DatasetBuilder,
@@ -170,4 +175,7 @@ __all__ = [
     "warmup_cosine",
     # messages
     "console",
+    # files
+    "atomic_file",
+    "home",
 ]

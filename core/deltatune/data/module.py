@@ -216,8 +216,8 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
 
 
 def read_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """``(position, record)`` for each record of a ``.jsonl``, ``.json`` (a list of objects), ``.csv``
-    or ``.parquet`` file.
+    """``(position, record)`` for each record of a ``.jsonl`` (or ``.jsonl.gz``), ``.json`` (a list of
+    objects), ``.csv`` or ``.parquet`` file.
 
     JSON and JSONL are read line by line here, so a malformed line is a :class:`DataError` naming the
     file and the line. CSV and Parquet go through Hugging Face ``datasets`` (converted to Arrow once
@@ -225,7 +225,7 @@ def read_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     is line 1) and the 1-based row for Parquet. Missing CSV cells are ``None``.
     """
     path = Path(path)
-    if path.suffix == ".jsonl":
+    if path.suffix == ".jsonl" or path.name.endswith(".jsonl.gz"):
         yield from read_jsonl(path)
         return
     if path.suffix in TABLE_FORMATS:

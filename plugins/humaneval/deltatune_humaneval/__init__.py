@@ -28,11 +28,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from deltatune import ConfigError, Row, hookimpl
-from deltatune.evaluation.helpers import GenerationOptions, generate_answers
-from deltatune.io.atomic import atomic_file
-from deltatune.model.generation import chat_prompt
-from deltatune.model.loading import home
+from deltatune.api import (ConfigError, GenerationOptions, Row, atomic_file, chat_prompt, generate_answers, home,
+                           hookimpl)
 
 from deltatune_humaneval.problems import STOP, Problem, chat_request, load_problems, pass_at_k, program
 from deltatune_humaneval.sandbox import Limits, Outcome, detect
@@ -105,7 +102,8 @@ class CompletionCache:
     @staticmethod
     def key(prompt: str, sample: int, options: dict[str, Any]) -> str:
         """The entry of one sample of one prompt under ``options``."""
-        return hashlib.blake2b(json.dumps([prompt, sample, options], sort_keys=True).encode(), digest_size=16).hexdigest()
+        text = json.dumps([prompt, sample, options], sort_keys=True)
+        return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
     def save(self) -> None:
         """Write the file atomically."""
@@ -135,7 +133,9 @@ class HumanEval:
         sandbox = detect()  # before any generation: a machine without a usable sandbox fails fast
         (log.info if sandbox.unshare else log.warning)("humaneval sandbox: %s", sandbox.describe())
         problems = load_problems(cfg.problems)[:cfg.limit]
-        mode = cfg.mode if cfg.mode != "auto" else ("chat" if getattr(tokenizer, "chat_template", None) else "completion")
+        mode = cfg.mode
+        if mode == "auto":
+            mode = "chat" if getattr(tokenizer, "chat_template", None) else "completion"
         prompts = [chat_prompt(tokenizer, chat_request(p)) if mode == "chat" else p.prompt for p in problems]
         cache = CompletionCache(Path(cfg.cache_dir) if cfg.cache_dir else home() / "humaneval", model)
         options = {"mode": mode, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
-from deltatune import DataError
-from deltatune.data.module import read_jsonl
+from deltatune.api import DataError, read_records
 
 #: Where a plain completion of the function ends (those of the HumanEval paper's evaluation).
 STOP = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\n#")
@@ -42,11 +41,11 @@ def packaged_problems() -> Path:
 
 
 def load_problems(path: str | Path | None = None) -> list[Problem]:
-    """The problems of a HumanEval-format JSONL file (``.gz`` read decompressed); the packaged ones by
-    default. A bad line raises :class:`deltatune.DataError` naming the file and line."""
+    """The problems of a HumanEval-format file (``.jsonl``, ``.jsonl.gz``, or a ``.json`` list); the
+    packaged ones by default. A bad record raises :class:`deltatune.DataError` naming file and line."""
     path = Path(path) if path else packaged_problems()
     problems = []
-    for number, record in read_jsonl(path):
+    for number, record in read_records(path):
         missing = [f for f in FIELDS if not isinstance(record.get(f), str)]
         if missing:
             raise DataError(f"{path}:{number}: a HumanEval problem needs text fields {', '.join(missing)}")

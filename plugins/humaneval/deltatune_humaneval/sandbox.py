@@ -30,7 +30,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from deltatune import ConfigError
+from deltatune.api import ConfigError
 
 NOBODY = 65534
 ISOLATE = ("--user", "--map-root-user", "--net", "--pid", "--fork", "--kill-child")

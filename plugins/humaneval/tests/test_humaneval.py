@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deltatune import ConfigError, DataError
+from deltatune.api import ConfigError, DataError
 from deltatune.model import loading
 from deltatune.plugin.resolve import PluginRef, resolve
 from deltatune.testing import EvaluatorContract
@@ -21,7 +21,8 @@ from deltatune_humaneval import OPT_IN_VARIABLE, HumanEval, HumanEvalConfig, run
 from deltatune_humaneval.problems import Problem, load_problems, pass_at_k, program
 from deltatune_humaneval.sandbox import NOBODY, Limits, _tasks_of, detect
 
-ONE = Problem("Test/one", "def one():\n    \"\"\"Return 1.\"\"\"\n", "def check(candidate):\n    assert candidate() == 1\n", "one")
+ONE = Problem("Test/one", "def one():\n    \"\"\"Return 1.\"\"\"\n", "def check(candidate):\n    assert candidate() == 1\n",
+              "one")
 FAST = Limits(timeout_s=2.0)
 
 
