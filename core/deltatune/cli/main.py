@@ -169,10 +169,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    """Export an adapter as a merged Hugging Face model or a PEFT adapter."""
+    """Export an adapter as a merged Hugging Face model, a GGUF file or a PEFT adapter."""
     from deltatune.io import export
 
-    if args.format == "merged":
+    if args.format == "gguf":
+        from deltatune.io.gguf import export_gguf
+
+        print(export_gguf(Path(args.adapter), Path(args.out), type=args.gguf_type, overwrite=args.overwrite,
+                          trust_remote_code=args.trust_remote_code))
+    elif args.format == "merged":
         result = export.export_merged(Path(args.adapter), Path(args.out), dtype=args.dtype, requantize=args.requantize,
                                       trust_remote_code=args.trust_remote_code)
         print(result)
@@ -210,10 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
 
     for name in ("export", "merge"):
-        exp = sub.add_parser(name, help="export an adapter (merged model or PEFT adapter)")
+        exp = sub.add_parser(name, help="export an adapter (merged model, GGUF file or PEFT adapter)")
         exp.add_argument("--adapter", required=True)
-        exp.add_argument("--out", required=True)
-        exp.add_argument("--format", choices=["merged", "peft"], default="merged" if name == "merge" else "peft")
+        exp.add_argument("--out", required=True, help="folder to write (merged, peft) or .gguf file (gguf)")
+        exp.add_argument("--format", choices=["merged", "gguf", "peft"], default="merged" if name == "merge" else "peft")
+        exp.add_argument("--gguf-type", default="f16", help="GGUF tensor type (gguf format): f16 (default), bf16, f32, q8_0, "
+                         "q5_1, q5_0, q4_1 or q4_0")
+        exp.add_argument("--overwrite", action="store_true", help="replace a .gguf file deltatune did not write")
         exp.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
         exp.add_argument("--requantize", action="store_true", help="re-quantize merged weights (reports the error)")
         exp.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
