@@ -66,7 +66,7 @@ def measure(adapter: Path, out: Path, types: list[str]) -> list[dict]:
     from deltatune.model.loading import load_base, load_tokenizer
 
     os.environ["DELTATUNE_HOME"] = str(out / "home")  # deltatune's conversions of the files stay here
-    model, resolved = load_adapter(adapter, base_dtype="fp32")
+    model, resolved = load_adapter(adapter)  # the fit recorded base_dtype fp32
     tokenizer = load_tokenizer(resolved.spec.base)
     prompts = [chat_prompt(tokenizer, p) for p in PROMPTS]
     ids = [torch.tensor([tokenizer(p, add_special_tokens=False)["input_ids"]]) for p in prompts]

@@ -53,7 +53,7 @@ def measure(out: Path) -> list[dict]:
     from deltatune.model.generation import chat_prompt, generate
     from deltatune.model.loading import load_tokenizer
 
-    model, resolved = load_adapter(out / "adapter", base_dtype="fp32")
+    model, resolved = load_adapter(out / "adapter")  # the fit recorded base_dtype fp32
     tokenizer = load_tokenizer(resolved.spec.base)
     prompts = [chat_prompt(tokenizer, p) for p in PROMPTS]
     ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
