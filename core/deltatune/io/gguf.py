@@ -35,6 +35,8 @@ from deltatune.plugin.manager import PluginManager
 
 GGUF_TYPES = ("f16", "bf16", "f32", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
 """Tensor types deltatune writes: those the ``gguf`` package quantizes itself (no K-quants)."""
+LOW_BIT = {"Q5_1", "Q5_0", "Q4_1", "Q4_0"}
+"""Types whose output matrix (or tied embedding) is written q8_0 instead (:func:`add_tensors`)."""
 ARCHITECTURES = {"llama": "LLAMA", "mistral": "LLAMA", "qwen2": "QWEN2"}
 """Hugging Face ``model_type`` → the ``gguf.MODEL_ARCH`` member it is written as (llama.cpp runs
 Mistral as ``llama``)."""
@@ -134,8 +136,8 @@ def add_tokenizer(writer: Any, tokenizer: Any, vocab_size: int) -> None:
 
     pre = _pre_tokenizer(tokenizer)
     by_id = {index: token for token, index in tokenizer.get_vocab().items()}
-    if len(by_id) > vocab_size or max(by_id) >= vocab_size:
-        raise ConfigError(f"GGUF export: the tokenizer has {len(by_id)} tokens but the model only {vocab_size} embeddings")
+    if max(by_id) >= vocab_size:
+        raise ConfigError(f"GGUF export: the tokenizer has token ids up to {max(by_id)} but the model only {vocab_size} embeddings")
     added = {index: token.special for index, token in tokenizer.added_tokens_decoder.items()}
     tokens, types = [], []
     for index in range(vocab_size):
@@ -191,10 +193,12 @@ def interleave_rope(weight: np.ndarray, heads: int) -> np.ndarray:
 
 
 def add_tensors(writer: Any, model: nn.Module, arch: Any, qtype: Any) -> list[str]:
-    """Write ``model``'s weights under their GGUF names; vectors as f32, matrices as ``qtype``.
+    """Write ``model``'s weights under their GGUF names; vectors as f32, matrices as ``qtype``, but
+    the output matrix (the embedding when it is tied) as q8_0 for the 4- and 5-bit types, which
+    llama.cpp's quantizer likewise keeps at a higher precision.
 
     Returns the GGUF names of the matrices written f16 because their rows do not split into whole
-    ``qtype`` blocks.
+    blocks.
     """
     from gguf import GGMLQuantizationType, QuantError, get_tensor_name_map, quants
 
@@ -211,13 +215,15 @@ def add_tensors(writer: Any, model: nn.Module, arch: Any, qtype: Any) -> list[st
         data = tensor.detach().to("cpu", torch.float32).numpy()
         if arch.name not in HALVES_ROPE and data.ndim == 2 and name.endswith(("attn_q.weight", "attn_k.weight")):
             data = interleave_rope(data, heads if name.endswith("attn_q.weight") else kv_heads)
-        if data.ndim == 1 or qtype == GGMLQuantizationType.F32:
+        output = name == "output.weight" or (name == "token_embd.weight" and config.tie_word_embeddings)
+        kind = GGMLQuantizationType.Q8_0 if output and qtype.name in LOW_BIT else qtype
+        if data.ndim == 1 or kind == GGMLQuantizationType.F32:
             writer.add_tensor(name, np.ascontiguousarray(data, dtype=np.float32))
-        elif qtype == GGMLQuantizationType.F16:
+        elif kind == GGMLQuantizationType.F16:
             writer.add_tensor(name, data.astype(np.float16))
         else:
             try:
-                writer.add_tensor(name, quants.quantize(data, qtype), raw_dtype=qtype)
+                writer.add_tensor(name, quants.quantize(data, kind), raw_dtype=kind)
             except QuantError:
                 fallbacks.append(name)
                 writer.add_tensor(name, data.astype(np.float16))
