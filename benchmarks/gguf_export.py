@@ -97,8 +97,9 @@ def measure(adapter: Path, out: Path, types: list[str]) -> list[dict]:
 def section(rows: list[dict], steps: int) -> str:
     lines = [BEGIN, "## GGUF export of SmolLM2-135M-Instruct after a LoRA fit", "",
              f"`python benchmarks/gguf_export.py` — LoRA r=8 on every linear layer, {steps} AdamW steps; "
-             "logit differences are the largest |difference| over the chat-templated prompts divided by the "
-             "largest |logit| of the adapter model.", "",
+             "logit differences are the largest |difference| divided by the largest |logit| of the adapter "
+             "model: for `transformers`' GGUF loader as the export reports it (its plain prompts), for "
+             f"deltatune's `load_base` on the {len(PROMPTS)} chat-templated prompts.", "",
              "| type | file | export | rel. logit diff, transformers | rel. logit diff, deltatune `load_base` | "
              f"same token ids | same greedy answers (of {len(PROMPTS)}) |",
              "|---|---|---|---|---|---|---|"]
