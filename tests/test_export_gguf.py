@@ -188,7 +188,7 @@ def test_a_file_deltatune_did_not_write_is_kept_without_overwrite(tmp_path, base
     out.write_bytes(b"someone else's model")
     args = ["export", "--adapter", str(tmp_path / "adapter"), "--out", str(out), "--format", "gguf"]
     assert main(args) == 1
-    assert "was not written by deltatune; pass --overwrite" in capsys.readouterr().out
+    assert "was not written by deltatune; pass --overwrite" in capsys.readouterr().err
     assert out.read_bytes() == b"someone else's model"
     assert main([*args, "--overwrite", "--gguf-type", "q8_0"]) == 0
     assert "GGUF (q8_0)" in capsys.readouterr().out
@@ -196,7 +196,7 @@ def test_a_file_deltatune_did_not_write_is_kept_without_overwrite(tmp_path, base
     assert main(args) == 0  # a file deltatune wrote is replaced without --overwrite
     assert tensor_type(out, "blk.0.attn_q.weight") == "F16"
     assert main([*args, "--gguf-type", "q4_k_m"]) == 1
-    assert "deltatune writes f16, bf16" in capsys.readouterr().out
+    assert "deltatune writes f16, bf16" in capsys.readouterr().err
 
 
 def test_llama_cpp_runs_the_exported_file_with_the_merged_logits(tmp_path, bases, smollm2_tokenizer):
