@@ -37,9 +37,11 @@ choice means on this machine), ``compute_context`` (the autocast a model of that
 file and line), ``split_path``, ``encode_example`` / ``encode_records`` / ``encode_segments`` (prompt
 masking and truncation, reported the same way by every builder through ``TruncationStats``),
 ``passthrough``, ``user_prompt``, ``chat_prompt`` and ``ChatMode`` (chat template or plain text),
+``FileSourceOptions`` (the options every file-reading builder shares: the base of its ``Config``),
 ``IGNORE_INDEX`` (the label of positions without loss) and ``collate`` (rows → padded batch).
 
-**Evaluators** — ``GenerationOptions`` (the options of evaluators that generate), ``answer_rows``,
+**Evaluators** — ``EvaluatorOptions`` (batch size and row limit: the base of an evaluator's ``Config``),
+``GenerationOptions`` (the options of evaluators that generate), ``answer_rows``,
 ``generate_answers``, ``normalize_answer``, ``sequence_logprobs``, ``summarize`` (per-family
 breakdowns), and ``token_loss`` (the training loss: summed token cross-entropy and token count).
 
@@ -68,6 +70,7 @@ from deltatune.data.module import (
     user_prompt,
 )
 from deltatune.data.packing import IGNORE_INDEX, collate
+from deltatune.data.sources import FileSourceOptions
 from deltatune.deltas.grouped import GroupedProduct, Projection, base_input_grad, base_products, hooked, no_autocast
 from deltatune.deltas.layer import Delta, DeltaLinear, WeightUpdateDelta, base_weight, delta_layers, get_submodule_parent
 from deltatune.deltas.lowrank import LOW_RANK_PEFT_FIELDS, LowRankConfig, LowRankDelta
@@ -77,6 +80,7 @@ from deltatune.deltas.targets import find_targets, target_matches
 from deltatune.errors import ConfigError, DataError, DeltaTuneError
 from deltatune.io.atomic import atomic_file
 from deltatune.evaluation.helpers import (
+    EvaluatorOptions,
     GenerationOptions,
     answer_rows,
     generate_answers,
@@ -149,6 +153,7 @@ __all__ = [
     "compute_dtype",
     # dataset builders
     "ChatMode",
+    "FileSourceOptions",
     "IGNORE_INDEX",
     "TruncationStats",
     "chat_prompt",
@@ -161,6 +166,7 @@ __all__ = [
     "split_path",
     "user_prompt",
     # evaluators
+    "EvaluatorOptions",
     "GenerationOptions",
     "answer_rows",
     "generate_answers",

@@ -31,14 +31,19 @@ class EvaluatorRef(PluginRef):
     splits: list[str] | None = Field(None, description="evaluation sets (validation, test, extra_eval names)")
 
 
-class GenerationOptions(BaseModel):
-    """Options shared by evaluators that generate: the ``Config`` base of ``exact_match`` and ``rouge``."""
+class EvaluatorOptions(BaseModel):
+    """Options every evaluator that runs the model in batches shares: the base of an evaluator's ``Config``."""
 
     model_config = ConfigDict(extra="forbid")
 
-    max_new_tokens: int = Field(24, gt=0)
     batch_size: int = Field(16, gt=0)
     limit: int | None = Field(None, gt=0, description="evaluate at most this many rows")
+
+
+class GenerationOptions(EvaluatorOptions):
+    """Options shared by evaluators that generate: the ``Config`` base of ``exact_match`` and ``rouge``."""
+
+    max_new_tokens: int = Field(24, gt=0)
     by_family: bool = Field(False, description="also report the metric per task family")
 
 

@@ -9,12 +9,12 @@ file and ``validation_path`` / ``test_path`` are optional.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
-from deltatune.api import DataError, Row, TruncationStats, chat_prompt, encode_example, hookimpl, read_records
+from deltatune.api import (DataError, FileSourceOptions, Row, TruncationStats, chat_prompt, encode_example,
+                           encode_records, hookimpl, passthrough)
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task{context}. Write a response that appropriately completes "
@@ -22,18 +22,12 @@ ALPACA_PROMPT = (
 )
 
 
-class AlpacaConfig(BaseModel):
-    """Options of the ``alpaca`` dataset builder."""
+class AlpacaConfig(FileSourceOptions):
+    """Options of the ``alpaca`` dataset builder: the shared file options, the prompt template, and
+    whether the prompt carries loss."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    path: str = Field(description="training file (.json list or .jsonl)")
-    validation_path: str | None = None
-    test_path: str | None = None
     template: Literal["auto", "chat", "alpaca"] = "auto"
     train_on_prompt: bool = False
-    max_length: int = Field(512, gt=8)
-    limit: int | None = Field(None, gt=0, description="use at most this many rows per split")
 
 
 def format_prompt(record: dict[str, Any], template: str, tokenizer: Any) -> str:
@@ -49,13 +43,13 @@ def format_prompt(record: dict[str, Any], template: str, tokenizer: Any) -> str:
     )
 
 
-def check_record(record: dict[str, Any], path: Path, line: int) -> None:
-    """Raise :class:`DataError` naming file and line when a record lacks or mistypes a field."""
+def check_record(record: dict[str, Any], where: str) -> None:
+    """Raise :class:`DataError` naming ``where`` (file:line) when a record lacks or mistypes a field."""
     for key in ("instruction", "output"):
         if not isinstance(record.get(key), str):
-            raise DataError(f"{path}:{line}: field '{key}' is missing or not a string (keys: {sorted(record)})")
+            raise DataError(f"{where}: field '{key}' is missing or not a string (keys: {sorted(record)})")
     if not isinstance(record.get("input", ""), (str, type(None))):
-        raise DataError(f"{path}:{line}: field 'input' must be a string")
+        raise DataError(f"{where}: field 'input' must be a string")
 
 
 class AlpacaBuilder:
@@ -66,25 +60,16 @@ class AlpacaBuilder:
 
     def build(self, cfg: AlpacaConfig, tokenizer: Any, split: str) -> list[Row] | None:
         """Rows of ``split``; ``None`` when no file is configured for it."""
-        path = {"train": cfg.path, "validation": cfg.validation_path, "test": cfg.test_path}[split]
-        if path is None:
-            return None
-        rows: list[Row] = []
-        stats = TruncationStats()
-        for line, record in read_records(Path(path)):
-            check_record(record, Path(path), line)
-            row = encode_example(
-                tokenizer, format_prompt(record, cfg.template, tokenizer), record["output"],
-                cfg.max_length, cfg.train_on_prompt, stats, line,
-            )
+
+        def encode(record: dict[str, Any], where: str, line: int, stats: TruncationStats) -> Row | None:
+            check_record(record, where)
+            row = encode_example(tokenizer, format_prompt(record, cfg.template, tokenizer), record["output"],
+                                 cfg.max_length, cfg.train_on_prompt, stats, line)
             if row is not None:
-                row.update({k: record[k] for k in ("choices", "answer_index", "family") if k in record})
-                rows.append(row)
-            if cfg.limit and len(rows) >= cfg.limit:
-                break
-        if stats.prompts_cut or stats.responses_cut or stats.dropped:
-            print(f"alpaca {split} ({path}): {stats.summary()}")
-        return rows
+                row.update(passthrough(record))
+            return row
+
+        return encode_records(self.name, cfg, split, encode)
 
 
 @hookimpl

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from deltatune.api import DataError, Row, TruncationStats, encode_records, encode_segments, hookimpl, passthrough
+from deltatune.api import (DataError, FileSourceOptions, Row, TruncationStats, encode_records, encode_segments,
+                           hookimpl, passthrough)
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "chatgpt": "assistant"}
@@ -25,19 +26,13 @@ ROLES = ("system", "user", "assistant")
 Message = dict[str, str]
 
 
-class ChatConfig(BaseModel):
-    """Options of the ``chat`` dataset builder."""
+class ChatConfig(FileSourceOptions):
+    """Options of the ``chat`` dataset builder: the shared file options, the conversation format,
+    which turns carry loss, and a default system prompt."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    path: str = Field(description="training file (.jsonl, .json, .parquet)")
-    validation_path: str | None = None
-    test_path: str | None = None
     format: Literal["auto", "openai", "sharegpt"] = "auto"
     train_on: Literal["assistant", "last", "all"] = "assistant"
     system_prompt: str | None = Field(None, description="system message for conversations that have none")
-    max_length: int = Field(512, gt=8)
-    limit: int | None = Field(None, gt=0, description="use at most this many rows per split")
 
 
 def messages_of(record: dict[str, Any], fmt: str, where: str) -> list[Message]:

@@ -11,19 +11,15 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from torch import nn
 
-from deltatune.api import DataError, Row, encode_example, hookimpl, sequence_logprobs, summarize
+from deltatune.api import DataError, EvaluatorOptions, Row, encode_example, hookimpl, sequence_logprobs, summarize
 
 
-class ChoiceConfig(BaseModel):
-    """Options of the ``choice`` evaluator."""
+class ChoiceConfig(EvaluatorOptions):
+    """Options of the ``choice`` evaluator: the shared batch size and row limit, and how options are scored."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    batch_size: int = Field(16, gt=0)
-    limit: int | None = Field(None, gt=0, description="evaluate at most this many rows")
     eos: bool = Field(True, description="score the end-of-sequence token after each option")
     max_length: int = Field(1024, gt=8)
     by_family: bool = False

@@ -6,19 +6,14 @@ import math
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 from torch import nn
 
-from deltatune.api import Row, collate, compute_context, hookimpl, token_loss
+from deltatune.api import EvaluatorOptions, Row, collate, compute_context, hookimpl, token_loss
 
 
-class PerplexityConfig(BaseModel):
-    """Options of the ``perplexity`` evaluator."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    batch_size: int = Field(16, gt=0)
-    limit: int | None = Field(None, gt=0, description="evaluate at most this many rows")
+class PerplexityConfig(EvaluatorOptions):
+    """Options of the ``perplexity`` evaluator (batch size, row limit)."""
 
 
 class Perplexity:

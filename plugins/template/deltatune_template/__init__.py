@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from deltatune.api import (
     ChatMode,
     DataError,
+    FileSourceOptions,
     Row,
     TruncationStats,
     encode_example,
@@ -52,20 +53,14 @@ def template_fields(text: str) -> set[str]:
     return {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
 
 
-class TemplateConfig(BaseModel):
-    """Options of the ``template`` dataset builder."""
+class TemplateConfig(FileSourceOptions):
+    """Options of the ``template`` dataset builder: the shared file options, the templates and their
+    draw, how the prompt is shown, and whether it carries loss."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    path: str = Field(description="training file (.jsonl, .json, .csv, .parquet)")
-    validation_path: str | None = None
-    test_path: str | None = None
     templates: list[Template] = Field(min_length=1)
     seed: int = 0
     chat: ChatMode = "auto"
     train_on_prompt: bool = False
-    max_length: int = Field(512, gt=8)
-    limit: int | None = Field(None, gt=0, description="use at most this many rows per split")
 
 
 def fill(template: str, record: dict[str, Any], where: str, index: int) -> str:

@@ -13,24 +13,20 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 
-from deltatune.api import DataError, Row, hookimpl, read_records, split_path
+from deltatune.api import DataError, FileSourceOptions, Row, hookimpl, read_records, split_path
 
 
-class TextConfig(BaseModel):
-    """Options of the ``text`` dataset builder."""
-
-    model_config = ConfigDict(extra="forbid")
+class TextConfig(FileSourceOptions):
+    """Options of the ``text`` dataset builder: the shared file options (``.txt`` files too, and rows as
+    short as two tokens, since a text row has no prompt), the text column, paragraphs, the last row."""
 
     path: str = Field(description="training file (.txt, .jsonl, .json, .csv, .parquet)")
-    validation_path: str | None = None
-    test_path: str | None = None
     field: str = Field("text", description="the text column of record files")
     paragraphs: bool = Field(False, description=".txt: one document per blank-line-separated paragraph")
-    max_length: int = Field(512, gt=1)
+    max_length: int = Field(512, gt=1, description="tokens per row")
     drop_last: bool = False
-    limit: int | None = Field(None, gt=0, description="use at most this many rows per split")
 
 
 def documents(path: Path, cfg: TextConfig) -> Iterator[str]:
