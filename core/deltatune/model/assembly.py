@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
@@ -212,6 +213,17 @@ def compute_context(model: nn.Module) -> torch.autocast:
     device = next(model.parameters()).device.type
     enabled = model_dtype(model) == torch.bfloat16
     return torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=enabled)
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` in eval mode for the block; its train/eval mode as before afterwards, even on error."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def compile_decoder_layers(model: nn.Module) -> int:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from deltatune.errors import ConfigError
-from deltatune.model.assembly import compute_context
+from deltatune.model.assembly import compute_context, eval_mode
 from deltatune.ui.console import print_warning
 
 
@@ -59,15 +59,13 @@ def generate(model: nn.Module, tokenizer: Any, prompts: list[str], max_new_token
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {"do_sample": False}
     if stop:
         sampling.update(stop_strings=list(stop), tokenizer=tokenizer)
-    was_training = model.training
-    model.eval()
     sides = tokenizer.padding_side, tokenizer.truncation_side
     tokenizer.padding_side = tokenizer.truncation_side = "left"
     outputs: list[str] = []
     device = next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        try:
+    try:
+        with eval_mode(model), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
             for start in range(0, len(prompts), batch_size):
                 chunk = prompts[start:start + batch_size]
                 if room is not None:
@@ -85,9 +83,8 @@ def generate(model: nn.Module, tokenizer: Any, prompts: list[str], max_new_token
                 new_tokens = generated[:, encoded["input_ids"].shape[1]:]
                 texts = [cut_at_stop(t, stop) for t in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
                 outputs += [t.strip() if strip else t.rstrip() for t in texts]
-        finally:
-            tokenizer.padding_side, tokenizer.truncation_side = sides
-            model.train(was_training)
+    finally:
+        tokenizer.padding_side, tokenizer.truncation_side = sides
     return outputs
 
 

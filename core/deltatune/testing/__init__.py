@@ -149,15 +149,10 @@ def sample_rows(tokenizer: Any) -> list[Row]:
 def logits_of(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """fp32 logits of ``model`` on ``batch`` in eval mode without autograd, under the compute dtype
     the core uses for that model."""
-    from deltatune.model.assembly import compute_context
+    from deltatune.model.assembly import compute_context, eval_mode
 
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), compute_context(model):
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad(), compute_context(model):
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     return out.float()
 
 

@@ -4,10 +4,11 @@ Construction resolves every plugin and validates every option — before any wei
 typo in a YAML file fails in a second with a message naming the plugin and the field.
 ``configure_model`` then loads the base and applies quantizer → delta methods (in the listed order)
 → freezes what no method claims. The optimizer plugin builds the optimizer; an optimizer that
-updates inside backward (LOMO, AdaLomo) switches the module to manual optimisation and updates inside backward.
+updates inside backward (:class:`~deltatune.train.update_in_backward.InBackwardOptimizer`) switches the
+module to manual optimisation.
 
-Checkpoints hold only the trainable tensors (and delta buffers), so a LoRA checkpoint of a 135M model
-is a few MB; resuming rebuilds the frozen base from its source.
+Checkpoints hold only the trainable tensors (and delta buffers), a small fraction of the base's size;
+resuming rebuilds the frozen base from its source.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from deltatune.model.generation import generate
 from deltatune.train.loss import token_loss
 from deltatune.model.loading import DEFAULT_MODEL
 from deltatune.model.assembly import (DType, ModelSpec, check_on_skeleton, compile_decoder_layers, compute_context,
+                                      eval_mode,
                                       trainable_summary)
 from deltatune.train.packing_check import packing_leak
 from deltatune.train.report import PLOT_FILE, REPORT_FILE, RunReport, plot_losses
@@ -73,8 +75,8 @@ class DeltaTuneModule(L.LightningModule):
                 the plain Hugging Face forward.
             compile: compile every decoder layer with ``torch.compile`` (dynamic shapes) and train
                 through the plain Hugging Face forward, compiled, instead of the hand-fused fast path.
-                The first steps pay the compilation (about a minute on 2 CPU cores); which is faster
-                depends on the method and model (measured in docs/benchmarks.md).
+                The first steps pay the compilation; which is faster depends on the method and model
+                (docs/benchmarks.md compares them).
             trust_remote_code: allow a local model folder's own Python code (off by default).
             compare_base: evaluate the untouched base before training, for the final table.
             samples: how many validation prompts to generate for in the final report.
@@ -231,15 +233,12 @@ class DeltaTuneModule(L.LightningModule):
         datamodule = self.trainer.datamodule
         rows = datamodule.rows(split)
         metrics: dict[str, float] = {}
-        was_training = self.model.training
-        self.model.eval()
-        with torch.no_grad():
+        with eval_mode(self.model), torch.no_grad():
             for evaluator, splits in zip(self.evaluator_plugins, self.evaluator_splits):
                 if splits is not None and split not in splits:
                     continue
                 result = evaluator.plugin.evaluate(self.model, datamodule.tokenizer, rows, evaluator.cfg)
                 metrics.update({f"{evaluator.name}/{k}": float(v) for k, v in result.items()})
-        self.model.train(was_training)
         return metrics
 
     def evaluate_sets(self, names: list[str] | None = None) -> dict[str, dict[str, float]]:

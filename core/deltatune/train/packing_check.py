@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from deltatune.data.packing import collate_packed, pack_rows
-from deltatune.model.assembly import compute_context
+from deltatune.model.assembly import compute_context, eval_mode
 from deltatune.train.loss import token_loss
 
 
@@ -23,13 +23,8 @@ def packing_leak(model: nn.Module, vocab: int | None = None) -> float:
         row["labels"] = list(row["input_ids"])
     device = next(model.parameters()).device
     packed = collate_packed(pack_rows(rows, 64), 0)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), compute_context(model):
-            together, _ = token_loss(model, {k: v.to(device) for k, v in packed.items()})
-            apart = sum(float(token_loss(model, {k: v.to(device) for k, v in collate_packed(pack_rows([r], 64), 0)
-                                                 .items()})[0]) for r in rows)
-    finally:
-        model.train(was_training)
+    with eval_mode(model), torch.no_grad(), compute_context(model):
+        together, _ = token_loss(model, {k: v.to(device) for k, v in packed.items()})
+        apart = sum(float(token_loss(model, {k: v.to(device) for k, v in collate_packed(pack_rows([r], 64), 0)
+                                             .items()})[0]) for r in rows)
     return abs(float(together) - apart) / max(abs(apart), 1.0)
