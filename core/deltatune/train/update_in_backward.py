@@ -88,7 +88,7 @@ class DeferredGrad:
     A tied head is used last in forward, so backward produces the head's (vocabulary x hidden) weight
     gradient first — and autograd holds it until the embedding lookup, at the very end, has added its
     part; only then is the tied weight's gradient complete and the weight updated. With an in-backward
-    optimizer nothing else of that size is held across backward (108 MiB in fp32 for SmolLM2-135M),
+    optimizer nothing else of that size is held across backward (a vocabulary x hidden fp32 matrix),
     and at the end the lookup's dense gradient, another such matrix, is added to it. Instead:
 
     * the loss records what the head's weight gradient needs (:meth:`defer`: a closure over the hidden

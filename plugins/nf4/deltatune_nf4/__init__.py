@@ -12,7 +12,7 @@ NF4 stores a weight matrix ``W`` (``out x in``, flattened row by row, cut into b
 
 ``NF4`` holds 16 levels in ``[-1, 1]`` at quantiles of N(0, 1) (with an exact zero), so for normally
 distributed weights, which trained weights roughly are, every level is about equally likely. On
-N(0, 1) weights the relative error is about 9 %, against 12 % for bitsandbytes' FP4.
+N(0, 1) weights its relative error is lower than that of bitsandbytes' FP4 (the nf4 tests measure both).
 
 *Double quantization* quantizes the fp32 ``absmax`` constants too: minus their mean, 8-bit
 blockwise in blocks of 256, leaving one fp32 scale per 256 blocks. Storage per weight::
@@ -37,8 +37,8 @@ bitsandbytes on CPU (checked with 0.50.2)
   weight is allocated.
 * On CPUs with AVX-512 BF16, ``Linear4bit.forward`` in eval mode without autograd rewrites the
   layer's storage into a layout for a fused CPU kernel (double quantization undone, ``absmax`` in
-  bf16). That kernel is ~4x faster for one token but ~4x slower than dequantize + bf16 matmul for a
-  batch of 256 rows, and turning the layout back (``state_dict()``, ``.cuda()``) is lossy with double
+  bf16). That kernel is faster for one token but slower than dequantize + bf16 matmul for a batch of
+  rows, and turning the layout back (``state_dict()``, ``.cuda()``) is lossy with double
   quantization and garbles the weights without it (absmax left transposed). It is therefore off
   (``cpu_fused_inference: false``); :meth:`NF4.dequantize_weight` reads either layout.
 * ``Linear4bit.forward`` casts the bias parameter to the compute dtype *in place*, which would turn
