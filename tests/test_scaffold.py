@@ -28,6 +28,15 @@ FILL_IN = {
         ('        raise NotImplementedError("diff: write DiffDelta.unmerge_weight")',
          "        return weight - self.diff.detach().float()"),
     ],
+    # prompt/response records, checked, through the core's encoder
+    ("dataset_builder", "qa_rows"): [
+        ('            raise NotImplementedError("qa_rows: write QaRowsBuilder.build")',
+         '            for key in ("prompt", "response"):\n'
+         '                if not isinstance(record.get(key), str):\n'
+         '                    raise DataError(f"{where}: field \'{key}\' is missing or not a string")\n'
+         '            return encode_example(tokenizer, record["prompt"], record["response"], cfg.max_length,\n'
+         '                                  stats=stats, line=line)'),
+    ],
     ("evaluator", "rowcount"): [
         ('        # TODO: compute the metrics\n        raise NotImplementedError("rowcount: write Rowcount.evaluate")',
          '        lengths = [len(r["input_ids"]) for r in rows]\n'
