@@ -19,8 +19,9 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12))
 
 
-def masked_batch() -> dict[str, torch.Tensor]:
-    """Three rows of different lengths (right padding), prompts masked with -100."""
+def masked_batch(left_padded: bool = False) -> dict[str, torch.Tensor]:
+    """Three rows of different lengths (right padding, as the collator pads, or left padding), prompts
+    masked with -100."""
     tokenizer = tiny_tokenizer()
     rows = []
     for prompt, response in [("Question: what is 17 plus 25? Answer:", " 42"),
@@ -30,6 +31,11 @@ def masked_batch() -> dict[str, torch.Tensor]:
         r = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         rows.append({"input_ids": p + r, "labels": [IGNORE_INDEX] * len(p) + r})
     batch = collate(rows, tokenizer.pad_token_id)
+    if left_padded:  # move each row's padding to its front
+        for i, n in enumerate(batch["attention_mask"].sum(1).tolist()):
+            for key in batch:
+                batch[key][i] = batch[key][i].roll(batch[key].shape[1] - n)
+        assert (batch["attention_mask"][:, 0] == 0).any()
     assert (batch["attention_mask"] == 0).any() and (batch["labels"] == IGNORE_INDEX).any()
     return batch
 
@@ -57,6 +63,19 @@ def test_token_loss_equals_hugging_face_loss_and_gradients(fast, tied):
         total, count = token_loss(model, batch, fast=False)
     assert count == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     assert total.dtype == torch.float32
+    assert _relative(total.detach() / count, expected) <= TOLERANCE
+    (total / count).backward()
+    for name, param in model.named_parameters():
+        assert _relative(param.grad, expected_grads[name]) <= TOLERANCE, name
+
+
+def test_plain_token_loss_equals_hugging_face_loss_on_left_padded_rows():
+    """Padding before the tokens: only the attention mask keeps real tokens from attending to it."""
+    model = tiny_llama().train()
+    batch = masked_batch(left_padded=True)
+    expected, expected_grads = hf_loss_and_grads(model, batch)
+    model.zero_grad()
+    total, count = token_loss(model, batch, fast=False)
     assert _relative(total.detach() / count, expected) <= TOLERANCE
     (total / count).backward()
     for name, param in model.named_parameters():
