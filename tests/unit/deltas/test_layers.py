@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from deltatune.deltas.layers import Delta, DeltaLinear, find_targets, wrap_linear
+from deltatune.deltas.layer import Delta, DeltaLinear, wrap_linear
+from deltatune.deltas.targets import find_targets
 from deltatune.errors import ConfigError
 from deltatune.model.loading import tiny_llama
 

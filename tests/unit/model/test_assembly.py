@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from deltatune import hookimpl
-from deltatune.deltas.layers import Delta, DeltaLinear, LayerDeltaMethod, is_quantized
+from deltatune.deltas.layer import Delta, DeltaLinear, is_quantized
+from deltatune.deltas.method import LayerDeltaMethod
 from deltatune.errors import ConfigError, ModelNotFoundError
 from deltatune.model.assembly import (ModelSpec, build_model, cast_parameters, claim_parameters, compute_dtype,
                                       cpu_supports_bf16, resolve_spec)
