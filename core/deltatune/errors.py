@@ -29,3 +29,8 @@ def check_option(option: str, value: object, valid: bool, rule: str) -> None:
     """Raise :class:`ConfigError` ``"<option> <rule> (got <value>)"`` unless ``valid``."""
     if not valid:
         raise ConfigError(f"{option} {rule} (got {value!r})")
+
+
+class OutputError(DeltaTuneError):
+    """An output path cannot be written safely (it holds something deltatune did not write, or the run
+    needs it), or writing it failed (disk full, permissions); the message names the path."""

@@ -22,7 +22,7 @@ from torch import nn
 from deltatune import __version__
 from deltatune.io.atomic import atomic_folder
 from deltatune.plugin.resolve import ResolvedPlugin
-from deltatune.errors import ConfigError, DamagedFileError
+from deltatune.errors import ConfigError, DamagedFileError, OutputError
 from deltatune.model.assembly import ModelSpec, ResolvedSpec, build_model, resolve_spec
 from deltatune.plugin.manager import PluginManager
 
@@ -66,16 +66,26 @@ def adapter_state(model: nn.Module, resolved: ResolvedSpec) -> dict[str, torch.T
     return state
 
 
-def save_adapter(model: nn.Module, resolved: ResolvedSpec, out: Path, tokenizer: Any = None) -> Path:
-    """Write the bundle for ``model`` to ``out`` atomically and return ``out``."""
+def save_adapter(model: nn.Module, resolved: ResolvedSpec, out: Path, tokenizer: Any = None,
+                 **target: Any) -> Path:
+    """Write the bundle for ``model`` to ``out`` atomically and return ``out``.
+
+    ``target`` (``overwrite``, ``protected``, ``hint``) goes to :func:`~deltatune.io.atomic.atomic_folder`,
+    which refuses to replace what deltatune did not write; a failed write (disk full) is an
+    :class:`~deltatune.errors.OutputError` and leaves the previous adapter intact.
+    """
     out = Path(out)
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out, **target) as tmp:
         if resolved.full_finetune:
             model.save_pretrained(tmp / FULL_MODEL, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp / FULL_MODEL)
         else:
-            save_file(adapter_state(model, resolved), str(tmp / WEIGHTS), metadata={"format": "pt"})
+            try:
+                save_file(adapter_state(model, resolved), str(tmp / WEIGHTS), metadata={"format": "pt"})
+            except SafetensorError as exc:  # the Rust writer's I/O errors (disk full) are not OSErrors
+                raise OutputError(f"cannot write {out / WEIGHTS}: {exc}; "
+                                  f"{'the previous adapter is intact' if out.exists() else 'nothing was written'}") from exc
         (tmp / MANIFEST).write_text(json.dumps(manifest(resolved), indent=2) + "\n")
     return out
 

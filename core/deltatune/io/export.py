@@ -48,7 +48,7 @@ from torch import nn
 
 from deltatune.deltas.layer import delta_layers, dense_copy, get_submodule_parent, is_quantized, unwrap
 from deltatune.io.adapter import adapter_spec, load_adapter_weights
-from deltatune.io.atomic import atomic_folder
+from deltatune.io.atomic import atomic_folder, check_target
 from deltatune.plugin.resolve import PluginRef, ResolvedPlugin, format_validation_error
 from deltatune.errors import ConfigError
 from deltatune.model.loading import resolve_base
@@ -283,13 +283,18 @@ def peft_export(model: nn.Module, resolved: ResolvedSpec) -> tuple[dict[str, Any
 
 
 def export_peft(adapter_dir: str | Path, out: str | Path, manager: PluginManager | None = None,
-                trust_remote_code: bool = False) -> Path:
+                trust_remote_code: bool = False, *, overwrite: bool = False) -> Path:
     """Write the deltatune adapter at ``adapter_dir`` as a PEFT adapter folder ``out``; return ``out``
-    (``trust_remote_code``: the user allows the base model's own code)."""
+    (``trust_remote_code``: the user allows the base model's own code).
+
+    An existing ``out`` is replaced only with ``overwrite`` and only if deltatune wrote it; it is checked
+    before anything loads (:func:`~deltatune.io.atomic.check_target`) and can never be the adapter itself.
+    """
+    out = Path(out)
+    check_target(out, overwrite=overwrite, protected=[Path(adapter_dir)])
     model, resolved = _load_for_export(Path(adapter_dir), manager, trust_remote_code)
     config, state = peft_export(model, resolved)
-    out = Path(out)
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out, overwrite=overwrite, protected=[Path(adapter_dir)]) as tmp:
         save_file(state, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
         (tmp / PEFT_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
@@ -435,6 +440,7 @@ def export_merged(
     adapter_dir: str | Path, out: str | Path, *, dtype: Literal["fp32", "bf16"] = "fp32", requantize: bool = False,
     prompts: tuple[str, ...] | list[str] = PROMPTS, manager: PluginManager | None = None,
     trust_remote_code: bool = False,
+    overwrite: bool = False,
 ) -> MergedExport:
     """Write the adapter at ``adapter_dir`` merged into its base as a Hugging Face folder ``out``.
 
@@ -442,6 +448,7 @@ def export_merged(
     (``transformers`` + ``bitsandbytes`` load them). The returned report holds the largest absolute
     logit difference between the adapter model and the written model reloaded by ``transformers``.
     ``trust_remote_code``: the user allows the base model's own code (needed when the adapter says so).
+    An existing ``out`` is replaced only as :func:`export_peft` replaces one.
     """
     from transformers import AutoModelForCausalLM
 
@@ -450,6 +457,7 @@ def export_merged(
     if dtype not in ("fp32", "bf16"):
         raise ConfigError(f"dtype must be 'fp32' or 'bf16', not {dtype!r}")
     adapter_dir, out = Path(adapter_dir), Path(out)
+    check_target(out, overwrite=overwrite, protected=[adapter_dir])
     model, resolved = _load_for_export(adapter_dir, manager, trust_remote_code)
     tokenizer = load_tokenizer(resolved.spec.base, trust_remote_code)
     batch = prompt_batch(tokenizer, prompts)
@@ -458,7 +466,7 @@ def export_merged(
     flags = enable_bias_flags(model)
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
     model.to(torch_dtype)
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out, overwrite=overwrite, protected=[adapter_dir]) as tmp:
         if requantize:
             with tempfile.TemporaryDirectory(dir=tmp.parent) as dense:
                 model.save_pretrained(dense, safe_serialization=True)

@@ -55,9 +55,13 @@ class RunReport:
         if not path.is_file():
             raise DataError(f"no run report at {path}: is it a folder written by `deltatune fit`?")
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: not a valid report ({exc.msg})") from None
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{path}: not a valid report (not UTF-8 text: {exc.reason} at byte {exc.start})") from None
+        if not isinstance(data, dict):
+            raise DataError(f"{path}: not a valid report (expected a JSON object)")
         known = {f.name for f in fields(cls)}
         data = {k: v for k, v in data.items() if k in known}
         for key in ("base_samples", "tuned_samples"):
