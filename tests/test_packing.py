@@ -116,7 +116,7 @@ def test_data_module_packs_batches_and_reports_padding():
     assert stats["packed"]["examples"] == stats["plain"]["examples"] == 96
     assert stats["packed"]["rows"] < 40 and stats["packed"]["tokens"] == stats["plain"]["tokens"]
     assert stats["grouped"]["padding"] < stats["plain"]["padding"] / 2
-    seen = sorted(i for b in grouped._batch_sampler().batches(0) for i in b)
+    seen = sorted(i for b in grouped._train_order().batches(0) for i in b)
     assert seen == list(range(96)), "length grouping visits every row once per epoch"
 
 

@@ -51,6 +51,7 @@ def run_lightning(argv: list[str]) -> None:
     from deltatune.train.checkpoint import AtomicModelCheckpoint
     from deltatune.data.module import InstructionDataModule
     from deltatune.train.module import DeltaTuneModule
+    from deltatune.train.resume import check_before_fit
     from deltatune.ui.progress import RunProgressBar
 
     class DeltaTuneCLI(LightningCLI):
@@ -66,6 +67,7 @@ def run_lightning(argv: list[str]) -> None:
 
         def before_fit(self) -> None:
             self.model.check_trainer(self.trainer)
+            check_before_fit(self.trainer, self.model, self.config[self.subcommand].get("ckpt_path"))
 
         def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
             # Lightning refuses its own switches when a callback of that kind is present: honour them
@@ -179,10 +181,11 @@ def cmd_export(args: argparse.Namespace) -> None:
                           trust_remote_code=args.trust_remote_code))
     elif args.format == "merged":
         result = export.export_merged(Path(args.adapter), Path(args.out), dtype=args.dtype, requantize=args.requantize,
-                                      trust_remote_code=args.trust_remote_code)
+                                      trust_remote_code=args.trust_remote_code, overwrite=args.overwrite)
         print(result)
     else:
-        print(export.export_peft(Path(args.adapter), Path(args.out), trust_remote_code=args.trust_remote_code))
+        print(export.export_peft(Path(args.adapter), Path(args.out), trust_remote_code=args.trust_remote_code,
+                                 overwrite=args.overwrite))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -225,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
         exp.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
         exp.add_argument("--requantize", action="store_true", help="re-quantize merged weights (reports the error)")
         exp.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
+        exp.add_argument("--overwrite", action="store_true",
+                         help="replace OUT if it is an earlier export (never a folder deltatune did not write)")
         exp.set_defaults(func=cmd_export)
 
     from deltatune.estimate import memory as estimate  # their subcommands: `estimate`, `new-plugin`

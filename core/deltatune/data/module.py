@@ -30,6 +30,7 @@ from deltatune.plugin.resolve import PluginRef, ResolvedPlugin, coerce_ref, form
 from deltatune.errors import ConfigError, DataError, check_option
 from deltatune.model.generation import chat_prompt
 from deltatune.data.mixing import DatasetSpec, mix_rows
+from deltatune.data.order import ResumableLoader, ShuffledRows
 from deltatune.model.loading import DEFAULT_MODEL, load_tokenizer
 from deltatune.plugin.manager import get_plugin_manager
 from deltatune.data.packing import IGNORE_INDEX, LengthGroupedBatches, collate, collate_packed, describe_batches, pack_rows
@@ -432,43 +433,40 @@ class InstructionDataModule(L.LightningDataModule):
         """Names of the evaluation sets that have rows: validation, test, then the ``extra_eval`` sets."""
         return [s for s in ("validation", "test", *self.extra_sources) if self.rows(s)]
 
-    def _batch_sampler(self) -> LengthGroupedBatches | None:
-        if not self.group_by_length:
-            return None
-        return LengthGroupedBatches([len(r["input_ids"]) for r in self.train_batches], self.batch_size, self.seed)
+    def _train_order(self) -> LengthGroupedBatches | ShuffledRows:
+        if self.group_by_length:
+            return LengthGroupedBatches([len(r["input_ids"]) for r in self.train_batches], self.batch_size, self.seed)
+        return ShuffledRows(len(self.train_batches), self.batch_size, self.seed)
 
     def batch_stats(self) -> dict[str, Any]:
         """Shape of one training epoch: rows, batches, tokens, padding fraction, examples per row."""
-        sampler = self._batch_sampler()
-        if sampler is not None:
-            batches = sampler.batches(0)
-        else:
-            order = list(range(len(self.train_batches)))
-            random.Random(self.seed).shuffle(order)
-            batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        stats = describe_batches(self.train_batches, batches)
+        stats = describe_batches(self.train_batches, self._train_order().batches(0))
         stats["examples"] = len(self.rows("train"))
         return stats
 
-    def _loader(self, rows: list[Row], shuffle: bool, batch_size: int, packed: bool = False) -> DataLoader:
-        collate_fn = partial(collate_packed if packed else collate, pad_id=self.tokenizer.pad_token_id)
-        sampler = self._batch_sampler() if shuffle else None
-        if sampler is not None:
-            return DataLoader(rows, batch_sampler=sampler, collate_fn=collate_fn, num_workers=self.num_workers)
-        return DataLoader(rows, batch_size=batch_size, shuffle=shuffle, collate_fn=collate_fn,
-                          num_workers=self.num_workers, generator=torch.Generator().manual_seed(self.seed))
+    def _loader(self, rows: list[Row], batch_size: int) -> DataLoader:
+        collate_fn = partial(collate, pad_id=self.tokenizer.pad_token_id)
+        return DataLoader(rows, batch_size=batch_size, collate_fn=collate_fn, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
-        """Shuffled (seeded) training batches: packed, length-grouped or plain."""
-        return self._loader(self.train_batches, True, self.batch_size, packed=self.packing)
+        """Training batches (packed, length-grouped or plain) in an order that is a function of the seed
+        and the epoch; the position inside an epoch is saved in checkpoints (:mod:`deltatune.data.order`)."""
+        collate_fn = partial(collate_packed if self.packing else collate, pad_id=self.tokenizer.pad_token_id)
+        order = self._train_order()
+        # the loader's own generator seeds its workers, so iterating never draws from the global random state
+        common = {"collate_fn": collate_fn, "num_workers": self.num_workers,
+                  "generator": torch.Generator().manual_seed(self.seed)}
+        if isinstance(order, LengthGroupedBatches):
+            return ResumableLoader(self.train_batches, batch_sampler=order, **common)
+        return ResumableLoader(self.train_batches, batch_size=self.batch_size, sampler=order, **common)
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches, in order."""
-        return self._loader(self.rows("validation"), False, self.eval_batch_size)
+        return self._loader(self.rows("validation"), self.eval_batch_size)
 
     def test_dataloader(self) -> DataLoader:
         """Test batches, in order (falls back to validation when there is no test split)."""
-        return self._loader(self.rows("test") or self.rows("validation"), False, self.eval_batch_size)
+        return self._loader(self.rows("test") or self.rows("validation"), self.eval_batch_size)
 
     def predict_dataloader(self) -> DataLoader:
         """Same batches as :meth:`test_dataloader`."""

@@ -14,12 +14,12 @@ lets a run check it on its own model before training.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import Sampler
 
+from deltatune.data.order import EpochOrder
 from deltatune.plugin.protocols import Row
 
 IGNORE_INDEX = -100
@@ -91,21 +91,21 @@ def collate_packed(rows: list[Row], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
-class LengthGroupedBatches(Sampler[list[int]]):
+class LengthGroupedBatches(EpochOrder):
     """Batches of indices whose rows have similar lengths, in a seeded random order.
 
     Each epoch shuffles the indices, cuts them into groups of ``batch_size * group_batches``, sorts each
     group by length and cuts it into batches, then shuffles the batches — padding shrinks while the
-    order stays random (the scheme of Hugging Face's ``LengthGroupedSampler``).
+    order stays random (the scheme of Hugging Face's ``LengthGroupedSampler``). The order is a function
+    of the seed and the epoch (:class:`~deltatune.data.order.EpochOrder`).
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, group_batches: int = 50) -> None:
         """``lengths[i]`` is the token count of row ``i``."""
+        super().__init__(seed)
         self.lengths = list(lengths)
         self.batch_size = batch_size
-        self.seed = seed
         self.group = batch_size * group_batches
-        self.epoch = 0
 
     def batches(self, epoch: int) -> list[list[int]]:
         """The batches of ``epoch`` (deterministic for a seed and epoch)."""
@@ -119,10 +119,7 @@ class LengthGroupedBatches(Sampler[list[int]]):
         rng.shuffle(batches)
         return batches
 
-    def __iter__(self) -> Iterator[list[int]]:
-        batches = self.batches(self.epoch)
-        self.epoch += 1
-        return iter(batches)
+    order = batches
 
     def __len__(self) -> int:
         return (len(self.lengths) + self.batch_size - 1) // self.batch_size

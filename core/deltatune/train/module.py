@@ -34,6 +34,7 @@ from deltatune.model.assembly import (DType, ModelSpec, check_on_skeleton, compi
                                       eval_mode,
                                       trainable_summary)
 from deltatune.train.packing_check import packing_leak
+from deltatune.train import resume
 from deltatune.train.report import PLOT_FILE, REPORT_FILE, RunReport, plot_losses
 
 
@@ -57,6 +58,7 @@ class DeltaTuneModule(L.LightningModule):
         samples: int = 3,
         max_new_tokens: int = 48,
         adapter_dir: str | None = None,
+        overwrite: bool = False,
     ) -> None:
         """Resolve and validate every plugin; no weight is loaded here.
 
@@ -82,6 +84,9 @@ class DeltaTuneModule(L.LightningModule):
             samples: how many validation prompts to generate for in the final report.
             max_new_tokens: generation length for samples.
             adapter_dir: where ``fit`` writes the adapter (default ``<default_root_dir>/adapter``).
+            overwrite: start over in a run folder that holds an earlier run's checkpoints and adapter
+                (they are replaced); without it such a run is refused unless it resumes (``--ckpt_path``).
+                A folder deltatune did not write is never replaced.
         """
         super().__init__()
         check_option("model.samples", samples, samples >= 0, "must be 0 (no samples) or more")
@@ -104,6 +109,7 @@ class DeltaTuneModule(L.LightningModule):
         self.report = RunReport()
         self._val_sums = [0.0, 0]
         self._clock: dict[str, float] = {}
+        self._resumed: dict[str, Any] | None = None
 
     # -- model --------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -125,10 +131,29 @@ class DeltaTuneModule(L.LightningModule):
             return {f"model.{k}" for k in self.model.state_dict()}
         return {f"model.{k}" for k in adapter_state(self.model, self.resolved)}
 
+    def adapter_path(self, root: str | Path) -> Path:
+        """Where ``fit`` writes the adapter for a run folder ``root``."""
+        return Path(self.hparams.adapter_dir) if self.hparams.get("adapter_dir") else Path(root) / "adapter"
+
+    def run_spec(self) -> dict[str, Any]:
+        """The spec a checkpoint of this run records (:func:`deltatune.train.resume.run_spec`)."""
+        return resume.run_spec(self.resolved, self.optimizer_plugin.name)
+
+    def check_checkpoint(self, checkpoint: dict[str, Any], source: str) -> None:
+        """Refuse a checkpoint written for another spec (and, once the model is built, other tensors)."""
+        keys = self.trainable_state_keys() if self.model is not None else set(checkpoint.get("state_dict", {}))
+        resume.check_resume(checkpoint, self.run_spec(), keys, source)
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep only trainable tensors and delta buffers in checkpoints."""
+        """Keep only trainable tensors and delta buffers in checkpoints, and add the run record."""
         keep = self.trainable_state_keys()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint[resume.RECORD] = resume.run_record(self.run_spec(), self.report)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another spec before its tensors load; keep its run record for resuming."""
+        self.check_checkpoint(checkpoint, str(self._trainer.ckpt_path) if self._trainer else "the checkpoint")
+        self._resumed = checkpoint.get(resume.RECORD)
 
     @property
     def uses_fast_path(self) -> bool:
@@ -276,10 +301,17 @@ class DeltaTuneModule(L.LightningModule):
         if datamodule.packing and (leak := packing_leak(self.model)) > 1e-4:
             raise ConfigError(f"packing is unsafe with this model: examples packed together change each "
                               f"other's loss (relative difference {leak:.2e}); set data.packing: false")
-        if self.hparams.compare_base:
+        if self._resumed is not None:  # measured before training began, never on restored weights
+            resume.restore_report(self._resumed, self.report)
+        elif self.hparams.compare_base and self.trainer.ckpt_path is None:
             self.report.base_metrics = self.evaluate_sets()
             self.report.base_samples = self.sample() if self.hparams.samples else []
         self._lap("base_eval_s")
+
+    def on_train_start(self) -> None:
+        """On resume, restore the random state the checkpoint was written with."""
+        if self._resumed is not None:
+            resume.restore_rng(self._resumed)
 
     def on_fit_end(self) -> None:
         """Save the adapter atomically, evaluate the tuned model, write the report and the loss plot."""
@@ -287,8 +319,11 @@ class DeltaTuneModule(L.LightningModule):
             return
         self._lap("train_s")
         root = Path(self.trainer.default_root_dir)
-        out = Path(self.hparams.adapter_dir) if self.hparams.adapter_dir else root / "adapter"
-        save_adapter(self.model, self.resolved, out, tokenizer=self.trainer.datamodule.tokenizer)
+        out = self.adapter_path(root)
+        checkpoints = resume.checkpoint_folder(self.trainer)
+        save_adapter(self.model, self.resolved, out, tokenizer=self.trainer.datamodule.tokenizer,
+                     overwrite=self.hparams.get("overwrite", False) or self.trainer.ckpt_path is not None,
+                     protected=[root, *([checkpoints] if checkpoints else [])], hint=resume.OVERWRITE_HINT)
         self.report.adapter = str(out)
         self.report.tuned_metrics = self.evaluate_sets()
         self.report.tuned_samples = self.sample() if self.hparams.samples else []
