@@ -1,9 +1,9 @@
-"""Exact resume: a run stopped at step k and resumed reaches the uninterrupted run's adapter bit for bit.
+"""Exact resume: a run crashed after step k and resumed reaches the uninterrupted run's adapter bit for bit.
 
-Each case trains ``tiny-llama`` on the CPU in fp32 three times through the real CLI: N steps in one go;
-k steps; then ``--ckpt_path last`` up to N. The resumed adapter must equal the uninterrupted one exactly
-(data order, position inside the epoch, optimizer and scheduler state, random state all restored).
-The kill -9 variants live in ``tests/faults/``.
+Each case trains ``tiny-llama`` on the CPU in fp32 through the real CLI: N steps in one go; the same
+run crashed when step k+1 starts (its last checkpoint is step k's); then ``--ckpt_path last``. The
+resumed adapter must equal the uninterrupted one exactly (data order, position inside the epoch,
+optimizer and scheduler state, random state all restored). Real kills are in ``tests/faults/``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from crash_callback import Crash
 from deltatune.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,21 +25,21 @@ QUIET = ["--seed_everything=0", "--model.compare_base=false", "--model.samples=0
 MIX = ('[{name: alpaca, weight: 2, config: {path: examples/data/tasks-train.jsonl, limit: 40, max_length: 96}}, '
        '{name: alpaca, weight: 1, config: {path: examples/data/tasks-test.jsonl, limit: 24, max_length: 96}}]')
 
-CASES = {
-    # 48 training rows in batches of 8: 6 batches an epoch; step 8 is inside the second epoch
-    "lora-adamw": (LORA, [], 14, 8),
+CASES = {  # config, options, steps N, crash after step k
+    # 48 training rows in batches of 8 make 6 batches an epoch: step 8 is inside the second epoch
+    "lora-adamw": (LORA, [], 10, 8),
     "lora-adamw-epoch-end": (LORA, [], 10, 6),
     "lora-dropout-grouped": (LORA, ["--model.delta=[{name: lora, config: {r: 4, targets: all-linear, dropout: 0.2}}]",
-                                    "--data.group_by_length=true"], 12, 4),
+                                    "--data.group_by_length=true"], 10, 4),
     "packing": (PACKED, ["--trainer.val_check_interval=null", "--data.extra_eval=null",
-                         "--model.evaluators=[perplexity]"], 10, 4),
-    "mixing": (LORA, [f"--data.builder={MIX}", "--data.val_fraction=0.2"], 12, 8),
-    "lomo": (LORA, ["--model.optimizer={name: lomo, config: {lr: 0.05, clip_grad_norm: 1.0}}"], 12, 8),
+                         "--model.evaluators=[{name: perplexity}]"], 8, 4),
+    "mixing": (LORA, [f"--data.builder={MIX}", "--data.val_fraction=0.2"], 10, 8),
+    "lomo": (LORA, ["--model.optimizer={name: lomo, config: {lr: 0.05, clip_grad_norm: 1.0}}"], 10, 8),
 }
 
 
-def fit(config: Path, root: Path, *extra: str) -> None:
-    assert main(["fit", "--config", str(config), f"--trainer.default_root_dir={root}", *QUIET, *extra]) == 0
+def fit(config: Path, root: Path, *extra: str) -> int:
+    return main(["fit", "--config", str(config), f"--trainer.default_root_dir={root}", *QUIET, *extra])
 
 
 def adapter(root: Path) -> dict[str, torch.Tensor]:
@@ -46,11 +47,19 @@ def adapter(root: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_stopped_and_resumed_run_reaches_the_uninterrupted_adapter_exactly(case, tmp_path):
-    config, extra, steps, stop = CASES[case]
-    fit(config, tmp_path / "whole", *extra, f"--trainer.max_steps={steps}")
-    fit(config, tmp_path / "parts", *extra, f"--trainer.max_steps={stop}")
-    fit(config, tmp_path / "parts", *extra, f"--trainer.max_steps={steps}", "--ckpt_path=last")
+def test_crashed_and_resumed_run_reaches_the_uninterrupted_adapter_exactly(case, tmp_path):
+    config, extra, steps, crash = CASES[case]
+    run = [*extra, f"--trainer.max_steps={steps}"]
+    assert fit(config, tmp_path / "whole", *run) == 0
+    try:
+        code = fit(config, tmp_path / "parts", *run, "--trainer.callbacks+=crash_callback.RaiseAtStep",
+                   f"--trainer.callbacks.step={crash + 1}")
+    except Crash:
+        code = 1
+    assert code == 1 and not (tmp_path / "parts" / "adapter").exists()
+    last = torch.load(tmp_path / "parts" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert last["global_step"] == crash
+    assert fit(config, tmp_path / "parts", *run, "--ckpt_path=last") == 0
     whole, parts = adapter(tmp_path / "whole"), adapter(tmp_path / "parts")
     assert whole.keys() == parts.keys()
     different = [k for k in whole if not torch.equal(whole[k], parts[k])]
@@ -62,14 +71,15 @@ def test_stopped_and_resumed_run_reaches_the_uninterrupted_adapter_exactly(case,
 
 
 def test_base_metrics_are_measured_once_and_reused_on_resume(tmp_path):
-    base = ["--seed_everything=0", "--model.samples=0", "--checkpoint.every_n_train_steps=2"]
-    main(["fit", "--config", str(LORA), f"--trainer.default_root_dir={tmp_path}", *base, "--trainer.max_steps=4"])
+    run = ["fit", "--config", str(LORA), f"--trainer.default_root_dir={tmp_path}", "--seed_everything=0",
+           "--model.samples=0", "--checkpoint.every_n_train_steps=2", "--trainer.max_steps=8"]
+    assert main([*run, "--trainer.max_steps=4"]) == 0
     first = json.loads((tmp_path / "report.json").read_text())
-    assert main(["fit", "--config", str(LORA), f"--trainer.default_root_dir={tmp_path}", *base,
-                 "--trainer.max_steps=8", "--ckpt_path=last"]) == 0
+    assert main([*run, "--ckpt_path=last"]) == 0
     second = json.loads((tmp_path / "report.json").read_text())
-    assert second["base_metrics"] == first["base_metrics"]
-    assert second["tuned_metrics"]["validation"]["perplexity/loss"] < first["base_metrics"]["validation"]["perplexity/loss"]
+    assert second["base_metrics"] == first["base_metrics"], "not measured again on the trained weights"
+    loss = "perplexity/loss"
+    assert second["tuned_metrics"]["validation"][loss] < second["base_metrics"]["validation"][loss] - 0.1
 
 
 @pytest.mark.parametrize("change, named", [
@@ -78,7 +88,7 @@ def test_base_metrics_are_measured_once_and_reused_on_resume(tmp_path):
     (["--model.delta=[{name: lora, config: {r: 4, alpha: 16, targets: all-linear}}]"], "delta[0].config.r"),
 ])
 def test_resuming_under_another_model_spec_is_refused_naming_what_differs(tmp_path, capsys, change, named):
-    fit(LORA, tmp_path, "--trainer.max_steps=2")
+    assert fit(LORA, tmp_path, "--trainer.max_steps=2") == 0
     before = (tmp_path / "checkpoints" / "last.ckpt").read_bytes()
     capsys.readouterr()
     assert main(["fit", "--config", str(LORA), f"--trainer.default_root_dir={tmp_path}", *QUIET, *change,

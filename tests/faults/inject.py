@@ -51,7 +51,7 @@ class KillDuringCheckpointWrite(L.Callback):
     def __init__(self, step: int) -> None:
         self.step = step
 
-    def setup(self, trainer: L.Trainer, *args: object) -> None:
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         checkpoint_io = trainer.strategy.checkpoint_io
         save = checkpoint_io.save_checkpoint
 

@@ -49,8 +49,11 @@ def run_spec(resolved: ResolvedSpec, optimizer: str) -> dict[str, Any]:
 
 
 def differences(saved: Any, current: Any, where: str = "") -> list[str]:
-    """``"path: saved → current"`` for every leaf where two JSON-like values differ."""
+    """``"path: saved in the checkpoint, current now"`` for every leaf where two JSON-like values differ;
+    of two plugins with different names, only the name."""
     if isinstance(saved, dict) and isinstance(current, dict):
+        if "name" in saved and "name" in current and saved["name"] != current["name"]:
+            return differences(saved["name"], current["name"], f"{where}.name")
         return [line for key in sorted(set(saved) | set(current), key=str)
                 for line in differences(saved.get(key), current.get(key), f"{where}.{key}" if where else str(key))]
     if isinstance(saved, list) and isinstance(current, list) and len(saved) == len(current):
@@ -144,13 +147,13 @@ def check_before_fit(trainer: L.Trainer, module: Any, ckpt_path: str | None) -> 
     root = Path(trainer.default_root_dir)
     overwrite = bool(module.hparams.get("overwrite", False))
     protected = [root, Path(trainer.log_dir or root) / "config.yaml", *([folder] if folder else [])]
-    adapter = module.adapter_path(root)
-    for line in recover(adapter):
-        print(line)
-    check_target(adapter, overwrite=overwrite or bool(ckpt_path), protected=protected, hint=OVERWRITE_HINT)
     earlier = sorted(folder.glob("*.ckpt")) if folder and folder.is_dir() and not ckpt_path else []
     if earlier and not overwrite:
         raise OutputError(f"{folder} holds checkpoints of an earlier run ({', '.join(p.name for p in earlier[:3])}); "
                           "resume it with --ckpt_path last, or pass --model.overwrite true to start over")
+    adapter = module.adapter_path(root)
+    for line in recover(adapter):
+        print(line)
+    check_target(adapter, overwrite=overwrite or bool(ckpt_path), protected=protected, hint=OVERWRITE_HINT)
     for path in earlier:  # overwrite: the new run's checkpoints replace the earlier run's
         path.unlink()
