@@ -33,7 +33,8 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 
 def error_line(capsys: pytest.CaptureFixture) -> str:
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("error:")]
+    captured = capsys.readouterr()  # errors go to stderr
+    lines = [line for line in (captured.out + captured.err).splitlines() if line.startswith("error:")]
     assert len(lines) == 1, lines
     return lines[0]
 

@@ -93,7 +93,8 @@ def test_resuming_under_another_model_spec_is_refused_naming_what_differs(tmp_pa
     capsys.readouterr()
     assert main(["fit", "--config", str(LORA), f"--trainer.default_root_dir={tmp_path}", *QUIET, *change,
                  "--trainer.max_steps=4", "--ckpt_path=last"]) == 1
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
     assert "cannot resume from" in out and named in out and "last.ckpt" in out
     assert (tmp_path / "checkpoints" / "last.ckpt").read_bytes() == before
 
@@ -101,7 +102,8 @@ def test_resuming_under_another_model_spec_is_refused_naming_what_differs(tmp_pa
 def test_ckpt_path_last_without_a_checkpoint_is_an_error_naming_the_folder(tmp_path, capsys):
     assert main(["fit", "--config", str(LORA), f"--trainer.default_root_dir={tmp_path / 'typo'}", *QUIET,
                  "--ckpt_path=last"]) == 1
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
     assert "no last checkpoint in" in out and str(tmp_path / "typo" / "checkpoints") in out
     assert not (tmp_path / "typo" / "adapter").exists()
 

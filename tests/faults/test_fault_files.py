@@ -23,7 +23,8 @@ def damage(path: Path, how: str) -> bytes:
 
 def error_line(capsys: pytest.CaptureFixture) -> str:
     """The one ``error:`` line of the command's output."""
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("error:")]
+    captured = capsys.readouterr()  # errors go to stderr
+    lines = [line for line in (captured.out + captured.err).splitlines() if line.startswith("error:")]
     assert len(lines) == 1, lines
     return lines[0]
 
