@@ -182,20 +182,24 @@ def test_the_supported_types_are_the_ones_the_gguf_package_quantizes() -> None:
         export_gguf("unused", "unused.gguf", type="q4_k_m")
 
 
-def test_a_file_deltatune_did_not_write_is_kept_without_overwrite(tmp_path, bases, capsys):
+def test_a_file_deltatune_did_not_write_is_never_replaced(tmp_path, bases, capsys):
     trained_adapter(tmp_path / "adapter", [LORA_ATTN], base=bases["llama"])
-    out = tmp_path / "model.gguf"
-    out.write_bytes(b"someone else's model")
-    args = ["export", "--adapter", str(tmp_path / "adapter"), "--out", str(out), "--format", "gguf"]
-    assert main(args) == 1
-    assert "was not written by deltatune; pass --overwrite" in capsys.readouterr().err
-    assert out.read_bytes() == b"someone else's model"
-    assert main([*args, "--overwrite", "--gguf-type", "q8_0"]) == 0
+    foreign = tmp_path / "model.gguf"
+    foreign.write_bytes(b"someone else's model")
+    export = ["export", "--adapter", str(tmp_path / "adapter"), "--format", "gguf"]
+    for overwrite in ([], ["--overwrite"]):
+        assert main([*export, "--out", str(foreign), *overwrite]) == 1
+        assert "exists and deltatune did not write it" in capsys.readouterr().err
+    assert foreign.read_bytes() == b"someone else's model"
+    out = tmp_path / "ours.gguf"
+    assert main([*export, "--out", str(out), "--gguf-type", "q8_0"]) == 0
     assert "GGUF (q8_0)" in capsys.readouterr().out
     assert MARK in gguf.GGUFReader(out).fields
-    assert main(args) == 0  # a file deltatune wrote is replaced without --overwrite
+    assert main([*export, "--out", str(out)]) == 1  # an earlier export is replaced only when asked
+    assert "is an earlier export; pass --overwrite" in capsys.readouterr().err
+    assert main([*export, "--out", str(out), "--overwrite"]) == 0
     assert tensor_type(out, "blk.0.attn_q.weight") == "F16"
-    assert main([*args, "--gguf-type", "q4_k_m"]) == 1
+    assert main([*export, "--out", str(out), "--gguf-type", "q4_k_m"]) == 1
     assert "deltatune writes f16, bf16" in capsys.readouterr().err
 
 

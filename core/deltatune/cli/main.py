@@ -224,12 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
         exp.add_argument("--format", choices=["merged", "gguf", "peft"], default="merged" if name == "merge" else "peft")
         exp.add_argument("--gguf-type", default="f16", help="GGUF tensor type (gguf format): f16 (default), bf16, f32, q8_0, "
                          "q5_1, q5_0, q4_1 or q4_0")
-        exp.add_argument("--overwrite", action="store_true", help="replace a .gguf file deltatune did not write")
         exp.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
         exp.add_argument("--requantize", action="store_true", help="re-quantize merged weights (reports the error)")
         exp.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
         exp.add_argument("--overwrite", action="store_true",
-                         help="replace OUT if it is an earlier export (never a folder deltatune did not write)")
+                         help="replace OUT if it is an earlier export (never a file or folder deltatune did not write)")
         exp.set_defaults(func=cmd_export)
 
     from deltatune.estimate import memory as estimate  # their subcommands: `estimate`, `new-plugin`

@@ -264,14 +264,16 @@ def written_by_deltatune(path: Path) -> bool:
 
 
 def check_target(out: Path, overwrite: bool) -> None:
-    """Refuse an ``out`` that is not a ``.gguf`` path, is a folder, or is a file deltatune did not
-    write (unless ``overwrite``)."""
+    """Refuse an ``out`` that is not a ``.gguf`` path or is a folder; an existing file only with
+    ``overwrite``, and never one deltatune did not write."""
     if out.suffix != ".gguf":
         raise ConfigError(f"GGUF export: --out {out} must be a file name ending in .gguf")
     if out.is_dir():
         raise ConfigError(f"GGUF export: --out {out} is a folder; give the .gguf file to write")
-    if out.exists() and not overwrite and not written_by_deltatune(out):
-        raise ConfigError(f"{out} exists and was not written by deltatune; pass --overwrite to replace it")
+    if out.exists() and not written_by_deltatune(out):
+        raise ConfigError(f"GGUF export: --out {out} exists and deltatune did not write it; choose another file")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"GGUF export: --out {out} is an earlier export; pass --overwrite to replace it")
 
 
 @dataclass
