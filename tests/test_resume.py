@@ -1,6 +1,6 @@
 """Exact resume: a run crashed after step k and resumed reaches the uninterrupted run's adapter bit for bit.
 
-Each case trains ``tiny-llama`` on the CPU in fp32 through the real CLI: N steps in one go; the same
+Each case trains ``tiny-llama`` on the CPU (fp32, and one case with the frozen base in bf16) through the real CLI: N steps in one go; the same
 run crashed when step k+1 starts (its last checkpoint is step k's); then ``--ckpt_path last``. The
 resumed adapter must equal the uninterrupted one exactly (data order, position inside the epoch,
 optimizer and scheduler state, random state all restored). Real kills are in ``tests/faults/``.
@@ -29,6 +29,7 @@ CASES = {  # config, options, steps N, crash after step k
     # 48 training rows in batches of 8 make 6 batches an epoch: step 8 is inside the second epoch
     "lora-adamw": (LORA, [], 10, 8),
     "lora-adamw-epoch-end": (LORA, [], 10, 6),
+    "lora-adamw-bf16-base": (LORA, ["--model.base_dtype=bf16"], 10, 8),
     "lora-dropout-grouped": (LORA, ["--model.delta=[{name: lora, config: {r: 4, targets: all-linear, dropout: 0.2}}]",
                                     "--data.group_by_length=true"], 10, 4),
     "packing": (PACKED, ["--trainer.val_check_interval=null", "--data.extra_eval=null",

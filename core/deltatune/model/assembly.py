@@ -120,12 +120,14 @@ def check_on_skeleton(resolved: ResolvedSpec) -> None:
     conflicting claims fail before any weight loads. Fresh plugin instances keep the run's own clean
     and what the methods print is left to the real run."""
     spec = resolved.spec
-    skeleton = models.model_skeleton(spec.base, spec.trust_remote_code)
-    fresh = [replace(delta, plugin=delta.info.cls()) for delta in resolved.deltas]
-    with open(os.devnull, "w") as silent, contextlib.redirect_stdout(silent):  # the real run reports
-        for delta in fresh:
-            delta.plugin.apply(skeleton, delta.cfg)
-        claim_parameters(skeleton, replace(resolved, deltas=fresh))
+    # a check leaves the run as it found it: building the skeleton may seed or draw from the global RNG
+    with torch.random.fork_rng(devices=[]):
+        skeleton = models.model_skeleton(spec.base, spec.trust_remote_code)
+        fresh = [replace(delta, plugin=delta.info.cls()) for delta in resolved.deltas]
+        with open(os.devnull, "w") as silent, contextlib.redirect_stdout(silent):  # the real run reports
+            for delta in fresh:
+                delta.plugin.apply(skeleton, delta.cfg)
+            claim_parameters(skeleton, replace(resolved, deltas=fresh))
 
 
 def apply_quantizer(model: nn.Module, quantizer: ResolvedPlugin) -> None:

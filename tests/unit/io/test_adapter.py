@@ -11,6 +11,8 @@ from safetensors.torch import load_file, save_file
 
 import deltatune
 from deltatune.errors import ConfigError
+from deltatune.errors import OutputError
+from deltatune.io.atomic import MARKER
 from deltatune.io.adapter import (MANIFEST, WEIGHTS, adapter_state, load_adapter, manifest, read_manifest,
                                   save_adapter)
 from deltatune.model.assembly import build_model, resolve_spec
@@ -64,7 +66,7 @@ def test_manifest_records_base_plugins_with_full_options_and_versions(manager):
 def test_save_then_load_reproduces_every_tensor_and_the_logits(trained, manager, tmp_path):
     model, resolved = trained
     folder = save_adapter(model, resolved, tmp_path / "adapter")
-    assert sorted(p.name for p in folder.iterdir()) == sorted([MANIFEST, WEIGHTS])
+    assert sorted(p.name for p in folder.iterdir()) == sorted([MANIFEST, WEIGHTS, MARKER])
     assert read_manifest(folder) == manifest(resolved)
 
     saved = adapter_state(model, resolved)
@@ -130,11 +132,11 @@ def test_a_failed_save_leaves_the_previous_bundle_and_no_partial_folder(trained,
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     full = resolve_spec({"base": "tiny-llama", "base_dtype": "fp32"}, manager)
-    with pytest.raises(OSError, match="No space left"):
-        save_adapter(build_model(full), full, out, tokenizer=FailingTokenizer())
+    with pytest.raises(OutputError, match="No space left on device; the previous version is intact"):
+        save_adapter(build_model(full), full, out, tokenizer=FailingTokenizer(), overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]  # no temporary or half-written folder
 
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OutputError, match="No space left"):
         save_adapter(build_model(full), full, tmp_path / "fresh", tokenizer=FailingTokenizer())
     assert [p.name for p in tmp_path.iterdir()] == ["adapter"]
