@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from cli_output import error_line
+
 from adapter_cases import LORA_ATTN, trained_adapter
 from deltatune.cli.main import main
 from deltatune.errors import OutputError
@@ -31,12 +33,6 @@ def dead_pid() -> int:
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
 
-
-def error_line(capsys: pytest.CaptureFixture) -> str:
-    captured = capsys.readouterr()  # errors go to stderr
-    lines = [line for line in (captured.out + captured.err).splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, lines
-    return lines[0]
 
 
 @pytest.fixture

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from cli_output import error_line
+
 from faults.faultrun import CONFIG, RUN
 from deltatune.cli.main import main
 
@@ -20,13 +22,6 @@ def damage(path: Path, how: str) -> bytes:
     path.write_bytes(damaged)
     return damaged
 
-
-def error_line(capsys: pytest.CaptureFixture) -> str:
-    """The one ``error:`` line of the command's output."""
-    captured = capsys.readouterr()  # errors go to stderr
-    lines = [line for line in (captured.out + captured.err).splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, lines
-    return lines[0]
 
 
 @pytest.fixture
