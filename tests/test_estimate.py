@@ -136,13 +136,14 @@ def test_declared_optimizer_state_is_what_the_optimizer_keeps(optimizer):
     """``state_bytes_per_param`` of each optimizer plugin equals the bytes of the state tensors its
     optimizer really holds after a step (step counters aside), for a matrix and a vector."""
     from deltatune.plugin.resolve import resolve
+    from deltatune.train.update_in_backward import optimizer_updates_in_backward
 
     plugin = resolve("optimizer", optimizer)
     params = [("weight", torch.nn.Parameter(torch.randn(12, 5))), ("bias", torch.nn.Parameter(torch.randn(12)))]
     created, _ = plugin.plugin.create(params, plugin.cfg, total_steps=4)
     loss = sum((p ** 2).sum() for _, p in params)
-    if getattr(created, "fused", False):
-        created.fused_backward(loss)
+    if optimizer_updates_in_backward(created):
+        created.backward_and_update(loss)
     else:
         loss.backward()
         created.step()

@@ -72,7 +72,7 @@ def default_name(kind: str, manager: PluginManager | None = None) -> str:
     # declared by the class itself: a subclass of the default plugin is not a second default
     names = [n for n in manager.names(kind) if vars(manager.get(kind, n).cls).get("default") is True]
     if len(names) != 1:
-        label = KIND_LABEL[kind]
+        label = PLUGIN_KINDS[kind].label
         why = f"no installed {label} declares itself the default" if not names else (
             f"{' and '.join(names)} all declare themselves the default {label}")
         raise ConfigError(f"{why}; name the {label} in the run configuration")
