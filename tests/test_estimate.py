@@ -11,16 +11,10 @@ import torch
 
 from deltatune.model import loading as models
 from deltatune.cli.main import main
-from deltatune.estimate.memory import (
-    CPU_RUNTIME_BYTES,
-    GB,
-    VALIDATION_RUNS,
-    activation_bytes,
-    estimate,
-    layout,
-    load_config,
-    measure,
-)
+from benchmarks.estimate_accuracy import VALIDATION_RUNS, measure
+from deltatune.estimate.activations import activation_bytes
+from deltatune.estimate.counting import layout, load_config
+from deltatune.estimate.memory import CPU_RUNTIME_BYTES, GB, estimate
 from deltatune.train.loss import token_loss
 from deltatune.model.assembly import build_model, compute_context, resolve_spec, trainable_summary
 
@@ -130,9 +124,33 @@ def test_nf4_bits_per_weight_match_the_quantizer():
     report = memory_report(real)
     lay = layout(models.tiny_llama(**wide).config, resolved.deltas, resolved.quantizer)
     assert lay.quantized == report["weights"]
-    predicted = lay.quantized * (4 + 8 / 64 + 32 / (64 * 256)) / 8
+    bits = resolved.quantizer.plugin.bits_per_weight(resolved.quantizer.cfg)
+    assert bits == 4 + 8 / 64 + 32 / (64 * 256)  # double quantization, blocks of 64 (QLoRA's numbers)
+    predicted = lay.quantized * bits / 8
     # bitsandbytes adds a 16- and a 256-entry code table per layer (about 1 KiB)
     assert predicted <= report["total"] <= predicted + 14 * 1100
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "lomo", "adalomo"])
+def test_declared_optimizer_state_is_what_the_optimizer_keeps(optimizer):
+    """``state_bytes_per_param`` of each optimizer plugin equals the bytes of the state tensors its
+    optimizer really holds after a step (step counters aside), for a matrix and a vector."""
+    from deltatune.plugin.resolve import resolve
+    from deltatune.train.update_in_backward import optimizer_updates_in_backward
+
+    plugin = resolve("optimizer", optimizer)
+    params = [("weight", torch.nn.Parameter(torch.randn(12, 5))), ("bias", torch.nn.Parameter(torch.randn(12)))]
+    created, _ = plugin.plugin.create(params, plugin.cfg, total_steps=4)
+    loss = sum((p ** 2).sum() for _, p in params)
+    if optimizer_updates_in_backward(created):
+        created.backward_and_update(loss)
+    else:
+        loss.backward()
+        created.step()
+    held = sum(t.numel() * t.element_size() for _, p in params for key, t in created.state[p].items()
+               if torch.is_tensor(t) and key != "step")
+    declared = sum(plugin.plugin.state_bytes_per_param(plugin.cfg, tuple(p.shape), p.element_size()) for _, p in params)
+    assert declared == held, (declared, held)
 
 
 def test_qlora_65b_fits_one_48gb_gpu_and_16_bit_finetuning_needs_over_780gb():

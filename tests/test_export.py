@@ -1,4 +1,4 @@
-"""PEFT export and import (core/deltatune/export.py), with PEFT itself as the oracle: our adapters
+"""PEFT export and import (core/deltatune/io/peft.py), with PEFT itself as the oracle: our adapters
 load in PEFT with the same logits, PEFT adapters trained elsewhere start a deltatune run, and what
 PEFT cannot express is a clear error. (Merged export: test_export_merged.py.)"""
 
@@ -15,7 +15,7 @@ from peft import LoraConfig, PeftModel, VeraConfig, get_peft_model
 from adapter_cases import DORA_MLP, LORA_ATTN, ids, trained_adapter
 from deltatune.errors import ConfigError
 from deltatune.io.adapter import load_adapter, save_adapter
-from deltatune.io.export import build_with_peft_init, export_peft, load_peft_adapter, resolve_with_peft_init
+from deltatune.io.peft import build_with_peft_init, export_peft, load_peft_adapter, resolve_with_peft_init
 from deltatune.model.loading import load_model, tiny_llama
 from deltatune.model.assembly import ModelSpec
 from deltatune.testing import max_relative_difference as rel

@@ -21,7 +21,7 @@ from transformers import (
 from adapter_cases import DORA_MLP, LORA_ATTN, trained_adapter
 from deltatune.cli.main import main
 from deltatune.errors import ConfigError
-from deltatune.io.export import export_merged
+from deltatune.io.merged import export_merged
 from deltatune.io.gguf import GGUF_TYPES, MARK, export_gguf
 from deltatune.model.loading import load_base, load_tokenizer
 

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from adapter_cases import DORA_MLP, LORA_ATTN, ids, trained_adapter
 from deltatune.io.adapter import load_adapter
-from deltatune.io.export import PROMPTS, export_merged, model_logits, prompt_batch
+from deltatune.io.merged import PROMPTS, export_merged, model_logits, prompt_batch
 from deltatune.model.loading import tiny_tokenizer
 from deltatune.testing import max_relative_difference as rel
 

@@ -11,7 +11,7 @@ from peft import PeftModel
 
 from deltatune.io.adapter import load_adapter
 from deltatune.data.module import InstructionDataModule
-from deltatune.io.export import export_peft
+from deltatune.io.peft import export_peft
 from deltatune.deltas.layer import delta_layers
 from deltatune.model.loading import tiny_llama
 from deltatune.train.module import DeltaTuneModule

@@ -211,7 +211,7 @@ def test_optional_members_come_from_the_plugin_or_from_the_default_its_protocol_
     assert declaring.optional("state_bytes_per_param")(declaring.cfg) == 2.5
     with pytest.raises(KeyError, match="'fused' is not an optional member of OptimizerFactory"):
         plain.optional("fused")
-    with pytest.raises(KeyError, match="not an optional member of Evaluator .declared: none"):
+    with pytest.raises(KeyError, match="not an optional member of Evaluator .declared: default"):
         optional_member("evaluator", plain.plugin, "updates_in_backward")
 
 
@@ -221,8 +221,9 @@ def test_optional_members_are_declared_apart_from_the_required_ones_with_default
         for name, member in kind.optional.items():
             assert name not in required, f"{name} is both required and optional on {kind.protocol.__name__}"
             assert member.default is None or member.problem(member.default) is None, name
-    assert set(PLUGIN_KINDS["quantizer"].optional) == {"bits_per_weight"}
-    assert set(PLUGIN_KINDS["optimizer"].optional) == {"updates_in_backward", "state_bytes_per_param"}
+    assert set(PLUGIN_KINDS["quantizer"].optional) == {"bits_per_weight", "layers_to_quantize",
+                                                       "transformers_quantization_config"}
+    assert set(PLUGIN_KINDS["optimizer"].optional) == {"updates_in_backward", "state_bytes_per_param", "default"}
 
 
 def test_one_table_of_kinds_drives_the_manager_registry_scaffold_and_contract_kit():

@@ -26,7 +26,8 @@ import deltatune_nf4
 from deltatune.deltas.layer import base_weight, delta_layers
 from deltatune.io.adapter import load_adapter, load_adapter_weights, save_adapter
 from deltatune.plugin.resolve import resolve
-from deltatune.io.export import PROMPTS, _load_for_export, export_merged, model_logits, prompt_batch
+from deltatune.io.adapter import load_for_export
+from deltatune.io.merged import PROMPTS, export_merged, model_logits, prompt_batch
 from deltatune.train.loss import token_loss
 from deltatune.model.loading import tiny_llama, tiny_tokenizer
 from deltatune.data.packing import collate
@@ -257,7 +258,7 @@ def test_merge_report_is_the_measured_logit_difference(exports, kind) -> None:
     """The report's number is the one measured here: the adapter model (fp32 base, 4-bit layers
     dequantized in fp32) against the written folder reloaded by ``transformers``."""
     root, report = exports["root"], exports[f"{kind}-0.03"]
-    adapter, _ = _load_for_export(root / "adapter-0.03", None)
+    adapter, _ = load_for_export(root / "adapter-0.03", None)
     assert all(m.compute_dtype == torch.float32 for m in quantized_layers(adapter).values())
     reference = model_logits(adapter, prompt_batch(tiny_tokenizer(), PROMPTS))
     measured = max(float((a - b).abs().max()) for a, b in zip(reference, written_logits(root / f"{kind}-0.03")))

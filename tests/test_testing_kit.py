@@ -159,26 +159,23 @@ RECORDS = [{"instruction": "Reverse: a b", "output": "b a"}, {"instruction": "Ad
 class TestInit(DeltaMethodContract):
     method_name = "mut_init"
     plugin_module = "mutants"
-    compose_with = None
+    quantizer = {"name": "nf4"}
 
 
 class TestMerge(DeltaMethodContract):
     method_name = "mut_merge"
     plugin_module = "mutants"
     config = {"alpha": 64}
-    compose_with = None
 
 
 class TestClaims(DeltaMethodContract):
     method_name = "mut_claims"
     plugin_module = "mutants"
-    compose_with = None
 
 
 class TestState(DeltaMethodContract):
     method_name = "mut_state"
     plugin_module = "mutants"
-    compose_with = None
 
 
 class TestBuilder(DatasetBuilderContract):
@@ -201,6 +198,7 @@ class TestEvalTrains(EvaluatorContract):
 class TestQuant(QuantizerContract):
     quantizer_name = "mut_quant"
     plugin_module = "mutants"
+    delta = {"name": "lora", "config": {"targets": "all-linear"}}
     tiny_overrides = {"intermediate_size": 128}
 
 
@@ -218,7 +216,7 @@ class TestForeign(OptimizerContract):
 
 EXPECTED_FAILURES = {
     ("TestInit", "test_outputs_at_initialisation"),
-    ("TestInit", "test_on_an_nf4_base"),
+    ("TestInit", "test_on_a_quantized_base"),
     ("TestMerge", "test_merge_and_unmerge_are_exact"),
     ("TestClaims", "test_only_its_own_parameters_train"),
     ("TestState", "test_only_its_own_parameters_train"),

@@ -172,20 +172,21 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     """Export an adapter as a merged Hugging Face model, a GGUF file or a PEFT adapter."""
-    from deltatune.io import export
-
     if args.format == "gguf":
         from deltatune.io.gguf import export_gguf
 
         print(export_gguf(Path(args.adapter), Path(args.out), type=args.gguf_type, overwrite=args.overwrite,
                           trust_remote_code=args.trust_remote_code))
     elif args.format == "merged":
-        result = export.export_merged(Path(args.adapter), Path(args.out), dtype=args.dtype, requantize=args.requantize,
-                                      trust_remote_code=args.trust_remote_code, overwrite=args.overwrite)
-        print(result)
+        from deltatune.io.merged import export_merged
+
+        print(export_merged(Path(args.adapter), Path(args.out), dtype=args.dtype, requantize=args.requantize,
+                            trust_remote_code=args.trust_remote_code, overwrite=args.overwrite))
     else:
-        print(export.export_peft(Path(args.adapter), Path(args.out), trust_remote_code=args.trust_remote_code,
-                                 overwrite=args.overwrite))
+        from deltatune.io.peft import export_peft
+
+        print(export_peft(Path(args.adapter), Path(args.out), trust_remote_code=args.trust_remote_code,
+                          overwrite=args.overwrite))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -231,9 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="replace OUT if it is an earlier export (never a file or folder deltatune did not write)")
         exp.set_defaults(func=cmd_export)
 
-    from deltatune.estimate import memory as estimate  # their subcommands: `estimate`, `new-plugin`
-
-    from deltatune.cli import scaffold  # their subcommands: `estimate`, `new-plugin`
+    from deltatune.cli import estimate, scaffold  # their subcommands: `estimate`, `new-plugin`
 
     estimate.add_parser(sub)
     scaffold.add_parser(sub)

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from torch.utils.data import DataLoader
 
 from deltatune.ui import console
-from deltatune.plugin.resolve import PluginRef, ResolvedPlugin, coerce_ref, format_validation_error, resolve
+from deltatune.plugin.resolve import PluginRef, ResolvedPlugin, coerce_ref, default_name, format_validation_error, resolve
 from deltatune.errors import ConfigError, DataError, check_option
 from deltatune.model.generation import chat_prompt
 from deltatune.data.mixing import DatasetSpec, mix_rows
@@ -341,7 +341,7 @@ class InstructionDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        builder: BuilderArg = "alpaca",
+        builder: BuilderArg | None = None,
         base: str = DEFAULT_MODEL,
         batch_size: int = 8,
         eval_batch_size: int = 16,
@@ -358,7 +358,8 @@ class InstructionDataModule(L.LightningDataModule):
         """Every builder is validated at once (before any model is loaded); ``base`` gives the tokenizer.
 
         Args:
-            builder: a dataset builder reference, or a list of them with weights (a mix).
+            builder: a dataset builder reference, or a list of them with weights (a mix); none: the
+                installed builder that declares itself the default.
             base: the base model whose tokenizer encodes the data.
             batch_size: training rows per batch (packed rows when ``packing``).
             eval_batch_size: rows per validation/test batch.
@@ -379,7 +380,7 @@ class InstructionDataModule(L.LightningDataModule):
         check_option("data.num_workers", num_workers, num_workers >= 0, "must be 0 or more")
         check_option("data.pack_length", pack_length, pack_length >= 2, "must be at least 2")
         check_option("data.mix_size", mix_size, mix_size is None or mix_size >= 1, "must be at least 1")
-        self.sources = resolve_sources(builder)
+        self.sources = resolve_sources(builder if builder is not None else default_name("dataset_builder"))
         self.builder: ResolvedPlugin = self.sources[0][0]
         self.extra_sources = {name: resolve_eval_source(name, src, self.builder)
                               for name, src in (extra_eval or {}).items()}

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from deltatune import __version__
+from deltatune.deltas.layer import is_quantized
 from deltatune.io.atomic import atomic_folder
 from deltatune.plugin.resolve import ResolvedPlugin
 from deltatune.errors import ConfigError, DamagedFileError, OutputError
@@ -166,14 +167,34 @@ def load_adapter_weights(model: nn.Module, resolved: ResolvedSpec, folder: Path)
 
 
 def load_adapter(
-    folder: Path, base: str | None = None, manager: PluginManager | None = None, trust_remote_code: bool = False
+    folder: Path, base: str | None = None, manager: PluginManager | None = None, trust_remote_code: bool = False,
+    *, base_dtype: str | None = None,
 ) -> tuple[nn.Module, ResolvedSpec]:
     """Rebuild base + quantizer + deltas from ``folder`` and load the trained tensors (``trust_remote_code``:
-    the user allows the base model's own code, which the adapter's manifest says it needs)."""
+    the user allows the base model's own code, which the adapter's manifest says it needs; ``base_dtype``
+    overrides the recorded one)."""
     spec = adapter_spec(folder, base, trust_remote_code)
+    if base_dtype is not None:
+        spec = spec.model_copy(update={"base_dtype": base_dtype})
     resolved = resolve_spec(spec, manager)
     model = build_model(resolved)
     if not resolved.full_finetune:
         load_adapter_weights(model, resolved, folder)
     model.eval()
+    return model, resolved
+
+
+def load_for_export(folder: Path, manager: PluginManager | None = None,
+                    trust_remote_code: bool = False) -> tuple[nn.Module, ResolvedSpec]:
+    """:func:`load_adapter` with an fp32 base (so merging is exact), in eval mode.
+
+    Quantized layers multiply in fp32 too: their own compute dtype (bf16 on bf16 hardware) would
+    otherwise round both the reference logits and, through
+    :meth:`~deltatune.deltas.layer.DeltaLinear.merge_delta`, the merged weights.
+    """
+    model, resolved = load_adapter(Path(folder), manager=manager, trust_remote_code=trust_remote_code,
+                                   base_dtype="fp32")
+    for module in model.modules():
+        if is_quantized(module) and getattr(module, "compute_dtype", None) is not None:
+            module.compute_dtype = torch.float32
     return model, resolved

@@ -29,8 +29,9 @@ import torch
 from torch import nn
 
 from deltatune.errors import ConfigError
+from deltatune.io.adapter import load_for_export
 from deltatune.io.atomic import atomic_file
-from deltatune.io.export import PROMPTS, _load_for_export, enable_bias_flags, merge_into_base, model_logits, prompt_batch
+from deltatune.io.merged import PROMPTS, enable_bias_flags, merge_into_base, model_logits, prompt_batch
 from deltatune.plugin.manager import PluginManager
 
 GGUF_TYPES = ("f16", "bf16", "f32", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
@@ -334,7 +335,7 @@ def export_gguf(
     qtype = gguf_type(type)
     adapter_dir, out = Path(adapter_dir), Path(out)
     check_target(out, overwrite)
-    model, resolved = _load_for_export(adapter_dir, manager, trust_remote_code)
+    model, resolved = load_for_export(adapter_dir, manager, trust_remote_code)
     architecture(model.config)
     tokenizer = load_tokenizer(resolved.spec.base, trust_remote_code)
     batch = prompt_batch(tokenizer, prompts)

@@ -3,8 +3,8 @@
 This is independent of Lightning so that ``fit``, ``generate``, ``export`` and tests build models
 the same way. :func:`resolve_spec` validates every plugin reference and option *before* any weight
 is loaded; :func:`build_model` then does the work. A delta method that starts from a PEFT adapter
-(``init_from``) is resolved and built by :mod:`deltatune.io.export` around these two
-(:func:`~deltatune.io.export.resolve_with_peft_init`, :func:`~deltatune.io.export.build_with_peft_init`).
+(``init_from``) is resolved and built by :mod:`deltatune.io.peft` around these two
+(:func:`~deltatune.io.peft.resolve_with_peft_init`, :func:`~deltatune.io.peft.build_with_peft_init`).
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ def resolve_spec(spec: ModelSpec | dict[str, Any], manager: PluginManager | None
     if quantizer and not deltas:
         raise ConfigError(
             f"quantizer '{quantizer.name}' without a delta method would train quantized weights, which "
-            "cannot be trained; add a delta method (e.g. lora) or remove the quantizer"
+            "cannot be trained; add a delta method (`deltatune plugins` lists them) or remove the quantizer"
         )
     return ResolvedSpec(spec=spec, quantizer=quantizer, deltas=deltas)
 

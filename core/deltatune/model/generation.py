@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from jinja2 import TemplateError
 from torch import nn
 
 from deltatune.errors import ConfigError
@@ -40,6 +41,34 @@ def warn_long_prompts(tokenizer: Any, prompts: list[str], room: int, first: int 
         if length > room:
             print_warning(f"prompt {number} has {length} tokens; the model's positions leave room for {room} "
                           f"before the new tokens: its first {length - room} tokens are dropped")
+
+
+_MARK = "\ue000deltatune-user-turn\ue000"
+"""Stand-in user text for reading a chat template's framing of a user turn."""
+
+
+def user_text(tokenizer: Any, prompt: str) -> str:
+    """The text of the last user turn of ``prompt`` as :func:`chat_prompt` framed it with the
+    tokenizer's chat template: what opens that turn (system turns, earlier turns, the user header) and
+    what follows it (the generation prompt) are cut off. Without a template, or for a prompt the
+    template did not frame, ``prompt`` comes back stripped."""
+    if not getattr(tokenizer, "chat_template", None):
+        return prompt.strip()
+    before, _, after = chat_prompt(tokenizer, _MARK).partition(_MARK)
+    opening = before
+    try:  # what opens a user turn is what a first and a later user turn have in common
+        later = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": _MARK}],
+            tokenize=False, add_generation_prompt=True).partition(_MARK)[0]
+        shared = next((n for n in range(min(len(before), len(later)), 0, -1) if before[-n:] == later[-n:]), 0)
+        opening = before[len(before) - shared:]
+    except TemplateError:  # a template that takes a single user turn only
+        pass
+    if after and prompt.endswith(after):
+        prompt = prompt[: -len(after)]
+    if opening and opening in prompt:
+        prompt = prompt.rsplit(opening, 1)[1]
+    return prompt.strip()
 
 
 @torch.no_grad()

@@ -75,12 +75,19 @@ def optional_members(protocol: type) -> dict[str, OptionalMember]:
     return _OPTIONAL.get(protocol, {})
 
 
-@declare_optional()
+@declare_optional(
+    OptionalMember(
+        "default", False, "attribute",
+        "default: ClassVar[bool]: True when a run that names no plugin of this kind uses this one "
+        "(at most one installed plugin per kind; a subclass does not inherit it). Absent: not the default.",
+        bool,
+    ),
+)
 @runtime_checkable
 class DatasetBuilder(Protocol):
     """Turns data files into tokenised rows for one split.
 
-    Optional members: none.
+    Optional member: ``default`` (see :func:`optional_members`).
     """
 
     name: ClassVar[str]
@@ -110,14 +117,29 @@ class DatasetBuilder(Protocol):
         "options `init_from` adopts from the adapter when the user leaves them unset. Absent: none is adopted.",
         dict,
     ),
+    OptionalMember(
+        "reads_peft", {}, "attribute",
+        "reads_peft: ClassVar[dict[str, Any]]: the adapter_config.json fields that mark a PEFT adapter "
+        "this method starts from (init_from), e.g. {\"peft_type\": \"LORA\", \"use_dora\": False}; a key the "
+        "file leaves out counts as PEFT's default. deltatune.io.peft finds the method for a PEFT folder by "
+        "them. Absent: the method reads no PEFT adapter.",
+        dict,
+    ),
+    OptionalMember(
+        "inner_width", None, "method",
+        "inner_width(cfg) -> int: elements per token that one of this method's delta layers computes "
+        "between the layer's input and output and autograd keeps for backward (a low-rank method's rank r; "
+        "for `deltatune estimate`). Absent: 0.",
+    ),
 )
 @runtime_checkable
 class DeltaMethod(Protocol):
     """A parameter-efficient change of the base model (LoRA, DoRA, VeRA, BitFit, …).
 
-    Optional members (PEFT interoperability, used by :mod:`deltatune.io.export` to write a PEFT
+    Optional members (PEFT interoperability, used by :mod:`deltatune.io.peft` to write a PEFT
     adapter folder and to start from one with ``init_from``): ``peft_state_dict``,
-    ``load_peft_state_dict``, ``peft_fields`` — see :func:`optional_members`.
+    ``load_peft_state_dict``, ``peft_fields``, ``reads_peft``; for ``deltatune estimate``:
+    ``inner_width`` — see :func:`optional_members`.
     :class:`deltatune.deltas.method.LayerDeltaMethod` implements the first two for methods whose
     delta tensors carry PEFT's names (override ``peft_names`` to rename).
     """
@@ -158,12 +180,25 @@ class DeltaMethod(Protocol):
         "bits_per_weight(cfg) -> float: storage bits per quantized weight, scales included (for "
         "`deltatune estimate`). Absent: unknown.",
     ),
+    OptionalMember(
+        "layers_to_quantize", None, "method",
+        "layers_to_quantize(model, cfg) -> list[str]: names of the modules quantize(model, cfg) would "
+        "replace, without changing model (which may live on the meta device; for `deltatune estimate`). "
+        "Absent: unknown.",
+    ),
+    OptionalMember(
+        "transformers_quantization_config", None, "method",
+        "transformers_quantization_config(cfg) -> Any: the transformers quantization config "
+        "(`quantization_config=` of from_pretrained) that quantizes dense weights as cfg does (for a merged "
+        "export with requantize). Absent: merged weights cannot be requantized.",
+    ),
 )
 @runtime_checkable
 class Quantizer(Protocol):
     """Replaces base layers by quantized ones and gives dense weights back on demand.
 
-    Optional member: ``bits_per_weight`` (see :func:`optional_members`).
+    Optional members: ``bits_per_weight``, ``layers_to_quantize``, ``transformers_quantization_config``
+    (see :func:`optional_members`).
     """
 
     name: ClassVar[str]
@@ -182,12 +217,19 @@ class Quantizer(Protocol):
         ...
 
 
-@declare_optional()
+@declare_optional(
+    OptionalMember(
+        "default", False, "attribute",
+        "default: ClassVar[bool]: True when a run that names no plugin of this kind uses this one "
+        "(at most one installed plugin per kind; a subclass does not inherit it). Absent: not the default.",
+        bool,
+    ),
+)
 @runtime_checkable
 class Evaluator(Protocol):
     """Computes metrics of a model on a list of rows.
 
-    Optional members: none.
+    Optional member: ``default`` (see :func:`optional_members`).
     """
 
     name: ClassVar[str]
@@ -208,15 +250,23 @@ class Evaluator(Protocol):
     ),
     OptionalMember(
         "state_bytes_per_param", None, "method",
-        "state_bytes_per_param(cfg) -> float: optimizer state bytes per trainable parameter (for "
-        "`deltatune estimate`). Absent: unknown.",
+        "state_bytes_per_param(cfg, shape, param_bytes) -> float: bytes of optimizer state kept for one "
+        "trained tensor of `shape` whose elements take `param_bytes` bytes (for `deltatune estimate`). "
+        "Absent: unknown (the estimate assumes two moments per element, with a note).",
+    ),
+    OptionalMember(
+        "default", False, "attribute",
+        "default: ClassVar[bool]: True when a run that names no plugin of this kind uses this one "
+        "(at most one installed plugin per kind; a subclass does not inherit it). Absent: not the default.",
+        bool,
     ),
 )
 @runtime_checkable
 class OptimizerFactory(Protocol):
     """Builds the optimizer (and learning-rate schedule) for the trainable parameters.
 
-    Optional members: ``updates_in_backward``, ``state_bytes_per_param`` (see :func:`optional_members`).
+    Optional members: ``updates_in_backward``, ``state_bytes_per_param``, ``default`` (see
+    :func:`optional_members`).
     """
 
     name: ClassVar[str]

@@ -65,6 +65,20 @@ def coerce_ref(value: PluginRef | str | dict[str, Any]) -> PluginRef:
     return value if isinstance(value, PluginRef) else PluginRef.model_validate(value)
 
 
+def default_name(kind: str, manager: PluginManager | None = None) -> str:
+    """The plugin of ``kind`` a run uses when it names none: the one installed plugin whose class
+    declares ``default = True`` (an optional member of every protocol that has one)."""
+    manager = manager or get_plugin_manager()
+    # declared by the class itself: a subclass of the default plugin is not a second default
+    names = [n for n in manager.names(kind) if vars(manager.get(kind, n).cls).get("default") is True]
+    if len(names) != 1:
+        label = PLUGIN_KINDS[kind].label
+        why = f"no installed {label} declares itself the default" if not names else (
+            f"{' and '.join(names)} all declare themselves the default {label}")
+        raise ConfigError(f"{why}; name the {label} in the run configuration")
+    return names[0]
+
+
 def resolve(kind: str, ref: PluginRef | str | dict[str, Any], manager: PluginManager | None = None) -> ResolvedPlugin:
     """Look ``ref`` up among installed plugins of ``kind`` and validate its options.
 

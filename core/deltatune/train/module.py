@@ -22,12 +22,12 @@ import torch
 
 from deltatune.ui import console
 from deltatune.io.adapter import adapter_state, save_adapter
-from deltatune.io.export import build_with_peft_init, resolve_with_peft_init
-from deltatune.plugin.resolve import PluginRef, ResolvedPlugin, coerce_ref, resolve
+from deltatune.io.peft import build_with_peft_init, resolve_with_peft_init
+from deltatune.plugin.resolve import PluginRef, ResolvedPlugin, coerce_ref, default_name, resolve
 from deltatune.errors import ConfigError, check_option
 from deltatune.train.update_in_backward import InBackwardOptimizer
 from deltatune.evaluation.helpers import EvaluatorRef
-from deltatune.model.generation import generate
+from deltatune.model.generation import generate, user_text
 from deltatune.train.loss import token_loss
 from deltatune.model.loading import DEFAULT_MODEL
 from deltatune.model.assembly import (DType, ModelSpec, check_on_skeleton, compile_decoder_layers, compute_context,
@@ -96,9 +96,9 @@ class DeltaTuneModule(L.LightningModule):
             ModelSpec(base=base, quantizer=quantizer, delta=delta or [], base_dtype=base_dtype,
                       trainable_dtype=trainable_dtype, trust_remote_code=trust_remote_code)
         )
-        self.optimizer_plugin: ResolvedPlugin = resolve("optimizer", coerce_ref(optimizer or "adamw"))
+        self.optimizer_plugin: ResolvedPlugin = resolve("optimizer", coerce_ref(optimizer or default_name("optimizer")))
         refs = [e if isinstance(e, EvaluatorRef) else EvaluatorRef.model_validate(e)
-                for e in (evaluators or ["perplexity"])]
+                for e in (evaluators or [default_name("evaluator")])]
         self.evaluator_plugins = [resolve("evaluator", PluginRef(name=e.name, config=e.config)) for e in refs]
         self.evaluator_splits = [e.splits for e in refs]
         check_on_skeleton(self.resolved)  # the base's config, not its weights: after every plugin option
@@ -273,11 +273,13 @@ class DeltaTuneModule(L.LightningModule):
         return {name: metrics for name, metrics in results.items() if metrics}
 
     def sample(self) -> list[tuple[str, str, str]]:
-        """``(prompt, reference, completion)`` for the first few validation rows."""
+        """``(prompt, reference, completion)`` for the first few validation rows; the prompt is the user's
+        text without the chat template's framing (:func:`~deltatune.model.generation.user_text`)."""
         datamodule = self.trainer.datamodule
         rows = [r for r in datamodule.rows("validation") if "prompt" in r][: self.hparams.samples]
         outputs = generate(self.model, datamodule.tokenizer, [r["prompt"] for r in rows], self.hparams.max_new_tokens)
-        return [(r["prompt"], r.get("response", ""), out) for r, out in zip(rows, outputs)]
+        tokenizer = datamodule.tokenizer
+        return [(user_text(tokenizer, r["prompt"]), r.get("response", ""), out) for r, out in zip(rows, outputs)]
 
     def _lap(self, name: str) -> None:
         """Record the seconds since the previous lap under ``timings[name]``."""

@@ -66,10 +66,11 @@ def _fmt(value: float | None) -> str:
 
 
 def _change(base: float | None, tuned: float | None, metric: str) -> str:
-    """``tuned - base``: in points for accuracies and ROUGE (0–1), plain for losses and perplexities."""
+    """``tuned - base``: in points for shares (accuracies, ROUGE: both values in 0–1, no loss), plain
+    for the rest (losses, perplexities)."""
     if base is None or tuned is None:
         return ""
-    if "loss" in metric or "perplexity" in metric:
+    if "loss" in metric or not (0 <= base <= 1 and 0 <= tuned <= 1):
         return f"{tuned - base:+.4f}"
     return f"{100 * (tuned - base):+.1f} pts"
 
@@ -138,10 +139,9 @@ def print_batches(stats: dict[str, Any]) -> None:
 
 
 def _short(prompt: str, limit: int = 160) -> str:
-    """The last user turn of a ChatML prompt (system boilerplate left out), else the prompt's end."""
-    if "<|im_start|>user\n" in prompt:
-        prompt = prompt.rsplit("<|im_start|>user\n", 1)[1].split("<|im_end|>", 1)[0]
-    text = prompt.replace("<|im_start|>", "").replace("<|im_end|>", "").strip()
+    """A sample's prompt (the user's text: :meth:`deltatune.train.module.DeltaTuneModule.sample`),
+    its end when it is long."""
+    text = prompt.strip()
     return text if len(text) <= limit else "…" + text[-limit:]
 
 

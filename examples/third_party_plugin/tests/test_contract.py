@@ -12,7 +12,7 @@ class TestIA3Contract(DeltaMethodContract):
     method_name = "ia3"
     config = {"targets": ["k_proj", "v_proj", "down_proj"], "feedforward": ["down_proj"]}
     promises_identity_at_init = True  # every scale starts at 1
-    supports_nf4 = True  # it scales activations and never reads the base weight
+    quantizer = {"name": "nf4"}  # it scales activations and never reads the base weight
     compose_with = {"name": "lora", "config": {"targets": ["q_proj", "o_proj"]}}
 
 
@@ -20,7 +20,7 @@ class TestIA3EveryLinearContract(DeltaMethodContract):
     method_name = "ia3"
     config = {"targets": "all-linear", "feedforward": ["re:.*mlp\\.down_proj"]}
     promises_identity_at_init = True
-    supports_nf4 = True
+    quantizer = {"name": "nf4"}
     compose_with = {"name": "lora", "config": {"targets": ["lm_head"]}}
 
 
@@ -31,5 +31,5 @@ class TestIA3WithBiasesContract(DeltaMethodContract):
     config = {"targets": ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]}
     tiny_overrides = {"attention_bias": True, "mlp_bias": True}
     promises_identity_at_init = True
-    supports_nf4 = True
+    quantizer = {"name": "nf4"}
     compose_with = {"name": "lora", "config": {"targets": ["o_proj", "gate_proj"]}}

@@ -77,7 +77,7 @@ def test_shapes_say_which_side_is_scaled(plugin_manager):
 def test_exported_adapter_loads_in_peft_with_the_same_logits(plugin_manager, tiny_tokenizer, tmp_path):
     from peft import PeftModel
 
-    from deltatune.io.export import export_peft
+    from deltatune.io.peft import export_peft
 
     model, resolved = ia3_model(plugin_manager)
     save_adapter(model, resolved, tmp_path / "adapter")

@@ -156,6 +156,13 @@ class AdaLomo(InBackwardOptimizerFactory):
     Config: ClassVar[type[BaseModel]] = Config
     optimizer_class: ClassVar[type[InBackwardOptimizer]] = AdaLomoOptimizer
 
+    def state_bytes_per_param(self, cfg: Config, shape: tuple[int, ...], param_bytes: int) -> float:
+        """fp32 factored statistics (:meth:`AdaLomoOptimizer._init_state`): a row and a column vector
+        for a matrix, a full vector otherwise."""
+        if len(shape) >= 2:
+            return 4.0 * (math.prod(shape[:-1]) + math.prod(shape[:-2]) * shape[-1])
+        return 4.0 * math.prod(shape)
+
 
 @hookimpl
 def deltatune_register_optimizers(register: Any) -> None:

@@ -7,6 +7,7 @@ parameter instead of a dozen small tensor operations per parameter, the same upd
 
 from __future__ import annotations
 
+import math
 from typing import ClassVar
 
 import torch
@@ -44,6 +45,7 @@ class AdamW:
 
     name: ClassVar[str] = "adamw"
     Config: ClassVar[type[BaseModel]] = AdamWConfig
+    default: ClassVar[bool] = True  # the optimizer of a run that names none
 
     def create(
         self, named_params: list[tuple[str, nn.Parameter]], cfg: AdamWConfig, total_steps: int
@@ -58,6 +60,10 @@ class AdamW:
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
         scheduler = warmup_cosine(optimizer, cfg.warmup_steps, total_steps, cfg.min_lr_ratio) if cfg.schedule else None
         return optimizer, scheduler
+
+    def state_bytes_per_param(self, cfg: AdamWConfig, shape: tuple[int, ...], param_bytes: int) -> float:
+        """Two moments (``exp_avg``, ``exp_avg_sq``) of the parameter's size and dtype."""
+        return 2.0 * param_bytes * math.prod(shape)
 
 
 @hookimpl

@@ -57,6 +57,7 @@ class AlpacaBuilder:
 
     name: ClassVar[str] = "alpaca"
     Config: ClassVar[type[BaseModel]] = AlpacaConfig
+    default: ClassVar[bool] = True  # the dataset builder of a run that names none
 
     def build(self, cfg: AlpacaConfig, tokenizer: Any, split: str) -> list[Row] | None:
         """Rows of ``split``; ``None`` when no file is configured for it."""

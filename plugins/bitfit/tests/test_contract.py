@@ -7,7 +7,8 @@ class TestBitfitAddsBiasesContract(DeltaMethodContract):
     method_name = "bitfit"
     config = {"targets": "all-linear"}  # the tiny Llama has no biases: zero biases are added
     promises_identity_at_init = True
-    supports_nf4 = True
+    quantizer = {"name": "nf4"}
+    compose_with = {"name": "lora", "config": {"targets": ["o_proj"]}}
 
 
 class TestBitfitExistingBiasesContract(DeltaMethodContract):
@@ -15,4 +16,5 @@ class TestBitfitExistingBiasesContract(DeltaMethodContract):
     config = {"targets": ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"], "add_missing": "never"}
     tiny_overrides = {"attention_bias": True, "mlp_bias": True}
     promises_identity_at_init = True
-    supports_nf4 = True
+    quantizer = {"name": "nf4"}
+    compose_with = {"name": "lora", "config": {"targets": ["o_proj"]}}

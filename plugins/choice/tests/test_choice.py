@@ -10,6 +10,7 @@ from deltatune.testing import EvaluatorContract, sample_rows
 class TestChoiceContract(EvaluatorContract):
     evaluator_name = "choice"
     expected_metrics = {"accuracy", "accuracy_norm", "rows"}
+    wrapped_with = {"name": "lora", "config": {"targets": "all-linear"}}
 
 
 def test_rows_without_options_or_with_a_bad_answer_index_are_skipped():

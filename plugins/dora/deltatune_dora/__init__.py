@@ -157,6 +157,7 @@ class Dora(LayerDeltaMethod):
     supports_quantized: ClassVar[bool] = True
     peft_fields: ClassVar[dict[str, str]] = LOW_RANK_PEFT_FIELDS  # options init_from adopts from a PEFT adapter
     peft_names: ClassVar[dict[str, str]] = {"magnitude": "lora_magnitude_vector"}
+    reads_peft: ClassVar[dict[str, Any]] = {"peft_type": "LORA", "use_dora": True}
 
     def make_delta(self, layer: DeltaLinear, cfg: BaseModel, layer_name: str) -> DoraDelta:
         """A LoRA pair and a magnitude initialised to ``||W||`` per output channel."""
@@ -165,6 +166,10 @@ class Dora(LayerDeltaMethod):
     def peft_config(self, cfg: BaseModel) -> dict[str, Any] | None:
         """PEFT ``LoraConfig(use_dora=True)`` fields equivalent to ``cfg``."""
         return {**cfg.peft_fields(), "use_dora": True}
+
+    def inner_width(self, cfg: BaseModel) -> int:
+        """The rank: the LoRA pair's ``A`` output is kept for backward."""
+        return cfg.r
 
 
 @hookimpl

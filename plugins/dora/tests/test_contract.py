@@ -8,4 +8,5 @@ class TestDoraContract(DeltaMethodContract):
     method_name = "dora"
     config = {"r": 4, "alpha": 8, "targets": ["q_proj", "k_proj", "down_proj"]}  # not o_proj: LoRA composes there
     promises_identity_at_init = True  # B starts at zero and m at ||W||
-    supports_nf4 = True
+    quantizer = {"name": "nf4"}
+    compose_with = {"name": "lora", "config": {"targets": ["o_proj"]}}

@@ -10,6 +10,7 @@ class TestExactMatchContract(EvaluatorContract):
     evaluator_name = "exact_match"
     config = {"max_new_tokens": 4, "by_family": False}
     expected_metrics = {"accuracy", "rows"}
+    wrapped_with = {"name": "lora", "config": {"targets": "all-linear"}}
 
 
 def test_normalisation_ignores_case_surrounding_punctuation_and_spaces():

@@ -86,6 +86,10 @@ class Lomo(InBackwardOptimizerFactory):
     Config: ClassVar[type[BaseModel]] = Config
     optimizer_class: ClassVar[type[InBackwardOptimizer]] = LomoOptimizer
 
+    def state_bytes_per_param(self, cfg: Config, shape: tuple[int, ...], param_bytes: int) -> float:
+        """None: LOMO is plain SGD."""
+        return 0.0
+
 
 @hookimpl
 def deltatune_register_optimizers(register: Any) -> None:

@@ -34,6 +34,7 @@ class Lora(LayerDeltaMethod):
     Config: ClassVar[type[BaseModel]] = LoraConfig
     supports_quantized: ClassVar[bool] = True
     peft_fields: ClassVar[dict[str, str]] = LOW_RANK_PEFT_FIELDS  # options init_from adopts from a PEFT adapter
+    reads_peft: ClassVar[dict[str, Any]] = {"peft_type": "LORA", "use_dora": False}
 
     def make_delta(self, layer: DeltaLinear, cfg: BaseModel, layer_name: str) -> Delta:
         """A fresh LoRA pair for ``layer``."""
@@ -42,6 +43,10 @@ class Lora(LayerDeltaMethod):
     def peft_config(self, cfg: BaseModel) -> dict[str, Any] | None:
         """PEFT ``LoraConfig`` fields equivalent to ``cfg``."""
         return cfg.peft_fields()
+
+    def inner_width(self, cfg: BaseModel) -> int:
+        """The rank: ``A``'s output is kept for backward."""
+        return cfg.r
 
 
 @hookimpl

@@ -7,13 +7,12 @@ class TestLoraContract(DeltaMethodContract):
     method_name = "lora"
     config = {"r": 4, "alpha": 8, "targets": ["q_proj", "v_proj", "down_proj"]}
     promises_identity_at_init = True  # B starts at zero
-    supports_nf4 = True
-    compose_with = None  # LoRA is the usual partner; listed twice it must be refused
+    quantizer = {"name": "nf4"}
+    # no compose_with: LoRA is the usual partner of others; listed twice it must be refused
 
 
 class TestRsLoraAllLinearContract(DeltaMethodContract):
     method_name = "lora"
     config = {"r": 8, "alpha": 4, "rslora": True, "dropout": 0.1, "targets": "all-linear"}
     promises_identity_at_init = True
-    supports_nf4 = True
-    compose_with = None
+    quantizer = {"name": "nf4"}

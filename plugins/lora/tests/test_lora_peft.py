@@ -8,7 +8,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from deltatune.api import ConfigError
-from deltatune.io.export import export_peft, load_peft_adapter, resolve_with_peft_init
+from deltatune.io.peft import export_peft, load_peft_adapter, resolve_with_peft_init
 from deltatune.io.adapter import save_adapter
 from deltatune.deltas.layer import delta_layers
 from deltatune.model.loading import tiny_llama

@@ -375,6 +375,10 @@ def select_layers(model: nn.Module, cfg: NF4Config) -> list[str]:
     return [name for name in chosen if not any(target_matches(name, pattern) for pattern in cfg.skip)]
 
 
+def _config(cfg: NF4Config | dict[str, Any] | None) -> NF4Config:
+    return cfg if isinstance(cfg, NF4Config) else NF4Config.model_validate(cfg or {})
+
+
 # -- the plugin -----------------------------------------------------------------------------------
 class NF4:
     """QLoRA's NF4 quantizer: targeted ``nn.Linear`` layers become ``bnb.nn.Linear4bit`` (nf4)."""
@@ -389,19 +393,12 @@ class NF4:
         call changes nothing. A layer whose weight is tied to another module (a tied LM head) stays
         dense, with a warning: quantizing it would untie it.
         """
-        cfg = cfg if isinstance(cfg, NF4Config) else NF4Config.model_validate(cfg or {})
-        names = select_layers(model, cfg)
-        if not names:
+        cfg = _config(cfg)
+        if not select_layers(model, cfg):
             raise ConfigError(f"nf4: no linear layer left to quantize (targets={cfg.targets!r}, skip={cfg.skip!r})")
-        uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
         done = 0
-        for name in names:
+        for name in self.layers_to_quantize(model, cfg, warn=True):
             linear = model.get_submodule(name)
-            if is_quantized(linear) or not linear.weight.is_floating_point():
-                continue
-            if uses[id(linear.weight)] > 1:
-                logger.warning("nf4: '%s' shares its weight with another module (tied); left dense", name)
-                continue
             layer = _quantized_linear(
                 linear.weight,
                 linear.bias,
@@ -416,6 +413,42 @@ class NF4:
             done += 1
         logger.info(
             "nf4: quantized %d linear layers (blocksize %d, double_quant=%s)", done, cfg.blocksize, cfg.double_quant
+        )
+
+    def layers_to_quantize(self, model: nn.Module, cfg: NF4Config | dict[str, Any] | None = None,
+                           warn: bool = False) -> list[str]:
+        """The layers :meth:`quantize` replaces: :func:`select_layers` less those already quantized
+        or not floating-point, and those whose weight is tied to another module (``warn``: log each)."""
+        uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+        chosen = []
+        for name in select_layers(model, _config(cfg)):
+            linear = model.get_submodule(name)
+            if is_quantized(linear) or not linear.weight.is_floating_point():
+                continue
+            if uses[id(linear.weight)] > 1:
+                if warn:
+                    logger.warning("nf4: '%s' shares its weight with another module (tied); left dense", name)
+                continue
+            chosen.append(name)
+        return chosen
+
+    def bits_per_weight(self, cfg: NF4Config) -> float:
+        """Storage bits per weight: a 4-bit code plus its block's absmax — fp32, or with double
+        quantization 8 bits plus one fp32 scale per 256 blocks (the module docstring's formula)."""
+        if cfg.double_quant:
+            return 4 + 8 / cfg.blocksize + 32 / (cfg.blocksize * 256)
+        return 4 + 32 / cfg.blocksize
+
+    def transformers_quantization_config(self, cfg: NF4Config) -> Any:
+        """``transformers``' ``BitsAndBytesConfig`` that quantizes dense weights as ``cfg`` does
+        (``re:`` skip patterns cannot be expressed there and are left out)."""
+        from transformers import BitsAndBytesConfig
+
+        compute = torch.bfloat16 if cfg.compute_dtype == "bf16" else torch.float32
+        skip = [s for s in cfg.skip if not s.startswith("re:")]
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type=QUANT_TYPE, bnb_4bit_use_double_quant=cfg.double_quant,
+            bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=skip or None,
         )
 
     def is_quantized(self, module: nn.Module) -> bool:

@@ -19,18 +19,21 @@ WIDE = {"hidden_size": 128, "intermediate_size": 256}
 
 class TestNF4DoubleQuantContract(QuantizerContract):
     quantizer_name = "nf4"
+    delta = {"name": "lora", "config": {"targets": "all-linear"}}
     config = {"double_quant": True, "compute_dtype": "fp32"}
     tiny_overrides = {"intermediate_size": 128}
 
 
 class TestNF4Blocksize128Contract(QuantizerContract):
     quantizer_name = "nf4"
+    delta = {"name": "lora", "config": {"targets": "all-linear"}}
     config = {"double_quant": False, "blocksize": 128}
     tiny_overrides = WIDE
 
 
 class TestNF4AttentionOnlyContract(QuantizerContract):
     quantizer_name = "nf4"
+    delta = {"name": "lora", "config": {"targets": "all-linear"}}
     config = {"targets": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
 

@@ -21,6 +21,7 @@ class Perplexity:
 
     name: ClassVar[str] = "perplexity"
     Config: ClassVar[type[BaseModel]] = PerplexityConfig
+    default: ClassVar[bool] = True  # the evaluator of a run that names none
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, tokenizer: Any, rows: list[Row], cfg: PerplexityConfig) -> dict[str, float]:

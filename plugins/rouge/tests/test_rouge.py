@@ -13,6 +13,7 @@ class TestRougeContract(EvaluatorContract):
     evaluator_name = "rouge"
     config = {"max_new_tokens": 4, "types": ["rougeL", "rouge1"]}
     expected_metrics = {"rougeL", "rouge1", "rows"}
+    wrapped_with = {"name": "lora", "config": {"targets": "all-linear"}}
 
 
 def test_unknown_rouge_type_is_a_configuration_error():

@@ -118,6 +118,7 @@ class Vera(LayerDeltaMethod):
         "dropout": "vera_dropout",
         "targets": "target_modules",
     }
+    reads_peft: ClassVar[dict[str, Any]] = {"peft_type": "VERA"}
 
     def prepare(self, model: nn.Module, cfg: BaseModel, layer_names: list[str]) -> None:
         """Draw the shared projections, sized for the largest targeted layer."""
@@ -155,6 +156,10 @@ class Vera(LayerDeltaMethod):
             "save_projection": True,
             "bias": "none",
         }
+
+    def inner_width(self, cfg: BaseModel) -> int:
+        """``r``: the scaled projection ``d ⊙ A x`` is kept for backward."""
+        return cfg.r
 
     def peft_state_dict(self, model: nn.Module, cfg: BaseModel) -> dict[str, torch.Tensor]:
         """Per-layer ``vera_lambda_b``/``vera_lambda_d`` and PEFT's ``base_model.vera_A``/``vera_B``."""
