@@ -155,10 +155,13 @@ def _probe(model: nn.Module, head: nn.Module, transform: LogitTransform | None) 
     batch = {"input_ids": ids[None], "attention_mask": torch.ones_like(ids)[None]}
     changed = ids.clone()
     changed[-1] = (changed[-1] + 1) % vocab
-    own = model(**batch, use_cache=False).logits.float()
+    own = model(**batch, use_cache=False).logits
+    # the precision the model computes its logits in (bf16 under autocast, say) bounds both checks;
+    # causality is not checked bit for bit: MoE experts multiply tokens in batches whose composition
+    # changes with the tokens
+    tolerance = max(1e-5, 4 * torch.finfo(own.dtype).eps)
+    own = own.float()
     later = model(input_ids=changed[None], attention_mask=batch["attention_mask"], use_cache=False).logits.float()
-    # (not bit-equal: MoE experts multiply tokens in batches whose composition changes with the tokens)
-    tolerance = max(1e-5, 4 * torch.finfo(head_dtype(head)).eps)
     if _relative(later[:, :-1], own[:, :-1]) > tolerance:
         raise ConfigError(f"{type(model).__name__} ({getattr(model.config, 'model_type', '?')}) is not a causal "
                           "decoder: a later token changes the logits of earlier ones; deltatune trains causal LMs only")
@@ -172,11 +175,6 @@ def _probe(model: nn.Module, head: nn.Module, transform: LogitTransform | None) 
     if computed.shape != own.shape or difference > tolerance:
         return f"its LM head output differs from its own logits by {difference:.2g} (relative)"
     return ""
-
-
-def head_dtype(head: nn.Module) -> torch.dtype:
-    """The dtype the head's logits are computed in (its first floating-point parameter's)."""
-    return next((p.dtype for p in head.parameters() if p.is_floating_point()), torch.float32)
 
 
 def head_plan(model: nn.Module) -> HeadPlan:
