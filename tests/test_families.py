@@ -18,15 +18,17 @@ from peft import PeftModel
 from transformers import LlamaForCausalLM
 
 from adapter_cases import ids, trained_adapter
+from deltatune.data.packing import collate
 from deltatune.deltas.layer import DeltaLinear, base_weight
 from deltatune.deltas.targets import find_targets
 from deltatune.errors import ConfigError
+from deltatune.evaluation.helpers import sequence_logprobs
 from deltatune.io.export import export_peft
 from deltatune.model.assembly import build_model, resolve_spec
 from deltatune.model.loading import load_model, tiny_tokenizer
 from deltatune.model.logits import head_plan
 from deltatune.testing import max_relative_difference as rel
-from deltatune.testing.families import TINY_FAMILIES, assert_family_conformance, family_conformance
+from deltatune.testing.families import TINY_FAMILIES, assert_family_conformance, conformance_rows, family_conformance
 from deltatune.train.head_loss import LinearCrossEntropy, head_weight_grad
 
 LORA = {"name": "lora", "config": {"targets": "all-linear", "r": 4, "alpha": 8}}
@@ -178,3 +180,21 @@ def test_nf4_quantizes_gpt2_conv1d_weights_in_their_orientation() -> None:
         dequantized = base_weight(layer).detach()
         assert dequantized.shape == reference.shape
         assert float((dequantized - reference).norm() / reference.norm()) < 0.15  # NF4's error, not a transpose's
+
+
+def test_a_bf16_model_keeps_the_transform_in_its_head() -> None:
+    """The probe compares in the precision the model computes its logits in (bf16 here)."""
+    plan = head_plan(TINY_FAMILIES["gemma2"]().to(torch.bfloat16))
+    assert plan.exact and plan.transform is not None
+
+
+def test_log_likelihoods_of_evaluators_are_those_of_the_models_own_logits() -> None:
+    model = TINY_FAMILIES["gemma2"]().eval()
+    rows = conformance_rows()
+    batch = collate(rows, pad_id=0)
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                                     .logits[:, :-1].float(), dim=-1)
+    labels = batch["labels"][:, 1:]
+    picked = logprobs.gather(2, labels.clamp_min(0)[..., None]).squeeze(2) * (labels != -100)
+    assert torch.allclose(torch.tensor(sequence_logprobs(model, rows, pad_id=0), dtype=torch.float64), picked.sum(1).double(), rtol=1e-5)

@@ -7,8 +7,9 @@ output before it becomes the logits — Gemma 2/3 soft-cap them (``cap · tanh(x
 them by ``logits_scaling``, Cohere multiplies them by ``logit_scale``. Each such change is declared
 once, here, as a :class:`LogitTransform` keyed by the config field that turns it on
 (:func:`register_logit_transform`; :data:`DECODER_FIELDS` lists logit-like fields that act inside the
-decoder and leave the head alone). :func:`head_plan` decides, once per model, whether the head
-computation is the model's own:
+decoder and leave the head alone). :func:`head_plan` decides, once per model (at assembly,
+:func:`deltatune.model.assembly.build_model`, or on first use for a model built elsewhere), whether
+the head computation is the model's own:
 
 1. **structure** — every config field whose name speaks of logits must be declared (a transform or a
    decoder field); an undeclared one means the head computation cannot be trusted;
