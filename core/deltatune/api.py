@@ -30,6 +30,11 @@ linear layers reading one input (q/k/v, gate/up) as one product in a fast traini
 each layer as a ``Projection`` (frozen dense base, at most one delta) and may build on
 ``base_products`` / ``base_input_grad`` (the frozen bases' part), ``no_autocast`` and ``hooked``.
 
+**Model families: logits** — ``LogitTransform`` (an element-wise map from the LM head's output to the
+model's logits, with its derivative) and ``register_logit_transform`` (declare the config field that
+turns one on, e.g. Gemma 2's ``final_logit_softcapping``): the training loss applies it inside its
+chunked LM head; an undeclared one sends the model to the slower exact path.
+
 **Quantizers and evaluators: precision** — ``compute_dtype`` (the dtype an ``auto``/``bf16``/``fp32``
 choice means on this machine), ``compute_context`` (the autocast a model of that dtype runs under).
 
@@ -91,6 +96,7 @@ from deltatune.evaluation.helpers import (
 from deltatune.model.assembly import compute_context, compute_dtype
 from deltatune.model.generation import chat_prompt
 from deltatune.model.loading import home
+from deltatune.model.logits import LogitTransform, register_logit_transform
 from deltatune.plugin.hookspecs import Register
 from deltatune.plugin.protocols import (
     DatasetBuilder,
@@ -148,6 +154,9 @@ __all__ = [
     "base_products",
     "hooked",
     "no_autocast",
+    # model families: logits
+    "LogitTransform",
+    "register_logit_transform",
     # precision
     "compute_context",
     "compute_dtype",

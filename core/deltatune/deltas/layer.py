@@ -1,6 +1,7 @@
 """The delta-layer seam: a base linear layer plus named deltas, which delta methods hook into.
 
-``DeltaLinear`` replaces an ``nn.Linear`` (or a quantized linear) in the model. It keeps the original
+``DeltaLinear`` replaces an ``nn.Linear`` (or a quantized linear, or a Hugging Face ``Conv1D``: a linear
+layer whose weight is stored transposed, ``in x out``, as in GPT-2) in the model. It keeps the original
 layer as ``base_layer`` and an ``nn.ModuleDict`` of :class:`Delta` modules keyed by delta-method
 name, so parameter names say which method owns them
 (``model.layers.0.self_attn.q_proj.deltas.lora.lora_A``). Its forward is::
@@ -17,11 +18,12 @@ are always read through :func:`base_weight`, which dequantizes a quantized base.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from deltatune.errors import ConfigError
 
@@ -82,8 +84,7 @@ class DeltaLinear(nn.Module):
         self.base_layer = base_layer
         self.deltas = nn.ModuleDict()
         self.merged: set[str] = set()
-        self.in_features: int = base_layer.in_features
-        self.out_features: int = base_layer.out_features
+        self.in_features, self.out_features = linear_features(base_layer)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -94,6 +95,11 @@ class DeltaLinear(nn.Module):
     def bias(self) -> torch.Tensor | None:
         """The base layer's bias parameter."""
         return self.base_layer.bias
+
+    @property
+    def transposed(self) -> bool:
+        """Whether the base layer stores its weight transposed (``in x out``: a ``Conv1D``)."""
+        return isinstance(self.base_layer, Conv1D)
 
     def add_delta(self, key: str, delta: Delta, layer_name: str | None = None) -> None:
         """Attach ``delta`` under the method name ``key``; non-additive deltas must be alone.
@@ -126,21 +132,24 @@ class DeltaLinear(nn.Module):
             return
         if is_quantized(self.base_layer):
             self.base_layer = dense_copy(self.base_layer, getattr(self.base_layer, "compute_dtype", None) or torch.float32)
-        weight = self.base_layer.weight
-        merged = self.deltas[key].merge_weight(weight.detach().float(), self)
-        with torch.no_grad():
-            weight.copy_(merged.to(weight.dtype))
+        self._rewrite_weight(self.deltas[key].merge_weight)
         self.merged.add(key)
 
     def unmerge_delta(self, key: str) -> None:
         """Take delta ``key`` back out of the base weight."""
         if key not in self.merged:
             return
-        weight = self.base_layer.weight
-        restored = self.deltas[key].unmerge_weight(weight.detach().float(), self)
-        with torch.no_grad():
-            weight.copy_(restored.to(weight.dtype))
+        self._rewrite_weight(self.deltas[key].unmerge_weight)
         self.merged.discard(key)
+
+    def _rewrite_weight(self, change: Callable[[torch.Tensor, "DeltaLinear"], torch.Tensor]) -> None:
+        """Replace the dense base weight ``W`` (``out x in``) by ``change(W, self)``, stored as the
+        base layer stores it (transposed for a ``Conv1D``)."""
+        weight = self.base_layer.weight
+        dense = weight.detach().float()
+        changed = change(dense.t() if self.transposed else dense, self)
+        with torch.no_grad():
+            weight.copy_((changed.t() if self.transposed else changed).to(weight.dtype))
 
     def extra_repr(self) -> str:
         return f"deltas={list(self.deltas.keys())}, merged={sorted(self.merged)}"
@@ -157,12 +166,27 @@ def is_quantized(module: nn.Module) -> bool:
     return getattr(module, DEQUANTIZE_ATTR, None) is not None
 
 
+def is_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is a plain linear layer: ``nn.Linear``, or a ``Conv1D`` (its weight transposed)."""
+    return isinstance(module, (nn.Linear, Conv1D))
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a linear layer (a ``Conv1D``'s weight is ``in x out``)."""
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.weight.shape[1]
+    return module.in_features, module.out_features
+
+
 def base_weight(module: nn.Module) -> torch.Tensor:
-    """The dense weight a (possibly quantized, possibly wrapped) linear layer computes with."""
+    """The dense weight (``out x in``) a (possibly quantized, possibly wrapped) linear layer computes
+    with; a ``Conv1D``'s weight is seen transposed."""
     if isinstance(module, DeltaLinear):
         module = module.base_layer
     dequantize = getattr(module, DEQUANTIZE_ATTR, None)
-    return dequantize(module) if dequantize is not None else module.weight
+    if dequantize is not None:
+        return dequantize(module)
+    return module.weight.t() if isinstance(module, Conv1D) else module.weight
 
 
 def dense_copy(module: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Linear:
@@ -190,7 +214,7 @@ def wrap_linear(model: nn.Module, name: str) -> DeltaLinear:
     module = model.get_submodule(name)
     if isinstance(module, DeltaLinear):
         return module
-    if not isinstance(module, nn.Linear):
+    if not is_linear(module):
         raise ConfigError(f"module '{name}' is a {type(module).__name__}, not a linear layer")
     parent, child = get_submodule_parent(model, name)
     wrapped = DeltaLinear(module)

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from deltatune.deltas.layer import DeltaLinear
+from deltatune.deltas.layer import DeltaLinear, is_linear
 from deltatune.errors import ConfigError
 
 
@@ -19,7 +19,7 @@ def iter_linear(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if ".deltas." in f".{name}.":
             continue
-        if isinstance(module, DeltaLinear) or (isinstance(module, nn.Linear) and not name.endswith(".base_layer")):
+        if isinstance(module, DeltaLinear) or (is_linear(module) and not name.endswith(".base_layer")):
             yield name, module
 
 

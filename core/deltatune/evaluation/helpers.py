@@ -19,7 +19,7 @@ from torch import nn
 
 from deltatune.plugin.resolve import PluginRef
 from deltatune.model.generation import generate
-from deltatune.model.forward import hidden_states
+from deltatune.model.logits import labelled_logits
 from deltatune.data.packing import IGNORE_INDEX, collate
 from deltatune.model.assembly import compute_context
 from deltatune.plugin.protocols import Row
@@ -100,8 +100,7 @@ def sequence_logprobs(model: nn.Module, rows: Sequence[Row], pad_id: int, batch_
         labels = batch["labels"][:, 1:]
         mask = labels != IGNORE_INDEX
         with compute_context(model):
-            hidden = hidden_states(model, batch)[:, :-1][mask]
-            logits = model.get_output_embeddings()(hidden).float()
+            logits = labelled_logits(model, batch, mask)
         picked = torch.log_softmax(logits, dim=-1).gather(1, labels[mask].unsqueeze(1)).squeeze(1)
         per_row = torch.zeros(labels.shape[0], dtype=torch.float64, device=device)
         per_row.index_add_(0, mask.nonzero()[:, 0], picked.double())

@@ -61,7 +61,7 @@ STRUCTURAL_KEYS = ("peft_type", "use_dora", "r", "lora_alpha", "use_rslora")
 """PEFT config keys that decide the weights' shapes or meaning: an explicit option must agree."""
 UNSUPPORTED: dict[str, Any] = {
     "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "modules_to_save": None,
-    "fan_in_fan_out": False, "target_parameters": None, "lora_bias": False, "trainable_token_indices": None,
+    "target_parameters": None, "lora_bias": False, "trainable_token_indices": None,
     "layer_replication": None,
 }
 """PEFT features deltatune cannot start from, with the value that means "not used"."""
@@ -273,6 +273,8 @@ def peft_export(model: nn.Module, resolved: ResolvedSpec) -> tuple[dict[str, Any
     targets = sorted(name for name, _, _ in delta_layers(model, main.name))
     base = resolve_base(resolved.spec.base)
     config.update(target_modules=targets, base_model_name_or_path=str(base), task_type="CAUSAL_LM", inference_mode=True)
+    if any(layer.transposed for _, layer, _ in delta_layers(model, main.name)):
+        config["fan_in_fan_out"] = True  # PEFT's flag for Conv1D targets (GPT-2); it leaves nn.Linear ones as they are
     state: dict[str, torch.Tensor] = {}
     for delta, _ in parts:
         named = delta.optional("peft_state_dict")

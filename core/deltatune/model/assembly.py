@@ -23,6 +23,7 @@ from torch import nn
 from deltatune.deltas.layer import base_weight, is_quantized_param, mark_quantized
 
 from deltatune.model import loading as models
+from deltatune.model.logits import head_plan
 from deltatune.plugin.resolve import PluginRef, ResolvedPlugin, coerce_ref, resolve
 from deltatune.errors import ConfigError
 from deltatune.plugin.manager import PluginManager
@@ -183,6 +184,10 @@ def build_model(resolved: ResolvedSpec, model: nn.Module | None = None) -> nn.Mo
         if dtype != torch.float32 and resolved.deltas and not resolved.quantizer:
             loaded = dtype
         model = models.load_model(spec.base, loaded, spec.trust_remote_code)
+    if not any(p.is_meta for p in model.parameters()):
+        # once, on the base: how the loss gets the model's logits (what follows the LM head is the base's;
+        # a delta on the head itself is re-checked); refuses a model that is not a causal decoder
+        head_plan(model)
     if resolved.quantizer:
         apply_quantizer(model, resolved.quantizer)
     for delta in resolved.deltas:

@@ -15,6 +15,7 @@ from torch import nn
 
 from deltatune.data.packing import IGNORE_INDEX
 from deltatune.deltas.grouped import no_autocast
+from deltatune.model.logits import LogitTransform
 from deltatune.train.update_in_backward import DeferredGrad, updated_in_backward
 
 LOSS_CHUNK_BYTES = 32 * 2**20
@@ -49,11 +50,15 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     With a :class:`deltatune.train.update_in_backward.DeferredGrad` (a tied head trained by a fused optimizer) the
     weight's gradient is not computed here: backward hands :func:`head_weight_grad` to it, which
-    recomputes it when backward reaches the tied embedding."""
+    recomputes it when backward reaches the tied embedding.
+
+    A :class:`deltatune.model.logits.LogitTransform` turns each chunk's fp32 head output into the
+    model's logits (soft-capping, scaling) before the softmax; its derivative scales the gradient."""
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor, chunk: int, deferred: DeferredGrad | None = None) -> torch.Tensor:
+                targets: torch.Tensor, chunk: int, deferred: DeferredGrad | None = None,
+                transform: LogitTransform | None = None) -> torch.Tensor:
         with no_autocast(hidden):
             hidden = hidden.to(weight.dtype)
             grad_on = torch.is_grad_enabled() or any(ctx.needs_input_grad[:3])
@@ -66,15 +71,20 @@ class LinearCrossEntropy(torch.autograd.Function):
             for start in range(0, hidden.shape[0], chunk):
                 h, (t, ignored) = hidden[start:start + chunk], _ignoring(targets[start:start + chunk])
                 logits = F.linear(h, weight, bias).float()
+                if transform is not None:
+                    raw, logits = logits, transform.apply(logits)
                 lse = torch.logsumexp(logits, dim=-1)
                 nll = lse - logits.gather(1, t[:, None]).squeeze(1)
                 total += (nll.masked_fill_(ignored, 0.0) if ignored is not None else nll).sum()
                 if not (grad_on and (need_h or need_w or need_b)):
                     continue
+                slope = transform.derivative(raw, logits) if transform is not None else None
                 grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
                 grad[torch.arange(len(t), device=t.device), t] -= 1.0
                 if ignored is not None:
                     grad[ignored] = 0.0
+                if slope is not None:
+                    grad.mul_(slope)
                 low = grad.to(weight.dtype)
                 if need_h:
                     torch.mm(low, weight, out=dh[start:start + chunk])
@@ -87,7 +97,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         ctx.have = (dh is not None, dw is not None, db is not None)
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         ctx.deferred = deferred if late else None
-        ctx.chunk, ctx.bias = chunk, bias
+        ctx.chunk, ctx.bias, ctx.transform = chunk, bias, transform
         return total
 
     @staticmethod
@@ -97,14 +107,15 @@ class LinearCrossEntropy(torch.autograd.Function):
         scale = grad_total
         if ctx.deferred is not None:  # the weight's gradient is computed where the tied embedding is
             hidden, weight, targets = saved
-            ctx.deferred.defer(partial(head_weight_grad, hidden, weight, ctx.bias, targets, ctx.chunk, scale))
+            ctx.deferred.defer(partial(head_weight_grad, hidden, weight, ctx.bias, targets, ctx.chunk, scale,
+                                       ctx.transform))
         return (dh * scale.to(dh.dtype) if dh is not None else None,
                 (dw * scale).to(ctx.dtypes[0]) if dw is not None else None,
-                (db * scale).to(ctx.dtypes[1]) if db is not None else None, None, None, None)
+                (db * scale).to(ctx.dtypes[1]) if db is not None else None, None, None, None, None)
 
 
 def head_weight_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, targets: torch.Tensor,
-                     chunk: int, scale: torch.Tensor) -> torch.Tensor:
+                     chunk: int, scale: torch.Tensor, transform: LogitTransform | None = None) -> torch.Tensor:
     """The gradient of ``scale * LinearCrossEntropy(hidden, weight, bias, targets)`` with respect to
     ``weight``, recomputing the logits chunk by chunk (for a :class:`deltatune.train.update_in_backward.DeferredGrad`).
     It is accumulated in place in the weight's dtype: one weight-sized tensor, no temporary."""
@@ -113,11 +124,17 @@ def head_weight_grad(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
         for start in range(0, hidden.shape[0], chunk):
             h, (t, ignored) = hidden[start:start + chunk], _ignoring(targets[start:start + chunk])
             grad = F.linear(h, weight, bias).float()
+            slope = None
+            if transform is not None:
+                raw, grad = grad, transform.apply(grad)
+                slope = transform.derivative(raw, grad)
             grad.sub_(grad.amax(dim=-1, keepdim=True)).exp_()  # softmax in place: no logits-sized temporary
             grad.div_(grad.sum(dim=-1, keepdim=True))
             grad[torch.arange(len(t), device=t.device), t] -= 1.0
             if ignored is not None:
                 grad[ignored] = 0.0
+            if slope is not None:
+                grad.mul_(slope)
             dw.addmm_(grad.to(weight.dtype).t(), h)
         return dw.mul_(scale.to(dw.dtype))
 
@@ -146,8 +163,9 @@ def head_chunk_rows(head: nn.Module) -> int:
 
 
 def head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
-              deferred: DeferredGrad | None = None) -> torch.Tensor:
-    """Summed cross-entropy of ``head(hidden)`` against ``targets`` (every target is labelled),
+              deferred: DeferredGrad | None = None, transform: LogitTransform | None = None) -> torch.Tensor:
+    """Summed cross-entropy of ``transform(head(hidden))`` (the model's logits, see
+    :func:`deltatune.model.logits.head_plan`) against ``targets`` (every target is labelled),
     chunked; a head that is not a plain ``nn.Linear`` (a delta on it) is called chunk by chunk.
     ``deferred`` (:func:`deltatune.train.update_in_backward.deferred_tied_head`) moves the head weight's gradient to
     the end of backward, where the tied embedding is reached.
@@ -159,11 +177,14 @@ def head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
         hidden = F.pad(hidden, (0, 0, 0, filler))
         targets = F.pad(targets, (0, filler), value=IGNORE_INDEX)
     if type(head) is nn.Linear and not (head._forward_hooks or head._forward_pre_hooks):
-        return LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, head_chunk_rows(head), deferred)
+        return LinearCrossEntropy.apply(hidden, head.weight, head.bias, targets, head_chunk_rows(head), deferred,
+                                        transform)
     total = hidden.new_zeros((), dtype=torch.float32)
     chunk = head_chunk_rows(head)
     for start in range(0, hidden.shape[0], chunk):
         logits = head(hidden[start:start + chunk]).float()
+        if transform is not None:
+            logits = transform.apply(logits)
         total = total + F.cross_entropy(logits, targets[start:start + chunk], reduction="sum",
                                         ignore_index=IGNORE_INDEX)
     return total

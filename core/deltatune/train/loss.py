@@ -5,6 +5,11 @@ projecting every hidden state through the LM head (``batch x length x vocabulary
 gathers the hidden states of labelled positions first and projects only those, in chunks
 (:func:`deltatune.train.head_loss.head_loss`), so logits never exceed one chunk, in forward or backward.
 
+The head computation must be the model's own logits: :func:`deltatune.model.logits.head_plan` checks
+that once per model and supplies the family's logit transform (soft-capping, scaling), applied inside
+the chunks. A model for which it is not exact gets its loss from its own logits at the labelled
+positions (:func:`deltatune.model.logits.own_logits`), and no fast training forward.
+
 :func:`token_loss` first asks :mod:`deltatune.train.fast` for a fast training forward of the model
 (one computing the same loss faster, such as the Llama family's on unpadded tokens); ``fast=False``,
 a model without one, or a batch it does not take uses the plain Hugging Face decoder forward below.
@@ -13,10 +18,12 @@ a model without one, or a batch it does not take uses the plain Hugging Face dec
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from deltatune.data.packing import IGNORE_INDEX
 from deltatune.model.forward import hidden_states
+from deltatune.model.logits import head_plan, own_logits
 from deltatune.train import fast as fast_forwards
 from deltatune.train.head_loss import head_loss
 from deltatune.train.update_in_backward import deferred_lookup, deferred_tied_head
@@ -28,7 +35,8 @@ def token_loss(model: nn.Module, batch: dict[str, torch.Tensor], fast: bool = Tr
     ``fast`` allows the model's fast training forward (:func:`deltatune.train.fast.fast_forward`: same
     result, computed faster) where it has one and it takes the batch.
     """
-    forward = fast_forwards.fast_forward(model) if fast else None
+    plan = head_plan(model)
+    forward = fast_forwards.fast_forward(model) if fast and plan.exact and plan.transform is None else None
     result = forward(batch) if forward is not None else None
     if result is not None:
         return result
@@ -37,10 +45,13 @@ def token_loss(model: nn.Module, batch: dict[str, torch.Tensor], fast: bool = Tr
     count = int(mask.sum())
     if count == 0:
         return next(model.parameters()).new_zeros((), dtype=torch.float32), 0
+    if not plan.exact:
+        logits = own_logits(model, batch, mask).float()
+        return F.cross_entropy(logits, labels[mask], reduction="sum"), count
     deferred = deferred_tied_head(model)
     with deferred_lookup(model, deferred):
         hidden = hidden_states(model, batch)[:, :-1][mask]
-    return head_loss(model.get_output_embeddings(), hidden, labels[mask], deferred), count
+    return head_loss(plan.head, hidden, labels[mask], deferred, plan.transform), count
 
 
 def mean_loss(model: nn.Module, batch: dict[str, torch.Tensor], fast: bool = True) -> torch.Tensor:

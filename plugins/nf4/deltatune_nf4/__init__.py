@@ -69,7 +69,8 @@ import torch  # noqa: E402
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator  # noqa: E402
 from torch import nn  # noqa: E402
 
-from deltatune.api import ConfigError, compute_dtype, find_targets, get_submodule_parent, hookimpl, target_matches
+from deltatune.api import (ConfigError, base_weight, compute_dtype, find_targets, get_submodule_parent, hookimpl,
+                           target_matches)
 
 __all__ = [
     "NF4",
@@ -381,7 +382,9 @@ def _config(cfg: NF4Config | dict[str, Any] | None) -> NF4Config:
 
 # -- the plugin -----------------------------------------------------------------------------------
 class NF4:
-    """QLoRA's NF4 quantizer: targeted ``nn.Linear`` layers become ``bnb.nn.Linear4bit`` (nf4)."""
+    """QLoRA's NF4 quantizer: targeted linear layers (``nn.Linear``, or GPT-2's ``Conv1D``, whose
+    transposed weight is quantized as a linear layer's, as transformers' own bitsandbytes loading does)
+    become ``bnb.nn.Linear4bit`` (nf4)."""
 
     name: ClassVar[str] = "nf4"
     Config: ClassVar[type[BaseModel]] = NF4Config
@@ -400,7 +403,7 @@ class NF4:
         for name in self.layers_to_quantize(model, cfg, warn=True):
             linear = model.get_submodule(name)
             layer = _quantized_linear(
-                linear.weight,
+                base_weight(linear).contiguous(),  # out x in, also for a Conv1D (stored transposed)
                 linear.bias,
                 blocksize=cfg.blocksize,
                 double_quant=cfg.double_quant,
