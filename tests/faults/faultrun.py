@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,12 @@ def fit(root: Path, *extra: str, fault: str | None = None) -> subprocess.Complet
     faults = [f"--trainer.callbacks+=inject.{fault}"] if fault else []
     command = [sys.executable, "-m", "deltatune.cli.main", "fit", "--config", str(CONFIG),
                f"--trainer.default_root_dir={root}", *RUN, *faults, *extra]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    # a shell's background job inherits SIGINT ignored, and Python then never raises KeyboardInterrupt:
+    # the Ctrl+C fault needs the default disposition whoever started the suite
+    return subprocess.run(
+        command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def adapter_tensors(root: Path) -> dict[str, torch.Tensor]:
