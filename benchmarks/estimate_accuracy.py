@@ -2,7 +2,7 @@
 in a fresh process whose peak resident memory (``VmHWM``) is read back, against the estimate.
 
 ``python -m benchmarks.estimate_accuracy`` prints the table of ``docs/scale-out.md`` for this machine;
-``tests/test_estimate.py`` runs the same :data:`VALIDATION_RUNS` (marked ``measured``).
+``tests/unit/estimate/test_estimate.py`` runs the same :data:`VALIDATION_RUNS` (marked ``measured``).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ VALIDATION_RUNS = (
     Run("full fine-tune, fp32, LOMO, 2 x 128", "smollm2-135m-instruct", delta=(), batch=2,
         optimizer={"name": "lomo", "config": {"lr": 1e-2}}),
 )
-"""SmolLM2-135M runs whose measured peaks ``tests/test_estimate.py`` and ``docs/scale-out.md`` compare
+"""SmolLM2-135M runs whose measured peaks ``tests/unit/estimate/test_estimate.py`` and ``docs/scale-out.md`` compare
 the estimator with (``python -m benchmarks.estimate_accuracy`` prints the table)."""
 
 _DRIVER = """

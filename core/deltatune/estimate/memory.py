@@ -28,7 +28,7 @@ configurations stored here, nothing is downloaded), a local Hugging Face folder 
 * activations kept for backward (:func:`activation_bytes`: a per-layer, per-token model of a
   Llama-style decoder as deltatune runs it — its fast path with grouped low-rank products, hand-written norm,
   attention and SiLU backward, and a chunked cross-entropy that keeps no logits — checked against
-  the tensors autograd really keeps in ``tests/test_estimate.py``); with gradient checkpointing
+  the tensors autograd really keeps in ``tests/unit/estimate/test_estimate.py``); with gradient checkpointing
   the layer inputs plus one recomputed layer;
 * transients: the largest of one chunk of logits, one layer's attention backward and a dequantized
   weight, plus one layer's backward working set;
@@ -45,7 +45,7 @@ configurations stored here, nothing is downloaded), a local Hugging Face folder 
 
 ``peak = max(loading, training, checkpoint) + runtime`` (``checkpoint`` and ``runtime`` are 0 on a
 GPU). The numbers are what ``torch.cuda.max_memory_allocated`` reports on a GPU (the CUDA context
-comes on top) and the peak resident set (``VmHWM``) on the CPU. ``tests/test_estimate.py`` compares them with measured peaks of real runs and with published
+comes on top) and the peak resident set (``VmHWM``) on the CPU. ``tests/unit/estimate/test_estimate.py`` compares them with measured peaks of real runs and with published
 figures (QLoRA's 65B on one 48 GB GPU; LitGPT's 7B LoRA / NF4 / NF4-DQ table).
 """
 

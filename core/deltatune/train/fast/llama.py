@@ -5,7 +5,7 @@ step outside the matrix products that do the work: on padding rows, on skinny lo
 (``x Aᵀ`` has 16 columns), on autocast re-casting the fp32 adapters at every op, on a chain of
 small element-wise kernels per norm and per rotary embedding, and on a CPU bf16 attention kernel
 that is slower than three plain batched products for sequences this short. This module computes
-the *same function* (``tests/test_fast_paths.py`` checks loss and gradients against the plain
+the *same function* (``tests/unit/train/test_fast_paths.py`` checks loss and gradients against the plain
 path) with these changes:
 
 1. **Unpadded tokens** (:class:`~deltatune.train.fast.tokens.TokenLayout`). The real tokens of a

@@ -35,7 +35,7 @@ import ast
 import re
 from pathlib import Path
 
-CORE = Path(__file__).resolve().parents[1] / "core" / "deltatune"
+CORE = Path(__file__).resolve().parents[2] / "core" / "deltatune"
 
 WORDS = ("text", "chat", "template", "choice")
 """First-party plugin names that are ordinary words: only a string equal to one is a plugin name."""

@@ -8,25 +8,7 @@ from deltatune.errors import ConfigError, PluginError
 from deltatune.plugin.manager import PluginManager, load_plugins
 from deltatune.plugin.protocols import PLUGIN_KINDS, optional_member, required_members
 from deltatune.plugin.resolve import resolve
-
-GOOD = """
-from typing import ClassVar
-from pydantic import BaseModel, ConfigDict
-from deltatune import hookimpl
-
-class Cfg(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-class Echo:
-    name: ClassVar[str] = "{name}"
-    Config = Cfg
-    def evaluate(self, model, tokenizer, rows, cfg):
-        return {{"rows": float(len(rows))}}
-
-@hookimpl
-def deltatune_register_evaluators(register):
-    register(Echo)
-"""
+from plugin_sources import GOOD
 
 BROKEN_IMPORT = "raise RuntimeError('this plugin is broken on purpose')\n"
 

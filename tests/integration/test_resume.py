@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from crash_callback import Crash
 from deltatune.cli.main import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LORA = ROOT / "tests" / "configs" / "tiny-lora.yaml"
 PACKED = ROOT / "tests" / "configs" / "tiny-chat-packed.yaml"
 QUIET = ["--seed_everything=0", "--model.compare_base=false", "--model.samples=0", "--checkpoint.every_n_train_steps=2"]

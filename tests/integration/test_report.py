@@ -12,7 +12,7 @@ import pytest
 from deltatune.cli.main import main
 from deltatune.train.report import RunReport
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "tests" / "configs" / "tiny-chat-packed.yaml"
 PNG = b"\x89PNG\r\n\x1a\n"
 

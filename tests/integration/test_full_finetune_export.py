@@ -16,7 +16,7 @@ from deltatune.cli.main import main
 from deltatune.model.loading import tiny_llama
 from deltatune.train.module import DeltaTuneModule
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "tests" / "configs" / "tiny-lora.yaml"
 IDS = torch.randint(0, 250, (2, 19), generator=torch.Generator().manual_seed(3))
 

@@ -12,7 +12,7 @@ from deltatune.io.adapter import save_adapter
 from deltatune.cli.main import main
 from deltatune.model.assembly import ModelSpec, build_model, resolve_spec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "tests" / "configs" / "tiny-lora.yaml"
 
 

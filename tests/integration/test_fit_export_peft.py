@@ -16,7 +16,7 @@ from deltatune.deltas.layer import delta_layers
 from deltatune.model.loading import tiny_llama
 from deltatune.train.module import DeltaTuneModule
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_fit_then_peft_export_reloads_in_peft_with_the_same_logits(tmp_path) -> None:

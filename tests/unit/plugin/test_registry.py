@@ -12,7 +12,7 @@ from deltatune import __version__
 from deltatune.plugin.manager import load_plugins
 from deltatune.plugin.registry import Registry, load_registry
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def test_registry_lists_exactly_the_first_party_plugins_and_they_are_installed():

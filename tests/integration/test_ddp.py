@@ -14,7 +14,7 @@ the ``DataLoader``, which draws a worker seed from it before sampling, so its si
 differs from the DDP order; runs are still deterministic, just not comparable batch for batch. This
 file therefore uses its own loader, below.)
 
-Run as a script (``python tests/test_ddp.py OUT DEVICES [nf4]``), this file is the training job
+Run as a script (``python tests/integration/test_ddp.py OUT DEVICES [nf4]``), this file is the training job
 itself: Lightning's DDP launcher starts the second process by running the same command line again.
 """
 
@@ -26,7 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GLOBAL_BATCH = 8
 STEPS = 6
 TIMEOUT = 240

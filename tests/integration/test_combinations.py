@@ -158,7 +158,7 @@ EXAMPLES = ["dora-smollm2.yaml", "vera-smollm2.yaml", "bitfit-smollm2.yaml", "lo
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_example_configs_resolve(name) -> None:
     """Every plugin and option in the example configs is valid (checked before any weight loads)."""
-    config = yaml.safe_load((Path(__file__).resolve().parents[1] / "examples" / name).read_text())
+    config = yaml.safe_load((Path(__file__).resolve().parents[2] / "examples" / name).read_text())
     model = config["model"]
     resolved = resolve_spec(ModelSpec(base=model["base"], delta=model["delta"]))
     assert [d.name for d in resolved.deltas] == [d["name"] for d in model["delta"]]

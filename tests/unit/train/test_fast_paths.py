@@ -33,7 +33,7 @@ from deltatune.errors import ConfigError
 from deltatune.train.module import DeltaTuneModule
 from deltatune.model.assembly import build_model, compile_decoder_layers, compute_context, resolve_spec
 
-TINY_CONFIG = Path(__file__).resolve().parent / "configs" / "tiny-lora.yaml"
+TINY_CONFIG = Path(__file__).resolve().parents[3] / "tests" / "configs" / "tiny-lora.yaml"
 LORA_ALL = {"name": "lora", "config": {"r": 4, "alpha": 8, "targets": "all-linear"}}
 
 

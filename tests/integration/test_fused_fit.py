@@ -10,7 +10,7 @@ import pytest
 from deltatune.io.adapter import load_adapter, read_manifest
 from deltatune.cli.main import main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "tests" / "configs" / "tiny-lora.yaml"
 FULL = ["--model.delta=[]", "--model.samples=0", "--trainer.max_steps=6"]
 

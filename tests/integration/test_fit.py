@@ -15,7 +15,7 @@ from deltatune.cli.main import main
 from deltatune.data.module import collate
 from deltatune.model.loading import tiny_tokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "tests" / "configs" / "tiny-lora.yaml"
 
 

@@ -19,7 +19,7 @@ from deltatune.io.adapter import MANIFEST, WEIGHTS, save_adapter
 from deltatune.model.assembly import ModelSpec, build_model, resolve_spec
 from deltatune.model.loading import tiny_llama, tiny_tokenizer
 from deltatune.plugin.manager import reset_plugin_manager
-from test_plugins import GOOD
+from plugin_sources import GOOD
 
 ROWS = [
     {"instruction": f"Repeat the word {word}.", "input": "", "output": word}

@@ -21,7 +21,7 @@ from deltatune.plugin import hookspecs
 from deltatune.plugin.protocols import PLUGIN_KINDS, required_members
 from deltatune.testing import CONTRACTS, contract_subclasses
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "plugin-authoring.md"
 TEST_ROOTS = [ROOT / "tests", ROOT / "plugins", ROOT / "examples"]
 KIND_FOR_HOOK = {spec.hook: kind for kind, spec in PLUGIN_KINDS.items()}

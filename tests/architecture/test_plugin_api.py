@@ -13,7 +13,7 @@ from pathlib import Path
 import deltatune.api
 from deltatune.cli.scaffold import KINDS, scaffold
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PLUGIN_PACKAGES = sorted([*ROOT.glob("plugins/*/deltatune_*"), *ROOT.glob("examples/*/deltatune_*")])
 ALLOWED = "deltatune.api"
 

@@ -18,7 +18,7 @@ from deltatune.cli.main import main
 from deltatune.errors import OutputError
 from deltatune.io.atomic import MARKER, atomic_file, atomic_folder, recover
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 LORA = ROOT / "tests" / "configs" / "tiny-lora.yaml"
 QUICK = ["--seed_everything=0", "--model.compare_base=false", "--model.samples=0", "--trainer.max_steps=2"]
 
