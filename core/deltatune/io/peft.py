@@ -249,6 +249,8 @@ def peft_export(model: nn.Module, resolved: ResolvedSpec) -> tuple[dict[str, Any
     Raises :class:`ConfigError` (suggesting ``--format merged``) for a combination PEFT cannot hold.
     """
     hint = "; export it with `deltatune export --format merged` instead"
+    if not all(d.optional("mergeable") for d in resolved.deltas):
+        hint = "; it cannot be merged into the weights either: only the deltatune adapter bundle holds it"
     if resolved.full_finetune:
         raise ConfigError("a full fine-tune has no PEFT adapter form" + hint)
     parts = [(d, d.plugin.peft_config(d.cfg)) for d in resolved.deltas]

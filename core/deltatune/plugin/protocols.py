@@ -126,6 +126,13 @@ class DatasetBuilder(Protocol):
         dict,
     ),
     OptionalMember(
+        "mergeable", True, "attribute",
+        "mergeable: ClassVar[bool]: whether `merge` can fold the method into the base weights (a nonlinear "
+        "delta cannot; its `merge` must then raise ConfigError, and exports other than the deltatune bundle "
+        "say so). Absent: True.",
+        bool,
+    ),
+    OptionalMember(
         "inner_width", None, "method",
         "inner_width(cfg) -> int: elements per token that one of this method's delta layers computes "
         "between the layer's input and output and autograd keeps for backward (a low-rank method's rank r; "

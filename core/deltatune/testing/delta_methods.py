@@ -31,7 +31,7 @@ class DeltaMethodContract(PluginContract):
     * at initialisation the outputs equal the base model's when :attr:`promises_identity_at_init`
       (else they are finite and of the same shape);
     * ``merge`` keeps the outputs, and ``unmerge`` restores the base weights (up to float rounding);
-      a method that is not :attr:`mergeable` must refuse ``merge`` with a :class:`ConfigError` naming
+      a method whose plugin declares ``mergeable = False`` must refuse ``merge`` with a :class:`ConfigError` naming
       itself and leave the outputs unchanged;
     * an adapter saved with :func:`deltatune.io.adapter.save_adapter` and loaded with
       :func:`~deltatune.io.adapter.load_adapter` reproduces the logits;
@@ -56,8 +56,6 @@ class DeltaMethodContract(PluginContract):
     biases and norms (1-D) are always allowed."""
     perturbation: ClassVar[float] = 0.05
     """Standard deviation of the noise added to trained tensors, so that deltas are not trivial."""
-    mergeable: ClassVar[bool] = True
-    """Whether ``merge`` can fold the method into base weights (a nonlinear delta cannot)."""
     merge_tolerance: ClassVar[float] = 1e-4
     """Largest logit change allowed by merge (relative to the largest logit)."""
 
@@ -148,8 +146,8 @@ class DeltaMethodContract(PluginContract):
     def check_merge(self, model: nn.Module, resolved: Any, batch: dict[str, torch.Tensor]) -> None:
         """Merge keeps the logits; unmerge restores base weights and logits."""
         reference = logits_of(model, batch)
-        if not self.mergeable:
-            own = next(d for d in resolved.deltas if d.name == self.method_name)
+        own = next(d for d in resolved.deltas if d.name == self.method_name)
+        if not own.optional("mergeable"):
             with pytest.raises(ConfigError, match=re.escape(self.method_name)):
                 own.plugin.merge(model)
             torch.testing.assert_close(logits_of(model, batch), reference, rtol=0, atol=0)

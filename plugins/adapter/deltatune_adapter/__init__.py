@@ -85,6 +85,7 @@ class Adapter(LayerDeltaMethod):
     name: ClassVar[str] = "adapter"
     Config: ClassVar[type[BaseModel]] = AdapterConfig
     supports_quantized: ClassVar[bool] = True
+    mergeable: ClassVar[bool] = False  # nonlinear: only the deltatune bundle holds it
 
     def apply(self, model: nn.Module, cfg: BaseModel) -> None:
         """Resolve the placement's targets for this model family, then wrap them."""

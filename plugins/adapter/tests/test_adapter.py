@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from deltatune.api import ConfigError
+from deltatune.io.peft import peft_export
 from deltatune.model.assembly import ModelSpec, build_model, resolve_spec
 from deltatune.testing.families import TINY_FAMILIES
 from deltatune_adapter import AdapterConfig, BottleneckAdapter
@@ -63,7 +64,7 @@ def test_gradients_equal_a_plain_torch_bottleneck() -> None:
         torch.testing.assert_close(mine.bias.grad, theirs.bias.grad)
 
 
-def test_a_trained_adapter_changes_the_output_and_merge_is_refused_with_a_reason() -> None:
+def test_a_trained_adapter_changes_the_output_and_merge_and_peft_export_are_refused_with_a_reason() -> None:
     model, reference, resolved = build({"reduction_factor": 8})
     with torch.no_grad():
         for n, p in model.named_parameters():
@@ -74,6 +75,8 @@ def test_a_trained_adapter_changes_the_output_and_merge_is_refused_with_a_reason
         assert (model(ids).logits - reference(ids).logits).abs().max() > 1e-3
     with pytest.raises(ConfigError, match="cannot be merged.*only the deltatune adapter bundle"):
         resolved.deltas[0].plugin.merge(model)
+    with pytest.raises(ConfigError, match="no PEFT equivalent; it cannot be merged.*only the deltatune adapter bundle"):
+        peft_export(model, resolved)
 
 
 def test_options_and_targets_are_checked() -> None:

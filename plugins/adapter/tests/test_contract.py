@@ -7,6 +7,5 @@ class TestHoulsbyAdapterContract(DeltaMethodContract):
     method_name = "adapter"
     config = {"placement": "houlsby", "bottleneck": 8, "nonlinearity": "gelu"}
     promises_identity_at_init = True  # up starts at zero
-    mergeable = False  # nonlinear: only the deltatune bundle holds it
     quantizer = {"name": "nf4"}
     compose_with = {"name": "bitfit"}
