@@ -3,18 +3,26 @@
 template.
 
 The loss covers what the model must learn to say: by default every assistant turn
-(``train_on: assistant``), or only the last one (``last``), or every token (``all``). Each assistant
-turn is scored through its end-of-turn token; the template text that follows it (a newline in
-ChatML) carries no loss. The rendering is split at turn boundaries — the prompt before an assistant
-turn is exactly what ``add_generation_prompt`` renders at inference — so a template that is not
-prefix-stable is refused with a clear error. Rows keep the last assistant turn's prompt and reply as
-``prompt``/``response`` for evaluators that generate.
+(``train_on: assistant``), or only the last one (``last``), or every token (``all``). The row is the
+whole conversation as the template renders it; each assistant turn is scored from the end of its
+inference prompt (what ``add_generation_prompt`` renders for the turns before it) through the
+template's end-of-turn token; the template text that follows (a newline in ChatML) carries no loss.
+Templates that rewrite earlier turns (Qwen3 renders ``<think>`` only for the last reply, Mistral puts
+the system prompt into the last user turn) are placed by rendering each turn with a marker for its
+content. An empty reasoning block the template injects can be kept out of the loss
+(``train_on_empty_reasoning: false``); ``chat_template_kwargs`` reach the template (training rows and
+the prompts evaluators generate from). OpenAI rows may carry ``tools``, ``tool`` turns and assistant
+``tool_calls``; a template that does not render them is a one-line error naming the row. Rows keep the
+last assistant turn's prompt and reply as ``prompt``/``response`` for evaluators that generate.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any, ClassVar, Literal
 
+from jinja2 import TemplateError
 from pydantic import BaseModel, Field
 
 from deltatune.api import (DataError, FileSourceOptions, Row, TruncationStats, encode_records, encode_segments,
@@ -22,21 +30,51 @@ from deltatune.api import (DataError, FileSourceOptions, Row, TruncationStats, e
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
                   "assistant": "assistant", "chatgpt": "assistant"}
-ROLES = ("system", "user", "assistant")
-Message = dict[str, str]
+ROLES = ("system", "user", "assistant", "tool")
+Message = dict[str, Any]
+_MARK = "\ue000deltatune-reply\ue000"
+"""Stand-in reply text for finding where a template places an assistant turn's content."""
 
 
 class ChatConfig(FileSourceOptions):
     """Options of the ``chat`` dataset builder: the shared file options, the conversation format,
-    which turns carry loss, and a default system prompt."""
+    which turns carry loss, a default system prompt and the chat template's own options."""
 
     format: Literal["auto", "openai", "sharegpt"] = "auto"
     train_on: Literal["assistant", "last", "all"] = "assistant"
     system_prompt: str | None = Field(None, description="system message for conversations that have none")
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="extra variables for the chat template, e.g. {enable_thinking: false}")
+    train_on_empty_reasoning: bool = Field(
+        True, description="whether an empty reasoning block the template puts before a reply carries loss")
+    reasoning_tags: tuple[str, str] = Field(("<think>", "</think>"),
+                                            description="the tags that open and close a reasoning block")
+
+
+def tool_calls_of(turn: dict[str, Any], index: int, where: str) -> list[dict[str, Any]]:
+    """The OpenAI-format ``tool_calls`` of an assistant turn, arguments parsed to objects."""
+    calls = turn["tool_calls"]
+    if not isinstance(calls, list) or not calls:
+        raise DataError(f"{where}: turn {index} has 'tool_calls' that is not a non-empty list")
+    parsed = []
+    for call in calls:
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise DataError(f"{where}: turn {index} has a tool call without 'function' {{'name', 'arguments'}}")
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{where}: turn {index}: tool call arguments are not JSON ({error})") from None
+        parsed.append({**call, "type": call.get("type", "function"),
+                       "function": {"name": function["name"], "arguments": arguments}})
+    return parsed
 
 
 def messages_of(record: dict[str, Any], fmt: str, where: str) -> list[Message]:
-    """The conversation of ``record`` as OpenAI-style messages, checked; ``where`` is ``file:line``."""
+    """The conversation of ``record`` as OpenAI-style messages, checked; ``where`` is ``file:line``.
+    OpenAI rows may hold ``tool`` turns and assistant turns with ``tool_calls``."""
     if fmt == "auto":
         fmt = "openai" if "messages" in record else "sharegpt" if "conversations" in record else ""
         if not fmt:
@@ -45,44 +83,136 @@ def messages_of(record: dict[str, Any], fmt: str, where: str) -> list[Message]:
     turns = record.get(key)
     if not isinstance(turns, list) or not turns:
         raise DataError(f"{where}: '{key}' must be a non-empty list")
+    roles = ROLES if fmt == "openai" else ROLES[:3]
     messages = []
     for index, turn in enumerate(turns):
         role = turn.get(role_key) if isinstance(turn, dict) else None
         role = role if fmt == "openai" else SHAREGPT_ROLES.get(role, role)
-        if role not in ROLES:
-            raise DataError(f"{where}: turn {index} has role {role!r}; expected one of {ROLES} "
+        if role not in roles:
+            raise DataError(f"{where}: turn {index} has role {role!r}; expected one of {roles} "
                             f"({'ShareGPT: ' + ', '.join(SHAREGPT_ROLES) if fmt == 'sharegpt' else 'OpenAI format'})")
-        if not isinstance(turn.get(text_key), str):
+        calls = role == "assistant" and fmt == "openai" and turn.get("tool_calls") is not None
+        text = turn.get(text_key)
+        if not isinstance(text, str) and not (calls and text is None):
             raise DataError(f"{where}: turn {index} has no string '{text_key}'")
-        messages.append({"role": role, "content": turn[text_key]})
+        message: Message = {"role": role, "content": text or ""}
+        if calls:
+            message["tool_calls"] = tool_calls_of(turn, index, where)
+        if role == "tool":
+            message.update({k: turn[k] for k in ("tool_call_id", "name") if k in turn})
+        messages.append(message)
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: the conversation has no assistant turn to learn from")
     return messages
 
 
-def render(tokenizer: Any, messages: list[Message], generation_prompt: bool) -> str:
-    """The chat template's text for ``messages``."""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+class Renderer:
+    """The tokenizer's chat template applied to one record's conversation (its tools, the configured
+    template variables); a template error or a tool turn the template drops is a :class:`DataError`
+    naming ``where``."""
+
+    def __init__(self, tokenizer: Any, cfg: ChatConfig, tools: list[Any] | None, where: str):
+        self.tokenizer, self.cfg, self.tools, self.where = tokenizer, cfg, tools, where
+
+    def __call__(self, messages: list[Message], generation_prompt: bool) -> str:
+        """The template's text for ``messages``."""
+        try:
+            return self.tokenizer.apply_chat_template(
+                messages, tools=self.tools, tokenize=False, add_generation_prompt=generation_prompt,
+                **self.cfg.chat_template_kwargs)
+        except TemplateError as error:
+            raise DataError(f"{self.where}: the tokenizer's chat template refuses this conversation: {error}") from None
+
+    def check_tools(self, messages: list[Message], text: str) -> None:
+        """Refuse a conversation whose tool calls or tool results the template left out of ``text``."""
+        for index, message in enumerate(messages):
+            dropped = [c["function"]["name"] for c in message.get("tool_calls", ())
+                       if c["function"]["name"] not in text]
+            result = message["content"].strip()
+            if dropped or (message["role"] == "tool" and result not in text and json.dumps(result) not in text):
+                raise DataError(f"{self.where}: the tokenizer's chat template does not render tool "
+                                f"{'calls' if dropped else 'results'} (turn {index}); use a model whose template "
+                                "supports tools")
 
 
-def segments_of(tokenizer: Any, messages: list[Message], train_on: str, where: str) -> list[tuple[str, bool]]:
+def common_prefix(a: str, b: str) -> int:
+    """The length of the longest common prefix of ``a`` and ``b``."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def end_of_turn(tokenizer: Any, render: Renderer, before: list[Message]) -> str:
+    """The special token the template closes an assistant turn with (the first one after the reply)."""
+    probe = render([*before, {"role": "assistant", "content": _MARK}], False)
+    after = probe[probe.index(_MARK) + len(_MARK):]
+    found = [(after.find(t), t) for t in tokenizer.all_special_tokens if t and t in after]
+    if not found:
+        raise DataError(f"{render.where}: the chat template closes an assistant turn with no special token; "
+                        "the chat builder cannot tell where a reply ends")
+    return min(found)[1]
+
+
+def written_before_content(render: Renderer, before: list[Message], prompt: str) -> str:
+    """What the template puts between a reply's inference ``prompt`` and its content that the model
+    writes itself (Mistral's space): the text before the content after the generation prompt, or
+    after the last special token when the generation prompt is empty."""
+    alone = render([*before, {"role": "assistant", "content": _MARK}], False)
+    header = alone[:alone.index(_MARK)]
+    generation_prompt = prompt[len(plain):] if prompt.startswith(plain := render(before, False)) else ""
+    marks = [generation_prompt] if generation_prompt else render.tokenizer.all_special_tokens
+    ends = [header.rfind(m) + len(m) for m in marks if m and m in header]
+    return header[max(ends):] if ends else ""
+
+
+def reply_span(render: Renderer, messages: list[Message], i: int, full: str, cursor: int) -> tuple[int, int]:
+    """Where assistant turn ``i`` lies in ``full`` (the whole conversation rendered): from the end of
+    the turn's inference prompt through the template's end-of-turn token.
+
+    The inference prompt (the turns before, with the generation prompt) is a prefix of ``full`` for
+    templates that render earlier turns unchanged. Templates that rewrite them (Qwen3 drops an earlier
+    turn's reasoning block, Mistral moves the system prompt to the last user turn) are located by
+    rendering the conversation with the turn's content replaced by a marker: the reply starts where
+    that rendering departs from ``full``, less what the model itself writes before the content (e.g.
+    Mistral's space, see :func:`written_before_content`)."""
+    prompt = render(messages[:i], True)
+    if full.startswith(prompt) and len(prompt) >= cursor:
+        start = len(prompt)
+    else:
+        marked_turn = {**messages[i], "content": _MARK}
+        start = common_prefix(full, render([*messages[:i], marked_turn, *messages[i + 1:]], False))
+        written = written_before_content(render, messages[:i], prompt)
+        if written and full[:start].endswith(written):
+            start -= len(written)
+    eot = end_of_turn(render.tokenizer, render, messages[:i])
+    end = full.find(eot, max(start, cursor))
+    if start < cursor or end < 0:
+        raise DataError(f"{render.where}: the chat builder cannot place assistant turn {i} in the chat "
+                        "template's rendering")
+    return start, end + len(eot)
+
+
+def segments_of(render: Renderer, messages: list[Message], cfg: ChatConfig) -> list[tuple[str, bool]]:
     """The rendered conversation cut at assistant turns: ``(text, carries loss)`` in order."""
+    full = render(messages, False)
+    render.check_tools(messages, full)
     assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    everything = cfg.train_on == "all"
+    opening, closing = cfg.reasoning_tags
+    empty_reasoning = re.compile(rf"\s*{re.escape(opening)}\s*{re.escape(closing)}\s*")
     segments: list[tuple[str, bool]] = []
-    covered = ""
+    cursor = 0
     for i in assistant:
-        prompt, full = render(tokenizer, messages[:i], True), render(tokenizer, messages[: i + 1], False)
-        if not (prompt.startswith(covered) and full.startswith(prompt)):
-            raise DataError(f"{where}: the tokenizer's chat template does not render turn {i} as an extension "
-                            "of the turns before it; the chat builder cannot place the loss")
-        reply = full[len(prompt):]
-        end = reply.find(tokenizer.eos_token, len(messages[i]["content"]))
-        end = len(reply) if end < 0 else end + len(tokenizer.eos_token)
-        learn = train_on != "last" or i == assistant[-1]
-        segments += [(prompt[len(covered):], train_on == "all"), (reply[:end], learn), (reply[end:], train_on == "all")]
-        covered = full
-    tail = render(tokenizer, messages, False)[len(covered):]
-    return [s for s in [*segments, (tail, train_on == "all")] if s[0]]
+        start, end = reply_span(render, messages, i, full, cursor)
+        if not cfg.train_on_empty_reasoning and (skip := empty_reasoning.match(full, start)):
+            start = skip.end()
+        learn = everything or cfg.train_on == "assistant" or i == assistant[-1]
+        segments += [(full[cursor:start], everything), (full[start:end], learn)]
+        cursor = end
+    return [s for s in [*segments, (full[cursor:], everything)] if s[0]]
 
 
 class ChatBuilder:
@@ -100,11 +230,14 @@ class ChatBuilder:
             messages = messages_of(record, cfg.format, where)
             if cfg.system_prompt and messages[0]["role"] != "system":
                 messages.insert(0, {"role": "system", "content": cfg.system_prompt})
-            row = encode_segments(tokenizer, segments_of(tokenizer, messages, cfg.train_on, where),
-                                  cfg.max_length, stats, line)
+            tools = record.get("tools")
+            if tools is not None and not isinstance(tools, list):
+                raise DataError(f"{where}: 'tools' must be a list of function schemas")
+            render = Renderer(tokenizer, cfg, tools, where)
+            row = encode_segments(tokenizer, segments_of(render, messages, cfg), cfg.max_length, stats, line)
             if row is not None:
                 last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-                row.update(prompt=render(tokenizer, messages[:last], True), response=messages[last]["content"],
+                row.update(prompt=render(messages[:last], True), response=messages[last]["content"],
                            **passthrough(record))
             return row
 
