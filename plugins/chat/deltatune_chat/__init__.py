@@ -9,7 +9,8 @@ inference prompt (what ``add_generation_prompt`` renders for the turns before it
 template's end-of-turn token; the template text that follows (a newline in ChatML) carries no loss.
 Templates that rewrite earlier turns (Qwen3 renders ``<think>`` only for the last reply, Mistral puts
 the system prompt into the last user turn) are placed by rendering each turn with a marker for its
-content. An empty reasoning block the template injects can be kept out of the loss
+content. A template that marks the assistant's text with ``{% generation %}`` blocks places the loss
+on exactly those blocks. An empty reasoning block the template injects can be kept out of the loss
 (``train_on_empty_reasoning: false``); ``chat_template_kwargs`` reach the template (training rows and
 the prompts evaluators generate from). OpenAI rows may carry ``tools``, ``tool`` turns and assistant
 ``tool_calls``; a template that does not render them is a one-line error naming the row. Rows keep the
@@ -24,6 +25,7 @@ from typing import Any, ClassVar, Literal
 
 from jinja2 import TemplateError
 from pydantic import BaseModel, Field
+from transformers.utils.chat_template_utils import render_jinja_template
 
 from deltatune.api import (DataError, FileSourceOptions, Row, TruncationStats, encode_records, encode_segments,
                            hookimpl, passthrough)
@@ -32,6 +34,7 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
                   "assistant": "assistant", "chatgpt": "assistant"}
 ROLES = ("system", "user", "assistant", "tool")
 Message = dict[str, Any]
+GENERATION_BLOCK = re.compile(r"{%-?\s*generation\s*-?%}")
 _MARK = "\ue000deltatune-reply\ue000"
 """Stand-in reply text for finding where a template places an assistant turn's content."""
 
@@ -123,6 +126,20 @@ class Renderer:
         except TemplateError as error:
             raise DataError(f"{self.where}: the tokenizer's chat template refuses this conversation: {error}") from None
 
+    def generation_spans(self, messages: list[Message]) -> tuple[str, list[tuple[int, int]]] | None:
+        """The rendering of ``messages`` and the character spans of its ``{% generation %}`` blocks,
+        for a template that marks what the assistant writes that way (``None`` for one that does not)."""
+        template = self.tokenizer.chat_template
+        if not isinstance(template, str) or not GENERATION_BLOCK.search(template):
+            return None
+        try:
+            (text,), (spans,) = render_jinja_template(
+                [messages], tools=self.tools, chat_template=template, return_assistant_tokens_mask=True,
+                **{**self.tokenizer.special_tokens_map, **self.cfg.chat_template_kwargs})
+        except TemplateError as error:
+            raise DataError(f"{self.where}: the tokenizer's chat template refuses this conversation: {error}") from None
+        return text, [tuple(span) for span in spans]
+
     def check_tools(self, messages: list[Message], text: str) -> None:
         """Refuse a conversation whose tool calls or tool results the template left out of ``text``."""
         for index, message in enumerate(messages):
@@ -196,20 +213,24 @@ def reply_span(render: Renderer, messages: list[Message], i: int, full: str, cur
 
 
 def segments_of(render: Renderer, messages: list[Message], cfg: ChatConfig) -> list[tuple[str, bool]]:
-    """The rendered conversation cut at assistant turns: ``(text, carries loss)`` in order."""
-    full = render(messages, False)
+    """The rendered conversation cut at assistant turns: ``(text, carries loss)`` in order. The turns
+    are the template's ``{% generation %}`` blocks where it has them, else found by :func:`reply_span`."""
+    marked = render.generation_spans(messages)
+    full = marked[0] if marked else render(messages, False)
     render.check_tools(messages, full)
-    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    turns = marked[1] if marked else [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    if not turns:
+        raise DataError(f"{render.where}: the chat template's {{% generation %}} blocks mark no assistant text")
     everything = cfg.train_on == "all"
     opening, closing = cfg.reasoning_tags
     empty_reasoning = re.compile(rf"\s*{re.escape(opening)}\s*{re.escape(closing)}\s*")
     segments: list[tuple[str, bool]] = []
     cursor = 0
-    for i in assistant:
-        start, end = reply_span(render, messages, i, full, cursor)
+    for n, turn in enumerate(turns):
+        start, end = turn if marked else reply_span(render, messages, turn, full, cursor)
         if not cfg.train_on_empty_reasoning and (skip := empty_reasoning.match(full, start)):
             start = skip.end()
-        learn = everything or cfg.train_on == "assistant" or i == assistant[-1]
+        learn = everything or cfg.train_on == "assistant" or n == len(turns) - 1
         segments += [(full[cursor:start], everything), (full[start:end], learn)]
         cursor = end
     return [s for s in [*segments, (full[cursor:], everything)] if s[0]]

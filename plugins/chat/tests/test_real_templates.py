@@ -101,3 +101,27 @@ def test_bad_tool_calls_name_the_row(tmp_path):
     bad["messages"][1]["tool_calls"][0]["function"]["arguments"] = "{city"
     with pytest.raises(DataError, match=r"chat\.jsonl:1: turn 1: tool call arguments are not JSON"):
         build(tmp_path, TEMPLATES["qwen2.5"], [bad])
+
+
+def test_generation_blocks_of_a_template_place_the_loss(tmp_path):
+    """A template that marks the assistant's text with ``{% generation %}`` (as TRL's patched
+    templates do) is taken at its word: here the block leaves the end-of-turn token out, so the loss
+    does too, unlike the per-turn placement."""
+    smollm2 = TEMPLATES["smollm2"]
+    marked = RealTemplate(
+        source="SmolLM2's template with {% generation %} around assistant content",
+        template=smollm2.template.replace(
+            "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}",
+            "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}{% generation %}"
+            "{{ message['content'] }}{% endgeneration %}{{ '<|im_end|>\n' }}{% else %}"
+            "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endif %}"),
+        eos=smollm2.eos, bos=smollm2.bos, specials=smollm2.specials)
+    assert "{% generation %}" in marked.template
+    record = {"messages": [SYSTEM, *TURNS]}
+    tokenizer, (row,) = build(tmp_path, marked, [record])
+    assert labelled(tokenizer, row) == ["5", "8"]
+    assert tokenizer.decode(row["input_ids"]) == tokenizer.apply_chat_template(record["messages"], tokenize=False)
+    tokenizer, (last,) = build(tmp_path, marked, [record], train_on="last")
+    assert labelled(tokenizer, last) == ["8"]
+    tokenizer, (plain,) = build(tmp_path, smollm2, [record])
+    assert plain["input_ids"] == row["input_ids"] and labelled(tokenizer, plain) == ["5<|im_end|>", "8<|im_end|>"]
