@@ -141,3 +141,12 @@ def test_sharing_a_layer_with_lora_is_an_error_naming_both(plugin_manager):
                                             {"name": "lora", "config": {"targets": ["v_proj"]}}]}
     with pytest.raises(ConfigError, match="'ia3' and 'lora'.*v_proj"):
         build_model(resolve_spec(spec, plugin_manager))
+
+
+def test_ia3_and_lora_on_one_layer_are_refused_before_any_weight_loads():
+    """The run's constructor applies the methods to the base's meta-device skeleton: no weight is read."""
+    from deltatune.train.module import DeltaTuneModule
+
+    delta = [{"name": "ia3", "config": {"targets": ["v_proj"]}}, {"name": "lora", "config": {"targets": ["v_proj"]}}]
+    with pytest.raises(ConfigError, match="'ia3' and 'lora'.*v_proj"):
+        DeltaTuneModule(base="tiny-llama", delta=delta)
