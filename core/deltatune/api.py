@@ -50,7 +50,8 @@ masking and truncation, reported the same way by every builder through ``Truncat
 ``generate_answers``, ``normalize_answer``, ``sequence_logprobs``, ``summarize`` (per-family
 breakdowns), and ``token_loss`` (the training loss: summed token cross-entropy and token count).
 
-**Optimizers** — ``warmup_cosine`` (the shared learning-rate schedule); ``InBackwardOptimizer``,
+**Optimizers** — ``warmup_cosine`` (the shared learning-rate schedule), ``lr_groups`` (parameter
+groups with the learning-rate factors delta methods declare, for ``honours_lr_multipliers``); ``InBackwardOptimizer``,
 ``InBackwardOptimizerConfig`` and ``InBackwardOptimizerFactory`` for optimizers that update each
 parameter inside backward (LOMO): a plugin writes only the per-parameter update rule.
 
@@ -108,7 +109,7 @@ from deltatune.plugin.protocols import (
     optional_members,
 )
 from deltatune.train.loss import token_loss
-from deltatune.train.schedules import warmup_cosine
+from deltatune.train.schedules import lr_groups, warmup_cosine
 from deltatune.train.update_in_backward import (
     InBackwardOptimizer,
     InBackwardOptimizerConfig,
@@ -188,6 +189,7 @@ __all__ = [
     "InBackwardOptimizerConfig",
     "InBackwardOptimizerFactory",
     "warmup_cosine",
+    "lr_groups",
     # messages
     "console",
     # files

@@ -27,6 +27,9 @@ COMBINATIONS = {
     "dora-mlp+lora-attn": [{"name": "dora", "config": {"r": 4, "targets": MLP}},
                            {"name": "lora", "config": {"r": 4, "targets": ATTN}}],
     "vera+bitfit(existing biases)": [{"name": "vera", "config": {"r": 8, "targets": ATTN + MLP}}, "bitfit"],
+    "ia3+bitfit": ["ia3", "bitfit"],  # IA3 scales k/v outputs, bias included: merge folds both
+    "ia3-kv+lora-rest": [{"name": "ia3", "config": {"targets": ["k_proj", "v_proj"]}},
+                         {"name": "lora", "config": {"r": 4, "targets": ["q_proj", "o_proj", "gate_proj", "up_proj"]}}],
     "lora+vera on the same layers": [{"name": "lora", "config": {"r": 2, "targets": "all-linear"}},
                                      {"name": "vera", "config": {"r": 8, "targets": "all-linear"}}],
 }

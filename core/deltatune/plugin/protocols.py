@@ -133,6 +133,13 @@ class DatasetBuilder(Protocol):
         bool,
     ),
     OptionalMember(
+        "lr_multipliers", None, "method",
+        "lr_multipliers(cfg) -> dict[str, float]: factors of the optimizer's learning rate for some of this "
+        "method's parameters, by the end of their names (e.g. {\"lora_B.weight\": 16.0}); the optimizer gets "
+        "them as parameter groups, and a run whose optimizer does not honour them (`honours_lr_multipliers`) is "
+        "refused before any weight loads. Absent: every parameter trains at the optimizer's learning rate.",
+    ),
+    OptionalMember(
         "inner_width", None, "method",
         "inner_width(cfg) -> int: elements per token that one of this method's delta layers computes "
         "between the layer's input and output and autograd keeps for backward (a low-rank method's rank r; "
@@ -145,8 +152,8 @@ class DeltaMethod(Protocol):
 
     Optional members (PEFT interoperability, used by :mod:`deltatune.io.peft` to write a PEFT
     adapter folder and to start from one with ``init_from``): ``peft_state_dict``,
-    ``load_peft_state_dict``, ``peft_fields``, ``reads_peft``; for ``deltatune estimate``:
-    ``inner_width`` — see :func:`optional_members`.
+    ``load_peft_state_dict``, ``peft_fields``, ``reads_peft``; for the optimizer: ``lr_multipliers``;
+    for ``deltatune estimate``: ``inner_width`` — see :func:`optional_members`.
     :class:`deltatune.deltas.method.LayerDeltaMethod` implements the first two for methods whose
     delta tensors carry PEFT's names (override ``peft_names`` to rename).
     """
@@ -256,6 +263,14 @@ class Evaluator(Protocol):
         bool,
     ),
     OptionalMember(
+        "honours_lr_multipliers", False, "attribute",
+        "honours_lr_multipliers: ClassVar[bool]: True when `create` accepts the keyword `lr_multipliers` "
+        "(parameter name -> factor, for the parameters a delta method gives a learning rate other than the "
+        "optimizer's; passed only when there are any) and trains each such parameter at lr x factor, its "
+        "schedule included (`lr_groups` builds the groups). Absent: runs with such a delta method are refused.",
+        bool,
+    ),
+    OptionalMember(
         "state_bytes_per_param", None, "method",
         "state_bytes_per_param(cfg, shape, param_bytes) -> float: bytes of optimizer state kept for one "
         "trained tensor of `shape` whose elements take `param_bytes` bytes (for `deltatune estimate`). "
@@ -272,8 +287,8 @@ class Evaluator(Protocol):
 class OptimizerFactory(Protocol):
     """Builds the optimizer (and learning-rate schedule) for the trainable parameters.
 
-    Optional members: ``updates_in_backward``, ``state_bytes_per_param``, ``default`` (see
-    :func:`optional_members`).
+    Optional members: ``updates_in_backward``, ``honours_lr_multipliers``, ``state_bytes_per_param``,
+    ``default`` (see :func:`optional_members`).
     """
 
     name: ClassVar[str]

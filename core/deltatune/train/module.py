@@ -30,12 +30,47 @@ from deltatune.evaluation.helpers import EvaluatorRef
 from deltatune.model.generation import generate, user_text
 from deltatune.train.loss import token_loss
 from deltatune.model.loading import DEFAULT_MODEL
-from deltatune.model.assembly import (DType, ModelSpec, check_on_skeleton, compile_decoder_layers, compute_context,
+from deltatune.model.assembly import (DType, ModelSpec, ResolvedSpec, check_on_skeleton, compile_decoder_layers, compute_context,
                                       eval_mode,
                                       trainable_summary)
 from deltatune.train.packing_check import packing_leak
 from deltatune.train import resume
 from deltatune.train.report import PLOT_FILE, REPORT_FILE, RunReport, plot_losses
+
+
+def declared_lr_multipliers(resolved: ResolvedSpec) -> dict[str, dict[str, float]]:
+    """Each delta method's learning-rate factors (``lr_multipliers``), by method, where it declares any."""
+    declared = {}
+    for delta in resolved.deltas:
+        member = delta.optional("lr_multipliers")
+        factors = member(delta.cfg) if member is not None else {}
+        if any(factor != 1.0 for factor in factors.values()):
+            declared[delta.name] = factors
+    return declared
+
+
+def check_lr_multipliers(resolved: ResolvedSpec, optimizer: ResolvedPlugin) -> None:
+    """Raise :class:`ConfigError` when a delta method gives some parameters their own learning rate and
+    the optimizer cannot honour it (checked before any weight loads)."""
+    declared = declared_lr_multipliers(resolved)
+    if declared and not optimizer.optional("honours_lr_multipliers"):
+        methods = ", ".join(f"'{name}' ({factors})" for name, factors in declared.items())
+        raise ConfigError(f"delta method {methods} trains some parameters at a multiple of the learning rate, "
+                          f"which optimizer '{optimizer.name}' does not support; use an optimizer that does or "
+                          "drop the option")
+
+
+def lr_multipliers(resolved: ResolvedSpec, named: list[tuple[str, torch.nn.Parameter]]) -> dict[str, float]:
+    """Parameter name -> learning-rate factor, for the trainable parameters whose delta method declares
+    one other than 1 (matched on the end of the name, among the parameters the method claims)."""
+    out: dict[str, float] = {}
+    declared = declared_lr_multipliers(resolved)
+    for delta in resolved.deltas:
+        for suffix, factor in declared.get(delta.name, {}).items():
+            for name, param in named:
+                if name.endswith(suffix) and delta.plugin.trainable(name, param):
+                    out[name] = float(factor)
+    return out
 
 
 class DeltaTuneModule(L.LightningModule):
@@ -102,6 +137,7 @@ class DeltaTuneModule(L.LightningModule):
         self.evaluator_plugins = [resolve("evaluator", PluginRef(name=e.name, config=e.config)) for e in refs]
         self.evaluator_splits = [e.splits for e in refs]
         check_on_skeleton(self.resolved)  # the base's config, not its weights: after every plugin option
+        check_lr_multipliers(self.resolved, self.optimizer_plugin)
         self.updates_in_backward: bool = self.optimizer_plugin.optional("updates_in_backward")
         self.automatic_optimization = not self.updates_in_backward
         self.strict_loading = False
@@ -224,8 +260,10 @@ class DeltaTuneModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         """The optimizer plugin's optimizer and per-step scheduler."""
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        multipliers = lr_multipliers(self.resolved, named)
         optimizer, scheduler = self.optimizer_plugin.plugin.create(
-            named, self.optimizer_plugin.cfg, int(self.trainer.estimated_stepping_batches)
+            named, self.optimizer_plugin.cfg, int(self.trainer.estimated_stepping_batches),
+            **({"lr_multipliers": multipliers} if multipliers else {}),
         )
         if scheduler is None:
             return optimizer

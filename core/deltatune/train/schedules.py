@@ -1,10 +1,12 @@
-"""Learning-rate schedules shared by optimizer plugins."""
+"""Learning-rate schedules and learning-rate groups shared by optimizer plugins."""
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
+from torch import nn
 
 
 def warmup_cosine(
@@ -22,3 +24,23 @@ def warmup_cosine(
         return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def lr_groups(
+    groups: list[dict[str, Any]], lr: float, lr_multipliers: dict[str, float] | None = None
+) -> list[dict[str, Any]]:
+    """torch parameter groups: each of ``groups`` (``params``: a list of ``(name, parameter)``, plus any
+    other group options) split by the learning-rate factor ``lr_multipliers`` gives each name (1
+    when absent), a group with a factor other than 1 getting ``lr = lr x factor``. Empty groups are
+    dropped; ``params`` come back as plain parameters. A schedule scales every group's own ``lr``, so
+    the factors hold at every step."""
+    lr_multipliers = lr_multipliers or {}
+    out: list[dict[str, Any]] = []
+    for group in groups:
+        by_factor: dict[float, list[nn.Parameter]] = {}
+        for name, param in group["params"]:
+            by_factor.setdefault(float(lr_multipliers.get(name, 1.0)), []).append(param)
+        for factor, params in by_factor.items():
+            options = {k: v for k, v in group.items() if k != "params"}
+            out.append({"params": params, **options, **({"lr": lr * factor} if factor != 1.0 else {})})
+    return out

@@ -53,7 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.weak import WeakIdKeyDictionary
 
-from deltatune.train.schedules import warmup_cosine
+from deltatune.train.schedules import lr_groups, warmup_cosine
 
 __all__ = ["DeferredGrad", "InBackwardOptimizer", "InBackwardOptimizerConfig", "InBackwardOptimizerFactory", "deferred_lookup", "deferred_tied_head", "optimizer_updates_in_backward", "updated_in_backward"]
 
@@ -604,15 +604,20 @@ class InBackwardOptimizerFactory:
     updates_in_backward: ClassVar[bool] = True
     """The optional :class:`~deltatune.plugin.protocols.OptimizerFactory` member that makes the core
     drive the optimizer with :meth:`InBackwardOptimizer.backward_and_update`."""
+    honours_lr_multipliers: ClassVar[bool] = True
+    """Every update reads its group's ``lr``, so a delta method's learning-rate factors hold."""
 
     def create(
-        self, named_params: list[tuple[str, nn.Parameter]], cfg: BaseModel, total_steps: int
+        self, named_params: list[tuple[str, nn.Parameter]], cfg: BaseModel, total_steps: int,
+        lr_multipliers: dict[str, float] | None = None,
     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-        """The optimizer over ``named_params`` and its warm-up + cosine schedule over ``total_steps``."""
+        """The optimizer over ``named_params`` (in groups by the learning-rate factors delta methods
+        declare, ``lr_multipliers``) and its warm-up + cosine schedule over ``total_steps``."""
         if not isinstance(cfg, self.Config):
             raise TypeError(f"{self.name}: expected a {self.Config.__name__}, got {type(cfg).__name__}")
         options = cfg.model_dump(exclude={"warmup_steps", "min_lr_ratio"})
-        optimizer = self.optimizer_class(list(named_params), **options)
+        params = lr_groups([{"params": list(named_params)}], options["lr"], lr_multipliers) if lr_multipliers else list(named_params)
+        optimizer = self.optimizer_class(params, **options)
         return optimizer, warmup_cosine(optimizer, cfg.warmup_steps, total_steps, cfg.min_lr_ratio)
 
     @classmethod

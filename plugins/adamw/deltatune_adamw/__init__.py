@@ -14,7 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from deltatune.api import hookimpl, warmup_cosine
+from deltatune.api import hookimpl, lr_groups, warmup_cosine
 
 
 class AdamWConfig(BaseModel):
@@ -46,15 +46,18 @@ class AdamW:
     name: ClassVar[str] = "adamw"
     Config: ClassVar[type[BaseModel]] = AdamWConfig
     default: ClassVar[bool] = True  # the optimizer of a run that names none
+    honours_lr_multipliers: ClassVar[bool] = True
 
     def create(
-        self, named_params: list[tuple[str, nn.Parameter]], cfg: AdamWConfig, total_steps: int
+        self, named_params: list[tuple[str, nn.Parameter]], cfg: AdamWConfig, total_steps: int,
+        lr_multipliers: dict[str, float] | None = None,
     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
-        """``torch.optim.AdamW`` over two groups (decayed matrices, undecayed vectors) and its schedule."""
-        decay = [p for _, p in named_params if p.ndim >= 2]
-        no_decay = [p for _, p in named_params if p.ndim < 2]
-        groups = [g for g in ({"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+        """``torch.optim.AdamW`` over two groups (decayed matrices, undecayed vectors), each split by the
+        learning-rate factors delta methods declare (``lr_multipliers``), and its schedule."""
+        decay = [(n, p) for n, p in named_params if p.ndim >= 2]
+        no_decay = [(n, p) for n, p in named_params if p.ndim < 2]
+        groups = lr_groups([{"params": decay, "weight_decay": cfg.weight_decay},
+                            {"params": no_decay, "weight_decay": 0.0}], cfg.lr, lr_multipliers)
         params = [p for _, p in named_params]
         fused = cfg.fused if cfg.fused is not None else fused_step_supported(params)
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)

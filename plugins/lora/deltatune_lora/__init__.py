@@ -7,7 +7,10 @@ A frozen linear layer ``y = W x + b`` gets a trainable low-rank update::
 ``A`` starts Kaiming-uniform (``a = sqrt(5)``) and ``B`` at zero, so the model is unchanged before
 training; the scale ``s`` is ``alpha / r`` (or ``alpha / sqrt(r)`` with ``rslora``). This matches
 Hugging Face PEFT's LoRA layer weight for weight, so adapters export to and import from PEFT.
-Merging adds ``s · B A`` to ``W``; unmerging subtracts it. The pair is the core's low-rank base
+Merging adds ``s · B A`` to ``W``; unmerging subtracts it. LoRA+ (Hayou et al., 2024;
+``loraplus_lr_ratio``, as PEFT's ``create_loraplus_optimizer``) trains ``B`` at the optimizer's
+learning rate times the ratio, through the parameter groups any optimizer that honours a delta
+method's learning-rate factors builds. The pair is the core's low-rank base
 (:class:`deltatune.api.LowRankDelta`, shared with DoRA); LoRA's own forward and the grouped
 product a fast training forward runs for layers that read one input are in :mod:`deltatune_lora.layer`.
 """
@@ -16,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from deltatune.api import LOW_RANK_PEFT_FIELDS, Delta, DeltaLinear, LayerDeltaMethod, LowRankConfig, hookimpl
 from deltatune_lora.layer import LoraDelta
@@ -24,7 +27,11 @@ from deltatune_lora.layer import LoraDelta
 
 class LoraConfig(LowRankConfig):
     """Options of the ``lora`` delta method (``r``, ``alpha``, ``dropout``, ``targets``, ``rslora``,
-    ``init_from``: see :class:`deltatune.api.LowRankConfig`)."""
+    ``init_from``: see :class:`deltatune.api.LowRankConfig`; and LoRA+'s ``loraplus_lr_ratio``)."""
+
+    loraplus_lr_ratio: float | None = Field(
+        None, gt=0, description="LoRA+: B trains at the optimizer's learning rate times this ratio (the paper "
+        "suggests 16); unset: A and B share the learning rate")
 
 
 class Lora(LayerDeltaMethod):
@@ -43,6 +50,10 @@ class Lora(LayerDeltaMethod):
     def peft_config(self, cfg: BaseModel) -> dict[str, Any] | None:
         """PEFT ``LoraConfig`` fields equivalent to ``cfg``."""
         return cfg.peft_fields()
+
+    def lr_multipliers(self, cfg: BaseModel) -> dict[str, float]:
+        """LoRA+: ``B`` at ``loraplus_lr_ratio`` times the learning rate (nothing without the option)."""
+        return {"lora_B.weight": cfg.loraplus_lr_ratio} if cfg.loraplus_lr_ratio else {}
 
     def inner_width(self, cfg: BaseModel) -> int:
         """The rank: ``A``'s output is kept for backward."""

@@ -205,7 +205,8 @@ def test_optional_members_are_declared_apart_from_the_required_ones_with_default
             assert member.default is None or member.problem(member.default) is None, name
     assert set(PLUGIN_KINDS["quantizer"].optional) == {"bits_per_weight", "layers_to_quantize",
                                                        "transformers_quantization_config"}
-    assert set(PLUGIN_KINDS["optimizer"].optional) == {"updates_in_backward", "state_bytes_per_param", "default"}
+    assert set(PLUGIN_KINDS["optimizer"].optional) == {"updates_in_backward", "honours_lr_multipliers",
+                                                       "state_bytes_per_param", "default"}
 
 
 def test_one_table_of_kinds_drives_the_manager_registry_scaffold_and_contract_kit():

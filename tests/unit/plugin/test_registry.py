@@ -33,13 +33,13 @@ def test_registry_lists_exactly_the_first_party_plugins_and_they_are_installed()
 
 
 def test_third_party_entries_with_a_path_point_at_their_package_folder():
-    """A vetted third-party plugin shipped in this repository (the IA3 example) lies outside plugins/;
+    """A vetted third-party plugin shipped in this repository (the scaled-activations example) lies outside plugins/;
     its folder's pyproject names the registered distribution and the entry point."""
     import tomllib
 
     registry = load_registry(ROOT / "registry.toml")
     outside = [e for e in registry.plugin if e.path and Path(e.path).parts[0] != "plugins"]
-    assert [e.name for e in outside] == ["ia3"]
+    assert [e.name for e in outside] == ["scaled_activations"]
     for entry in outside:
         project = tomllib.loads((ROOT / entry.path / "pyproject.toml").read_text())["project"]
         assert project["name"] == entry.distribution

@@ -1,6 +1,7 @@
 """IA3: infused adapters by inhibiting and amplifying inner activations (Liu et al., 2022).
 
-A third-party deltatune plugin: it uses only deltatune's public API and touches nothing in the core.
+A first-party deltatune plugin (``examples/third_party_plugin`` is the template for plugins outside
+this repository).
 
 IA3 learns one vector per targeted linear layer and multiplies an activation by it, elementwise:
 
@@ -29,9 +30,14 @@ Cost note: deltatune's wrapper computes ``base(x)`` before any delta; a feedforw
 ``base(x * l)`` instead and computes it again, one extra matmul per ``down_proj`` while training.
 Merge the adapter for inference (``deltatune export --format merged``) to drop it.
 
+Left unset, ``targets`` and ``feedforward`` are PEFT's defaults for the base's model family
+(:data:`FAMILY_DEFAULTS`, PEFT's ``TRANSFORMERS_MODELS_TO_IA3_*`` tables); a family without one must
+name its targets. ``init_from: FOLDER`` starts from a PEFT ``IA3`` adapter.
+
 Usage::
 
     delta:
+      - ia3                                   # PEFT's targets for the family (Llama: k, v, down_proj)
       - {name: ia3, config: {targets: [k_proj, v_proj, down_proj], feedforward: [down_proj]}}
 """
 
@@ -41,7 +47,7 @@ import re
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from deltatune.api import ConfigError, Delta, DeltaLinear, LayerDeltaMethod, hookimpl, target_matches
@@ -50,19 +56,48 @@ __all__ = ["IA3", "IA3Config", "IA3Delta"]
 __version__ = "0.1.0"
 
 
+_ATTENTION_KVD = (["k_proj", "v_proj", "down_proj"], ["down_proj"])
+_ATTENTION_QVD = (["q_proj", "v_proj", "down_proj"], ["down_proj"])
+_FUSED_QKV = (["query_key_value", "dense_4h_to_h"], ["dense_4h_to_h"])
+FAMILY_DEFAULTS: dict[str, tuple[list[str], list[str]]] = {
+    "llama": _ATTENTION_KVD, "mistral": _ATTENTION_KVD, "mixtral": (["k_proj", "v_proj", "w2"], ["w2"]),
+    "qwen2": _ATTENTION_QVD, "qwen3": _ATTENTION_QVD, "gemma": _ATTENTION_QVD, "gemma2": _ATTENTION_QVD,
+    "falcon": _FUSED_QKV, "gpt_neox": _FUSED_QKV, "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+}
+"""PEFT's default (targets, feedforward) per ``config.model_type`` (peft.utils.constants)."""
+
+
 class IA3Config(BaseModel):
     """Options of the ``ia3`` delta method."""
 
     model_config = ConfigDict(extra="forbid")
 
-    targets: list[str] | str = Field(
-        default_factory=lambda: ["k_proj", "v_proj", "down_proj"],
-        description="module-name suffixes, 're:REGEX', or 'all-linear' (PEFT's Llama default: k_proj, v_proj, down_proj)",
+    targets: list[str] | str | None = Field(
+        None, description="module-name suffixes, 're:REGEX', or 'all-linear'; unset: PEFT's default for the model family",
     )
-    feedforward: list[str] = Field(
-        default_factory=lambda: ["down_proj"],
-        description="targets whose input (not output) is scaled: the feed-forward layers",
+    feedforward: list[str] | None = Field(
+        None, description="targets whose input (not output) is scaled: the feed-forward layers; unset: PEFT's "
+        "default for the model family when targets is unset too, else none",
     )
+    init_from: str | None = Field(None, description="a PEFT IA3 adapter folder to start from")
+
+    @field_validator("feedforward", mode="before")
+    @classmethod
+    def _peft_regex(cls, value: Any) -> Any:
+        """A string is a regular expression over whole module names, as PEFT's ``feedforward_modules``."""
+        return [f"re:{value}"] if isinstance(value, str) else value
+
+    def for_model(self, model: nn.Module) -> IA3Config:
+        """These options with unset targets/feedforward filled in from :data:`FAMILY_DEFAULTS`."""
+        if self.targets is not None:
+            return self.model_copy(update={"feedforward": self.feedforward or []})
+        family = getattr(getattr(model, "config", None), "model_type", None)
+        if family not in FAMILY_DEFAULTS:
+            raise ConfigError(f"ia3: no default targets for model family {family!r}; set `targets` "
+                              f"(and `feedforward`) — families with defaults: {', '.join(sorted(FAMILY_DEFAULTS))}")
+        targets, feedforward = FAMILY_DEFAULTS[family]
+        return self.model_copy(update={"targets": targets,
+                                       "feedforward": feedforward if self.feedforward is None else self.feedforward})
 
 
 class IA3Delta(Delta):
@@ -113,6 +148,12 @@ class IA3(LayerDeltaMethod):
     name: ClassVar[str] = "ia3"
     Config: ClassVar[type[BaseModel]] = IA3Config
     supports_quantized: ClassVar[bool] = True
+    peft_fields: ClassVar[dict[str, str]] = {"targets": "target_modules", "feedforward": "feedforward_modules"}
+    reads_peft: ClassVar[dict[str, Any]] = {"peft_type": "IA3"}
+
+    def apply(self, model: nn.Module, cfg: IA3Config) -> None:
+        """Wrap the targeted layers (the family's defaults when ``targets`` is unset)."""
+        super().apply(model, cfg.for_model(model))
 
     def prepare(self, model: nn.Module, cfg: IA3Config, layer_names: list[str]) -> None:
         """Every ``feedforward`` pattern must select at least one targeted layer."""
@@ -131,8 +172,11 @@ class IA3(LayerDeltaMethod):
         return delta.to(device)
 
     def peft_config(self, cfg: IA3Config) -> dict[str, Any] | None:
-        """PEFT ``IA3Config`` fields (``target_modules`` is filled in by the core's exporter)."""
-        patterns = [p[3:] if p.startswith("re:") else rf"(?:.*\.)?{re.escape(p)}" for p in cfg.feedforward]
+        """PEFT ``IA3Config`` fields (``target_modules`` is filled in by the core's exporter; the
+        feedforward modules are a regex over the exact names, so the family defaults resolve at export)."""
+        feedforward = cfg.feedforward if cfg.targets is not None or cfg.feedforward is not None else \
+            sorted({f for _, ffn in FAMILY_DEFAULTS.values() for f in ffn})
+        patterns = [p[3:] if p.startswith("re:") else rf"(?:.*\.)?{re.escape(p)}" for p in feedforward]
         return {
             "peft_type": "IA3",
             "feedforward_modules": "|".join(f"(?:{p})" for p in patterns) if patterns else [],
