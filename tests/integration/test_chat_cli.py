@@ -81,6 +81,25 @@ def test_generate_samples_reproducibly_with_a_seed(adapter, capsys):
     assert capsys.readouterr().out == greedy
 
 
+def test_chat_template_variables_reach_the_prompts_of_generate_and_chat(tmp_path, monkeypatch, capsys):
+    from deltatune.model.loading import tiny_llama
+    from deltatune.testing.chat_templates import QWEN3, tokenizer_with
+
+    tokenizer = tokenizer_with(QWEN3)  # a base with Qwen3's chat template
+    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(tmp_path / "qwen3-template")
+    tokenizer.save_pretrained(tmp_path / "qwen3-template")
+    off = ["--base", str(tmp_path / "qwen3-template"), "--chat_template_kwargs", '{"enable_thinking": false}',
+           "--max_new_tokens", "3"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("Add 2 and 3.\nAnd 4 and 4?\n"))
+    assert main(["chat", *off, "--show_prompt"]) == 0
+    prompts = capsys.readouterr().err.split("<|im_start|>user\nAdd 2 and 3.<|im_end|>\n")[1:]
+    assert len(prompts) == 2 and all(p.rstrip("\n").endswith("<|im_start|>assistant\n<think>\n\n</think>") for p in prompts)
+    assert main(["generate", *off, "--prompt", "Add 2 and 3."]) == 0
+    with_variables = capsys.readouterr().out
+    assert main(["generate", *off[:2], "--max_new_tokens", "3", "--prompt", "Add 2 and 3."]) == 0
+    assert capsys.readouterr().out != with_variables  # the model saw a different prompt
+
+
 @pytest.mark.parametrize(("extra", "expected"), [
     (["--prompts_file", "{tmp}/bad.jsonl"], "bad.jsonl:2: no non-empty string 'prompt'"),
     (["--prompts_file", "{tmp}/missing.txt"], "prompts file not found"),

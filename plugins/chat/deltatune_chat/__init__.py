@@ -14,7 +14,9 @@ on exactly those blocks. An empty reasoning block the template injects can be ke
 (``train_on_empty_reasoning: false``); ``chat_template_kwargs`` reach the template (training rows and
 the prompts evaluators generate from). OpenAI rows may carry ``tools``, ``tool`` turns and assistant
 ``tool_calls``; a template that does not render them is a one-line error naming the row. Rows keep the
-last assistant turn's prompt and reply as ``prompt``/``response`` for evaluators that generate.
+last assistant turn's prompt and reply as ``prompt``/``response`` for evaluators that generate (and the
+template variables as ``chat_template_kwargs``, so the run's sample table finds the user's text in the
+prompt).
 """
 
 from __future__ import annotations
@@ -260,6 +262,8 @@ class ChatBuilder:
                 last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
                 row.update(prompt=render(messages[:last], True), response=messages[last]["content"],
                            **passthrough(record))
+                if cfg.chat_template_kwargs:
+                    row["chat_template_kwargs"] = cfg.chat_template_kwargs
             return row
 
         return encode_records(self.name, cfg, split, encode)

@@ -10,6 +10,7 @@ import torch
 from deltatune.errors import ConfigError
 from deltatune.model.generation import ChatSession, cut_at_stop, generate
 from deltatune.model.loading import tiny_llama, tiny_tokenizer
+from deltatune.testing.chat_templates import QWEN3, tokenizer_with
 
 PROMPTS = ["def add(a, b):\n", "hello", "x = [1, 2"]
 
@@ -97,3 +98,16 @@ def test_a_chat_session_needs_a_chat_template(model):
     tokenizer.chat_template = None
     with pytest.raises(ConfigError, match="chat template"):
         ChatSession(model, tokenizer)
+
+
+def test_a_chat_session_renders_every_turn_with_the_template_variables():
+    tokenizer = tokenizer_with(QWEN3)
+    tokenizer.pad_token = tokenizer.eos_token  # as deltatune's tokenizer loading sets it
+    model = tiny_llama(vocab_size=len(tokenizer)).eval()
+    session = ChatSession(model, tokenizer, template_kwargs={"enable_thinking": False}, max_new_tokens=4)
+    first = session.reply("Add 2 and 3.")
+    prompt = session.prompt("And 4 and 4?")
+    assert prompt == tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": first},
+         {"role": "user", "content": "And 4 and 4?"}], tokenize=False, add_generation_prompt=True, enable_thinking=False)
+    assert prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
