@@ -29,7 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from deltatune.api import (ConfigError, GenerationOptions, Row, atomic_file, chat_prompt, generate_answers, home,
+from deltatune.api import (ChatTemplateOptions, ConfigError, GenerationOptions, Row, atomic_file, chat_prompt, generate_answers, home,
                            hookimpl)
 
 from deltatune_humaneval.problems import STOP, Problem, chat_request, load_problems, pass_at_k, program
@@ -50,7 +50,7 @@ def refuse_execution() -> ConfigError:
                        f"config (or {OPT_IN_VARIABLE}=1) to allow it")
 
 
-class HumanEvalConfig(BaseModel):
+class HumanEvalConfig(ChatTemplateOptions):
     """Options of the ``humaneval`` evaluator."""
 
     model_config = ConfigDict(extra="forbid")
@@ -58,8 +58,6 @@ class HumanEvalConfig(BaseModel):
     allow_code_execution: bool = Field(False, description="run model-written code (in the sandbox)")
     problems: str | None = Field(None, description="HumanEval-format JSONL(.gz) file (default: the packaged 164)")
     mode: Literal["auto", "completion", "chat"] = "auto"
-    chat_template_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="extra variables for the chat template in chat mode, e.g. {enable_thinking: false}")
     limit: int | None = Field(None, gt=0, description="evaluate the first N problems only")
     n: int = Field(1, gt=0, description="samples per problem")
     k: list[int] = Field([1], description="pass@k reported for each k (each <= n)")
