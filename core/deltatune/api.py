@@ -43,6 +43,7 @@ file and line), ``split_path``, ``encode_example`` / ``encode_records`` / ``enco
 masking and truncation, reported the same way by every builder through ``TruncationStats``),
 ``passthrough``, ``user_prompt``, ``chat_prompt`` and ``ChatMode`` (chat template or plain text),
 ``FileSourceOptions`` (the options every file-reading builder shares: the base of its ``Config``),
+``ChatTemplateOptions`` (``chat_template_kwargs``, for a builder or evaluator that renders chat prompts),
 ``IGNORE_INDEX`` (the label of positions without loss) and ``collate`` (rows → padded batch).
 
 **Evaluators** — ``EvaluatorOptions`` (batch size and row limit: the base of an evaluator's ``Config``),
@@ -76,7 +77,7 @@ from deltatune.data.module import (
     user_prompt,
 )
 from deltatune.data.packing import IGNORE_INDEX, collate
-from deltatune.data.sources import FileSourceOptions
+from deltatune.data.sources import ChatTemplateOptions, FileSourceOptions
 from deltatune.deltas.grouped import GroupedProduct, Projection, base_input_grad, base_products, hooked, no_autocast
 from deltatune.deltas.layer import Delta, DeltaLinear, WeightUpdateDelta, base_weight, delta_layers, get_submodule_parent
 from deltatune.deltas.lowrank import LOW_RANK_PEFT_FIELDS, LowRankConfig, LowRankDelta
@@ -163,6 +164,7 @@ __all__ = [
     "compute_dtype",
     # dataset builders
     "ChatMode",
+    "ChatTemplateOptions",
     "FileSourceOptions",
     "IGNORE_INDEX",
     "TruncationStats",

@@ -173,8 +173,8 @@ def test_fit_without_checkpointing_says_it_cannot_be_resumed(files, tmp_path, ca
 # -- generate and export ------------------------------------------------------------------------------
 @pytest.mark.parametrize("argv, fragments", [
     (["--raw", "--prompt", ""], ["--prompt #1", "is empty"]),
-    (["--prompt", "hi", "--max-new-tokens", "0"], ["--max-new-tokens", "at least 1", "(got 0)"]),
-    (["--prompt", "hi", "--max-new-tokens", "-3"], ["--max-new-tokens", "(got -3)"]),
+    (["--prompt", "hi", "--max-new-tokens", "0"], ["--max_new_tokens", "at least 1", "(got 0)"]),
+    (["--prompt", "hi", "--max-new-tokens", "-3"], ["--max_new_tokens", "(got -3)"]),
 ], ids=["empty-raw-prompt", "zero-new-tokens", "negative-new-tokens"])
 def test_generate_refuses_bad_arguments(files, capsys, argv, fragments):
     code, _, err = run(capsys, "generate", "--adapter", str(files["adapter"]), *argv)

@@ -1,4 +1,4 @@
-"""The ``deltatune`` command: plugin listing, clear errors, generation from an adapter."""
+"""The ``deltatune`` command: plugin listing, clear errors (generation and chat: test_chat_cli.py)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 
-from deltatune.io.adapter import save_adapter
 from deltatune.cli.main import main
-from deltatune.model.assembly import ModelSpec, build_model, resolve_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "tests" / "configs" / "tiny-lora.yaml"
@@ -51,20 +48,6 @@ def test_fit_with_an_unknown_plugin_fails_clearly_before_loading_anything(capsys
 def test_fit_with_an_invalid_option_names_plugin_and_field(capsys, tmp_path, option, expected):
     assert main(["fit", "--config", str(CONFIG), f"--trainer.default_root_dir={tmp_path}", option]) == 1
     assert expected in capsys.readouterr().err
-
-
-def test_generate_from_an_adapter(tmp_path, capsys):
-    resolved = resolve_spec(ModelSpec(base="tiny-llama", base_dtype="fp32", delta=["lora"]))
-    model = build_model(resolved)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
-                param.normal_(0, 0.5)
-    save_adapter(model, resolved, tmp_path / "adapter")
-    assert main(["generate", "--adapter", str(tmp_path / "adapter"), "--prompt", "hello", "--prompt", "bye",
-                 "--max-new-tokens", "5"]) == 0
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 2
 
 
 def test_generate_refuses_a_folder_that_is_not_an_adapter(tmp_path, capsys):

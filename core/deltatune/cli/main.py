@@ -2,8 +2,9 @@
 
 ``fit``, ``validate``, ``test`` and ``predict`` are the Lightning CLI (``--config FILE.yaml``, every
 trainer option, ``--ckpt_path last`` to resume). The other subcommands are deltatune's own:
-``plugins``, ``registry``, ``report`` (print, plot and compare finished runs), ``generate``, ``export``,
-``merge``, ``estimate`` (memory planning) and ``new-plugin`` (scaffold a plugin package).
+``plugins``, ``registry``, ``report`` (print, plot and compare finished runs), ``generate``, ``chat``
+(interactive, streamed), ``export``, ``merge``, ``estimate`` (memory planning) and ``new-plugin``
+(scaffold a plugin package).
 ``--strict-plugins`` (anywhere) makes a plugin that fails to load fatal. An error is one line on
 stderr; ``--debug`` (anywhere) or ``DELTATUNE_DEBUG=1`` shows its traceback too.
 """
@@ -18,10 +19,10 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from deltatune.errors import ConfigError, DeltaTuneError, check_option
+from deltatune.cli.chat import TRUST_HELP
+from deltatune.errors import ConfigError, DeltaTuneError
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
-TRUST_HELP = "allow the base model's own Python code (needed for an adapter trained with trust_remote_code)"
 
 
 def check_strategy(trainer: Any) -> None:
@@ -151,25 +152,6 @@ def cmd_registry(args: argparse.Namespace) -> None:
                 [[e.kind, e.name, e.distribution, e.core, e.summary] for e in registry.plugin])
 
 
-def cmd_generate(args: argparse.Namespace) -> None:
-    """Load base + adapter and print completions of the prompts."""
-    from deltatune.io.adapter import load_adapter
-    from deltatune.model.generation import chat_prompt, generate
-    from deltatune.model.loading import load_base, load_tokenizer
-
-    check_option("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "must be at least 1")
-    for number, prompt in enumerate(args.prompt, start=1):
-        check_option(f"--prompt #{number}", prompt, bool(prompt), "is empty: there is nothing to continue")
-    if args.adapter:
-        model, resolved = load_adapter(Path(args.adapter), base=args.base, trust_remote_code=args.trust_remote_code)
-        tokenizer = load_tokenizer(resolved.spec.base, args.trust_remote_code)
-    else:
-        model, tokenizer = load_base(args.base or "smollm2-135m-instruct", trust_remote_code=args.trust_remote_code)
-    prompts = [p if args.raw else chat_prompt(tokenizer, p) for p in args.prompt]
-    for completion in generate(model, tokenizer, prompts, args.max_new_tokens):
-        print(completion)
-
-
 def cmd_export(args: argparse.Namespace) -> None:
     """Export an adapter as a merged Hugging Face model, a GGUF file or a PEFT adapter."""
     if args.format == "gguf":
@@ -209,14 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     report.add_parser(sub)
 
-    gen = sub.add_parser("generate", help="generate with a base model and an adapter")
-    gen.add_argument("--adapter", help="adapter folder written by fit")
-    gen.add_argument("--base", help="override the adapter's base model")
-    gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
-    gen.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
-    gen.set_defaults(func=cmd_generate)
+    from deltatune.cli import chat  # `generate` and `chat`
+
+    chat.add_parsers(sub)
 
     for name in ("export", "merge"):
         exp = sub.add_parser(name, help="export an adapter (merged model, GGUF file or PEFT adapter)")

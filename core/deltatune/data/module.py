@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from deltatune.ui import console
 from deltatune.plugin.resolve import PluginRef, ResolvedPlugin, coerce_ref, default_name, format_validation_error, resolve
 from deltatune.errors import ConfigError, DataError, check_option
-from deltatune.model.generation import chat_prompt
+from deltatune.model.generation import TemplateKwargs, chat_prompt
 from deltatune.data.mixing import DatasetSpec, mix_rows
 from deltatune.data.order import ResumableLoader, ShuffledRows
 from deltatune.model.loading import DEFAULT_MODEL, load_tokenizer
@@ -140,10 +140,11 @@ ChatMode = Literal["auto", "chat", "plain"]
 ``plain`` as raw text, ``auto`` chat when the tokenizer has a template."""
 
 
-def user_prompt(tokenizer: Any, text: str, mode: ChatMode = "auto") -> str:
-    """``text`` as the model should see it under ``mode`` (see :data:`ChatMode`)."""
+def user_prompt(tokenizer: Any, text: str, mode: ChatMode = "auto", template_kwargs: TemplateKwargs = None) -> str:
+    """``text`` as the model should see it under ``mode`` (see :data:`ChatMode`), a chat prompt
+    rendered with ``template_kwargs``."""
     if mode == "chat" or (mode == "auto" and getattr(tokenizer, "chat_template", None)):
-        return chat_prompt(tokenizer, text)
+        return chat_prompt(tokenizer, text, template_kwargs)
     return text
 
 

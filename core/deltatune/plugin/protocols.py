@@ -30,7 +30,9 @@ if TYPE_CHECKING:
     from torch import nn
 
 Row = dict[str, Any]
-"""One tokenised example: ``input_ids`` and ``labels`` (lists of int), optional text fields."""
+"""One tokenised example: ``input_ids`` and ``labels`` (lists of int), optional text fields (``prompt``
+already rendered, ``response``, ``family``, …) and ``chat_template_kwargs``, the chat template
+variables ``prompt`` was rendered with."""
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,9 @@ the delta method an evaluator or a quantizer is combined with — are parameters
 Without a partner a check falls back to what the core alone provides (listing the method twice is
 refused; linear layers wrapped with no delta) or, where there is nothing to fall back to (a quantized
 base, a method on top of a quantizer), is skipped with a reason. ``docs/plugin-authoring.md`` is the
-manual.
+manual. :mod:`~deltatune.testing.chat_templates` holds the published chat templates of real models
+(SmolLM2, Llama 3, Qwen 2.5/3, Gemma 2, Mistral, Phi-3.5) in tiny byte-level tokenizers, for tests of
+anything that renders chat prompts.
 """
 
 from __future__ import annotations

@@ -312,12 +312,14 @@ class DeltaTuneModule(L.LightningModule):
 
     def sample(self) -> list[tuple[str, str, str]]:
         """``(prompt, reference, completion)`` for the first few validation rows; the prompt is the user's
-        text without the chat template's framing (:func:`~deltatune.model.generation.user_text`)."""
+        text without the chat template's framing (:func:`~deltatune.model.generation.user_text`, with
+        the template variables the row was rendered with)."""
         datamodule = self.trainer.datamodule
         rows = [r for r in datamodule.rows("validation") if "prompt" in r][: self.hparams.samples]
         outputs = generate(self.model, datamodule.tokenizer, [r["prompt"] for r in rows], self.hparams.max_new_tokens)
         tokenizer = datamodule.tokenizer
-        return [(user_text(tokenizer, r["prompt"]), r.get("response", ""), out) for r, out in zip(rows, outputs)]
+        return [(user_text(tokenizer, r["prompt"], r.get("chat_template_kwargs")), r.get("response", ""), out)
+                for r, out in zip(rows, outputs)]
 
     def _lap(self, name: str) -> None:
         """Record the seconds since the previous lap under ``timings[name]``."""

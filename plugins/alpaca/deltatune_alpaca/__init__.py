@@ -2,9 +2,9 @@
 
 Each record becomes a prompt and a response. With ``template: auto`` (the default) the prompt is the
 instruction (and input) as a user turn in the tokenizer's chat template when it has one — the format
-an instruct model was tuned on — and the classic Alpaca prompt otherwise. The loss covers the
-response only unless ``train_on_prompt``. Files are JSON (a list) or JSONL; ``path`` is the training
-file and ``validation_path`` / ``test_path`` are optional.
+an instruct model was tuned on, rendered with ``chat_template_kwargs`` — and the classic Alpaca prompt
+otherwise. The loss covers the response only unless ``train_on_prompt``. Files are JSON (a list) or
+JSONL; ``path`` is the training file and ``validation_path`` / ``test_path`` are optional.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel
 
-from deltatune.api import (DataError, FileSourceOptions, Row, TruncationStats, chat_prompt, encode_example,
-                           encode_records, hookimpl, passthrough)
+from deltatune.api import (ChatTemplateOptions, DataError, FileSourceOptions, Row, TruncationStats, chat_prompt,
+                           encode_example, encode_records, hookimpl, passthrough)
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task{context}. Write a response that appropriately completes "
@@ -22,7 +22,7 @@ ALPACA_PROMPT = (
 )
 
 
-class AlpacaConfig(FileSourceOptions):
+class AlpacaConfig(FileSourceOptions, ChatTemplateOptions):
     """Options of the ``alpaca`` dataset builder: the shared file options, the prompt template, and
     whether the prompt carries loss."""
 
@@ -30,12 +30,12 @@ class AlpacaConfig(FileSourceOptions):
     train_on_prompt: bool = False
 
 
-def format_prompt(record: dict[str, Any], template: str, tokenizer: Any) -> str:
-    """The prompt text for one record under ``template``."""
+def format_prompt(record: dict[str, Any], template: str, tokenizer: Any, template_kwargs: dict[str, Any]) -> str:
+    """The prompt text for one record under ``template`` (a chat prompt rendered with ``template_kwargs``)."""
     instruction, extra = record["instruction"], record.get("input") or ""
     use_chat = template == "chat" or (template == "auto" and getattr(tokenizer, "chat_template", None))
     if use_chat:
-        return chat_prompt(tokenizer, f"{instruction}\n\n{extra}" if extra else instruction)
+        return chat_prompt(tokenizer, f"{instruction}\n\n{extra}" if extra else instruction, template_kwargs)
     return ALPACA_PROMPT.format(
         context=", paired with an input that provides further context" if extra else "",
         instruction=instruction,
@@ -64,10 +64,10 @@ class AlpacaBuilder:
 
         def encode(record: dict[str, Any], where: str, line: int, stats: TruncationStats) -> Row | None:
             check_record(record, where)
-            row = encode_example(tokenizer, format_prompt(record, cfg.template, tokenizer), record["output"],
-                                 cfg.max_length, cfg.train_on_prompt, stats, line)
+            prompt = format_prompt(record, cfg.template, tokenizer, cfg.chat_template_kwargs)
+            row = encode_example(tokenizer, prompt, record["output"], cfg.max_length, cfg.train_on_prompt, stats, line)
             if row is not None:
-                row.update(passthrough(record))
+                row.update(passthrough(record), **cfg.rendered_with())
             return row
 
         return encode_records(self.name, cfg, split, encode)

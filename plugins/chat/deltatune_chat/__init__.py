@@ -14,7 +14,9 @@ on exactly those blocks. An empty reasoning block the template injects can be ke
 (``train_on_empty_reasoning: false``); ``chat_template_kwargs`` reach the template (training rows and
 the prompts evaluators generate from). OpenAI rows may carry ``tools``, ``tool`` turns and assistant
 ``tool_calls``; a template that does not render them is a one-line error naming the row. Rows keep the
-last assistant turn's prompt and reply as ``prompt``/``response`` for evaluators that generate.
+last assistant turn's prompt and reply as ``prompt``/``response`` for evaluators that generate (and the
+template variables as ``chat_template_kwargs``, so the run's sample table finds the user's text in the
+prompt).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from jinja2 import TemplateError
 from pydantic import BaseModel, Field
 from transformers.utils.chat_template_utils import render_jinja_template
 
-from deltatune.api import (DataError, FileSourceOptions, Row, TruncationStats, encode_records, encode_segments,
+from deltatune.api import (ChatTemplateOptions, DataError, FileSourceOptions, Row, TruncationStats, encode_records, encode_segments,
                            hookimpl, passthrough)
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
@@ -39,15 +41,13 @@ _MARK = "\ue000deltatune-reply\ue000"
 """Stand-in reply text for finding where a template places an assistant turn's content."""
 
 
-class ChatConfig(FileSourceOptions):
+class ChatConfig(FileSourceOptions, ChatTemplateOptions):
     """Options of the ``chat`` dataset builder: the shared file options, the conversation format,
     which turns carry loss, a default system prompt and the chat template's own options."""
 
     format: Literal["auto", "openai", "sharegpt"] = "auto"
     train_on: Literal["assistant", "last", "all"] = "assistant"
     system_prompt: str | None = Field(None, description="system message for conversations that have none")
-    chat_template_kwargs: dict[str, Any] = Field(
-        default_factory=dict, description="extra variables for the chat template, e.g. {enable_thinking: false}")
     train_on_empty_reasoning: bool = Field(
         True, description="whether an empty reasoning block the template puts before a reply carries loss")
     reasoning_tags: tuple[str, str] = Field(("<think>", "</think>"),
@@ -259,7 +259,7 @@ class ChatBuilder:
             if row is not None:
                 last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
                 row.update(prompt=render(messages[:last], True), response=messages[last]["content"],
-                           **passthrough(record))
+                           **passthrough(record), **cfg.rendered_with())
             return row
 
         return encode_records(self.name, cfg, split, encode)

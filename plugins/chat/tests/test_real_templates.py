@@ -1,5 +1,5 @@
 """chat with the published chat templates of SmolLM2, Llama 3, Qwen 2.5, Qwen 3, Gemma 2, Mistral v0.3
-and Phi-3.5 (tests/chat_templates.py): loss placement per turn, templates that rewrite earlier turns,
+and Phi-3.5 (deltatune.testing.chat_templates): loss placement per turn, templates that rewrite earlier turns,
 empty reasoning blocks, template variables, tool calls."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import json
 import pytest
 
 from deltatune.api import DataError
+from deltatune.model.generation import user_text
 from deltatune.plugin.resolve import resolve
-
-from .chat_templates import GEMMA2, PHI3, QWEN3, TEMPLATES, RealTemplate, tokenizer_with
+from deltatune.testing.chat_templates import GEMMA2, PHI3, QWEN3, TEMPLATES, RealTemplate, tokenizer_with
 
 SYSTEM = {"role": "system", "content": "Be brief."}
 TURNS = [{"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "5"},
@@ -75,6 +75,9 @@ def test_qwen3_multi_turn_with_and_without_thinking(tmp_path):
     tokenizer, (off,) = build(tmp_path, QWEN3, [record], chat_template_kwargs={"enable_thinking": False})
     assert off["prompt"].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n"), "the template saw the kwargs"
     assert labelled(tokenizer, off) == ["5<|im_end|>", "8<|im_end|>"]
+    # the row keeps the variables, so the run's sample table finds the user's text in the prompt
+    assert off["chat_template_kwargs"] == {"enable_thinking": False} and "chat_template_kwargs" not in row
+    assert user_text(tokenizer, off["prompt"], off["chat_template_kwargs"]) == "And 4 and 4?"
     thought = {"messages": [*TURNS[:3], {"role": "assistant", "content": "<think>4+4</think>8"}]}
     tokenizer, (row,) = build(tmp_path, QWEN3, [thought], train_on="last")
     assert labelled(tokenizer, row) == ["<think>\n4+4\n</think>\n\n8<|im_end|>"]

@@ -12,7 +12,8 @@ estimate from ``n`` samples), ``pass@k.chat`` for each ``k``, ``rows`` (problems
 
 Completions are cached in ``$DELTATUNE_HOME/humaneval`` (or ``cache_dir``), one file per model
 (a hash of its weights, adapter included) holding, per prompt, sample and generation options, the
-completion and how its program ended, so a second evaluation of the same model generates nothing.
+prompt as the model saw it, the completion and how its program ended, so a second evaluation of the
+same model generates nothing. ``chat_template_kwargs`` reach the chat template in ``chat`` mode.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
-from deltatune.api import (ConfigError, GenerationOptions, Row, atomic_file, chat_prompt, generate_answers, home,
+from deltatune.api import (ChatTemplateOptions, ConfigError, GenerationOptions, Row, atomic_file, chat_prompt, generate_answers, home,
                            hookimpl)
 
 from deltatune_humaneval.problems import STOP, Problem, chat_request, load_problems, pass_at_k, program
@@ -49,7 +50,7 @@ def refuse_execution() -> ConfigError:
                        f"config (or {OPT_IN_VARIABLE}=1) to allow it")
 
 
-class HumanEvalConfig(BaseModel):
+class HumanEvalConfig(ChatTemplateOptions):
     """Options of the ``humaneval`` evaluator."""
 
     model_config = ConfigDict(extra="forbid")
@@ -136,7 +137,8 @@ class HumanEval:
         mode = cfg.mode
         if mode == "auto":
             mode = "chat" if getattr(tokenizer, "chat_template", None) else "completion"
-        prompts = [chat_prompt(tokenizer, chat_request(p)) if mode == "chat" else p.prompt for p in problems]
+        prompts = [chat_prompt(tokenizer, chat_request(p), cfg.chat_template_kwargs) if mode == "chat" else p.prompt
+                   for p in problems]
         cache = CompletionCache(Path(cfg.cache_dir) if cfg.cache_dir else home() / "humaneval", model)
         options = {"mode": mode, "max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature,
                    "top_p": cfg.top_p if cfg.temperature else None, "seed": cfg.seed}
@@ -149,7 +151,8 @@ class HumanEval:
                 stop=STOP if mode == "completion" else (), temperature=cfg.temperature, top_p=cfg.top_p,
                 seed=cfg.seed, strip=mode == "chat")
             for (i, s), answer in zip(missing, answers):
-                cache.entries[keys[i][s]] = {"task_id": problems[i].task_id, "sample": s, "completion": answer}
+                cache.entries[keys[i][s]] = {"task_id": problems[i].task_id, "sample": s, "prompt": prompts[i],
+                                             "completion": answer}
         limits = Limits(timeout_s=cfg.timeout_s, memory_mb=cfg.memory_mb, max_processes=cfg.max_processes)
         completions = [[cache.entries[key]["completion"] for key in row] for row in keys]
         outcomes = run_tests(problems, completions, mode, limits)

@@ -218,3 +218,21 @@ def test_n_samples_give_pass_at_k(tmp_path, tiny_model, tiny_tokenizer):
     entries = json.loads(cache_file.read_text()).values()
     assert sorted((e["task_id"], e["sample"]) for e in entries) == [(f"HumanEval/{i}", s) for i in range(2) for s in range(3)]
     assert all(math.isfinite(v) for v in metrics.values())
+
+
+def test_chat_template_variables_reach_the_chat_prompts(tmp_path):
+    from deltatune.testing.chat_templates import QWEN3, tokenizer_with
+
+    tokenizer = tokenizer_with(QWEN3)
+    tokenizer.pad_token = tokenizer.eos_token
+    model = loading.tiny_llama(vocab_size=len(tokenizer)).eval()
+    problems = tmp_path / "one.jsonl"
+    problems.write_text(json.dumps(ONE.__dict__) + "\n")
+    cfg = HumanEvalConfig(allow_code_execution=True, problems=str(problems), mode="chat", max_new_tokens=4,
+                          chat_template_kwargs={"enable_thinking": False}, cache_dir=str(tmp_path / "cache"))
+    with torch.no_grad():
+        HumanEval().evaluate(model, tokenizer, [], cfg)
+    [cache_file] = (tmp_path / "cache").glob("*.json")
+    [entry] = json.loads(cache_file.read_text()).values()
+    assert entry["prompt"].endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # Qwen3, thinking off
+    assert "Return 1." in entry["prompt"]

@@ -5,8 +5,8 @@ Each template is a pair of Python format strings over the row's fields, e.g.
 ``{prompt: "What is {a} plus {b}?", response: "{answer}"}``. With several templates, each row uses one
 drawn at random — reproducibly: the draw depends only on ``seed``, the split and the row's position
 in its file, not on the order rows are read or on ``limit``. Missing cells (empty CSV fields) format
-as empty text. The prompt becomes a user turn of the tokenizer's chat template (``chat: auto``);
-the loss covers the response only unless ``train_on_prompt``.
+as empty text. The prompt becomes a user turn of the tokenizer's chat template (``chat: auto``,
+rendered with ``chat_template_kwargs``); the loss covers the response only unless ``train_on_prompt``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from deltatune.api import (
     ChatMode,
+    ChatTemplateOptions,
     DataError,
     FileSourceOptions,
     Row,
@@ -53,7 +54,7 @@ def template_fields(text: str) -> set[str]:
     return {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
 
 
-class TemplateConfig(FileSourceOptions):
+class TemplateConfig(FileSourceOptions, ChatTemplateOptions):
     """Options of the ``template`` dataset builder: the shared file options, the templates and their
     draw, how the prompt is shown, and whether it carries loss."""
 
@@ -86,10 +87,10 @@ class TemplateBuilder:
             template = cfg.templates[index]
             prompt = fill(template.prompt, record, where, index)
             response = fill(template.response, record, where, index)
-            row = encode_example(tokenizer, user_prompt(tokenizer, prompt, cfg.chat), response,
+            row = encode_example(tokenizer, user_prompt(tokenizer, prompt, cfg.chat, cfg.chat_template_kwargs), response,
                                  cfg.max_length, cfg.train_on_prompt, stats, line)
             if row is not None:
-                row.update(passthrough(record), template=index)
+                row.update(passthrough(record), **cfg.rendered_with(), template=index)
             return row
 
         return encode_records(self.name, cfg, split, encode)

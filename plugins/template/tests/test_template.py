@@ -80,3 +80,15 @@ def test_bad_csv_and_bad_templates_are_clear_errors(tmp_path):
         resolve("dataset_builder", {"name": "template", "config": {"path": "x.csv", "templates": [{"prompt": "{a"}]}})
     with pytest.raises(ConfigError, match="templates"):
         resolve("dataset_builder", {"name": "template", "config": {"path": "x.csv", "templates": []}})
+
+
+def test_chat_template_variables_reach_the_prompt_and_stay_on_the_row(tmp_path):
+    from deltatune.testing.chat_templates import QWEN3, tokenizer_with
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps({"a": 2, "b": 3, "answer": "5"}) + "\n")
+    builder = resolve("dataset_builder", {"name": "template", "config": {
+        "path": str(path), "templates": TEMPLATES[:1], "chat_template_kwargs": {"enable_thinking": False}}})
+    (row,) = builder.plugin.build(builder.cfg, tokenizer_with(QWEN3), "train")
+    assert row["prompt"].endswith("What is 2 plus 3?<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert row["chat_template_kwargs"] == {"enable_thinking": False}

@@ -7,6 +7,7 @@ import pytest
 
 from deltatune.model.generation import chat_prompt, user_text
 from deltatune.model.loading import tiny_tokenizer
+from deltatune.testing.chat_templates import QWEN3, tokenizer_with
 
 TEMPLATES = {
     "chatml": None,  # the tiny tokenizer's own
@@ -37,3 +38,13 @@ def test_without_a_template_the_prompt_is_kept():
     tokenizer = tiny_tokenizer()
     tokenizer.chat_template = None
     assert user_text(tokenizer, "  Name a colour. ") == "Name a colour."
+
+
+def test_template_variables_reach_the_prompt_and_the_user_text_comes_back_with_them():
+    tokenizer = tokenizer_with(QWEN3)
+    off = {"enable_thinking": False}
+    framed = chat_prompt(tokenizer, "Add 2 and 3.", off)
+    assert framed.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")  # Qwen3's thinking switched off
+    assert not chat_prompt(tokenizer, "Add 2 and 3.").endswith("</think>\n\n")
+    assert user_text(tokenizer, framed, off) == "Add 2 and 3."
+    assert user_text(tokenizer, framed) != "Add 2 and 3."  # read without the variables, the framing stays
