@@ -124,6 +124,30 @@ def test_core_options_are_refused_before_any_weight_loads(files, tmp_path, capsy
     assert not (tmp_path / "run").exists(), "nothing may be written for a bad configuration"
 
 
+@pytest.mark.parametrize("options", [["--optimizer", "AdamW"], ["--optimizer=torch.optim.SGD"],
+                                     ["--lr_scheduler", "StepLR", "--lr_scheduler.step_size=1"]],
+                         ids=["optimizer", "optimizer-class", "lr_scheduler"])
+def test_lightnings_own_optimizer_options_point_to_model_optimizer(files, tmp_path, capsys, options):
+    code, _, err = run(capsys, *fit(files, tmp_path, f"--model.base={files['garbage']}", *options))
+    assert_one_line_error(code, err, options[0].split("=")[0], "the command line", "model.optimizer")
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_optimizer_section_in_the_config_file_points_to_model_optimizer(files, tmp_path, capsys):
+    config = tmp_path / "with-optimizer.yaml"
+    config.write_text(files["config"].read_text() + "optimizer:\n  class_path: torch.optim.AdamW\n")
+    code, _, err = run(capsys, "fit", "--config", str(config), f"--trainer.default_root_dir={tmp_path / 'run'}")
+    assert_one_line_error(code, err, "optimizer (in ", "with-optimizer.yaml", "model.optimizer")
+
+
+def test_the_optimizer_option_is_not_offered(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    help_text = capsys.readouterr().out
+    assert "--model.optimizer" in help_text
+    assert "--optimizer " not in help_text and "--lr_scheduler" not in help_text
+
+
 def test_the_garbage_weights_really_fail_to_load(files, tmp_path, capsys):
     """The control for the rows above, and the damaged-weights row: loading the base is an error
     naming the folder."""

@@ -41,6 +41,32 @@ def check_strategy(trainer: Any) -> None:
         )
 
 
+LIGHTNING_OPTIMIZER_KEYS = ("optimizer", "lr_scheduler")
+
+
+def check_no_lightning_optimizer(argv: list[str]) -> None:
+    """Refuse Lightning's own ``--optimizer``/``--lr_scheduler`` (on the command line or at the top of a
+    ``--config`` file): the optimizer and its schedule come from the optimizer plugin, ``model.optimizer``."""
+    import yaml
+
+    found = [(arg, "the command line") for arg in argv
+             if arg.startswith("--") and arg[2:].split("=")[0].split(".")[0] in LIGHTNING_OPTIMIZER_KEYS]
+    configs = [value.split("=", 1)[1] if value.startswith("--config=") else argv[i + 1]
+               for i, value in enumerate(argv) if value.startswith("--config=")
+               or (value == "--config" and i + 1 < len(argv))]
+    for config in configs:
+        path = Path(config)
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+        if isinstance(data, dict):
+            found += [(key, str(path)) for key in LIGHTNING_OPTIMIZER_KEYS if key in data]
+    if found:
+        option, where = found[0]
+        raise ConfigError(f"{option.split('=')[0]} (in {where}) is Lightning's own optimizer option, which deltatune "
+                          "does not use: the optimizer and its learning-rate schedule are the optimizer plugin's, "
+                          "set with model.optimizer (e.g. --model.optimizer='{name: adamw, config: {lr: 1e-4}}'; "
+                          "`deltatune plugins` lists the optimizers)")
+
+
 def run_lightning(argv: list[str]) -> None:
     """Run a Lightning CLI subcommand with deltatune's module, data module and defaults."""
     from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
@@ -88,11 +114,13 @@ def run_lightning(argv: list[str]) -> None:
         print_warning(f"{len(failures)} plugin(s) failed to load and are skipped: "
                       + "; ".join(f"{f.distribution} {f.version} ({f.error})" for f in failures)
                       + " (see `deltatune plugins`)")
+    check_no_lightning_optimizer(argv)
     sys.argv = [sys.argv[0], *argv]  # LightningCLI reads sys.argv (and warns when given both)
     DeltaTuneCLI(
         DeltaTuneModule,
         InstructionDataModule,
         save_config_kwargs={"overwrite": True},
+        auto_configure_optimizers=False,  # the optimizer plugin (model.optimizer) is the only optimizer
         trainer_defaults={
             "default_root_dir": "runs/default",
             "enable_model_summary": False,

@@ -144,6 +144,7 @@ class DeltaTuneModule(L.LightningModule):
         self.model: torch.nn.Module | None = None
         self.report = RunReport()
         self._val_sums = [0.0, 0]
+        self._window: list[Any] = [torch.zeros((), dtype=torch.float64), 0]  # (summed loss, tokens) of the step's micro-batches
         self._clock: dict[str, float] = {}
         self._resumed: dict[str, Any] | None = None
 
@@ -203,26 +204,31 @@ class DeltaTuneModule(L.LightningModule):
             return token_loss(self.model, batch, fast=self.uses_fast_path)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor | None:
-        """Mean token loss; with an optimizer that updates inside backward, backward and update happen here.
+        """The loss of one micro-batch; with an optimizer that updates inside backward, backward and update
+        happen here.
 
-        With several processes (DDP) the loss is the mean over every labelled token of the *global*
-        batch: each rank divides its summed loss by the global token count (an all-reduce) and
-        multiplies by the world size, so that DDP's gradient averaging yields exactly the gradient of
-        one process holding the whole batch, however the tokens fall across ranks.
+        An optimizer step's loss is the mean over every labelled token of its whole window: every
+        micro-batch it accumulates (``trainer.accumulate_grad_batches``) on every process (DDP). That
+        count is known only once the window is over, so, as torchtune does, each micro-batch backpropagates
+        its *summed* token loss and :meth:`on_before_optimizer_step` rescales the accumulated gradient by
+        the window's global token count (one all-reduce per step): the step's gradient is then exactly
+        the one of a single process holding all those rows in one batch, however the tokens fall across
+        micro-batches and ranks (a mean of per-micro-batch means would weigh a token of a short
+        micro-batch more). An optimizer that updates inside backward takes no accumulation (it is
+        refused), so its loss is the micro-batch's token mean over every rank, before its backward.
         """
         total, count = self.forward_loss(batch)
-        world = self.trainer.world_size if self._trainer is not None else 1
-        if world > 1:
-            tokens = self.trainer.strategy.reduce(torch.tensor(float(count), device=total.device), reduce_op="sum")
-            loss = total * world / tokens.clamp_min(1.0)
-            mean = self.trainer.strategy.reduce(loss.detach(), reduce_op="mean")  # the global token mean
-        else:
-            loss = total / max(count, 1)
-            mean = loss.detach()
-        self.log("train_loss", mean, prog_bar=True, batch_size=batch["input_ids"].shape[0])
-        self.report.history["train"].append((self.global_step + 1, float(mean)))
         if not self.updates_in_backward:
-            return loss
+            self._window[0] = self._window[0] + total.detach().double()  # no sync with the device here
+            self._window[1] += count
+            return total
+        world = self.trainer.world_size if self._trainer is not None else 1
+        tokens = float(count)
+        if world > 1:
+            tokens = float(self.trainer.strategy.reduce(torch.tensor(tokens, device=total.device), reduce_op="sum"))
+        loss = total * world / max(tokens, 1.0)
+        mean = self.trainer.strategy.reduce(loss.detach(), reduce_op="mean") if world > 1 else loss.detach()
+        self.log_train_loss(float(mean))
         optimizer = self.optimizers()
         # step(closure) lets Lightning count the step (global_step, max_steps) for an update inside backward
         optimizer.step(closure=lambda: optimizer.optimizer.backward_and_update(loss))
@@ -230,6 +236,33 @@ class DeltaTuneModule(L.LightningModule):
         if scheduler is not None:
             scheduler.step()
         return None
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Turn the accumulated gradient of summed token losses into that of the window's token mean.
+
+        Lightning divided each micro-batch's loss by ``accumulate_grad_batches`` and DDP averaged the
+        gradients over the ranks, so the factor is ``accumulate_grad_batches x world size / tokens``,
+        with ``tokens`` the labelled tokens of the window on every rank (:meth:`training_step`).
+        """
+        if self.updates_in_backward:
+            return
+        sums = torch.stack([self._window[0].detach(), self._window[0].new_tensor(float(self._window[1]))])
+        self._window = [torch.zeros((), dtype=torch.float64), 0]
+        world = self.trainer.world_size
+        if world > 1:
+            sums = self.trainer.strategy.reduce(sums.to(self.device), reduce_op="sum").cpu()
+        loss_sum, tokens = float(sums[0]), max(float(sums[1]), 1.0)
+        factor = self.trainer.accumulate_grad_batches * world / tokens
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    param.grad.mul_(factor)
+        self.log_train_loss(loss_sum / tokens)
+
+    def log_train_loss(self, mean: float) -> None:
+        """Log the training loss of the step being taken (its global token mean) and record it for the report."""
+        self.log("train_loss", mean, prog_bar=True, batch_size=1)
+        self.report.history["train"].append((self.global_step + 1, mean))
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """Accumulate token-weighted validation loss."""
