@@ -4,6 +4,7 @@ several prompts (repeated flags, JSONL and text files) batched, seeded sampling,
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -66,6 +67,9 @@ def test_generate_reads_prompts_from_flags_and_files_and_batches_them(adapter, t
     assert capsys.readouterr().out.splitlines() == singly
     assert main([*args, "--prompt", "hello", "--prompts-file", str(tmp_path / "p.txt"), "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.splitlines() == singly
+    assert main([*args, "--prompt", "hello", "--prompts_file", str(tmp_path / "p.txt"), "--jsonl"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert records == [{"prompt": p, "completion": c} for p, c in zip(["hello", "bye", "one more"], singly)]
 
 
 def test_generate_samples_reproducibly_with_a_seed(adapter, capsys):

@@ -70,7 +70,8 @@ def load_for_generation(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    """Print the completion of every prompt (one line each, in order), generated in batches."""
+    """Print the completion of every prompt in order (with ``--jsonl``, one JSON object per line),
+    generated in batches."""
     from deltatune.model.generation import chat_prompt, generate
 
     prompts = list(args.prompt or [])
@@ -83,9 +84,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     check_option("--batch_size", args.batch_size, args.batch_size >= 1, "must be at least 1")
     options, kwargs = sampling_options(args), template_kwargs(args.chat_template_kwargs)
     model, tokenizer = load_for_generation(args)
-    prompts = [p if args.raw else chat_prompt(tokenizer, p, kwargs) for p in prompts]
-    for completion in generate(model, tokenizer, prompts, batch_size=args.batch_size, **options):
-        print(completion)
+    rendered = [p if args.raw else chat_prompt(tokenizer, p, kwargs) for p in prompts]
+    for prompt, completion in zip(prompts, generate(model, tokenizer, rendered, batch_size=args.batch_size, **options)):
+        print(json.dumps({"prompt": prompt, "completion": completion}, ensure_ascii=False) if args.jsonl else completion)
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
@@ -103,6 +104,8 @@ def cmd_chat(args: argparse.Namespace) -> None:
         sys.stdout.write(piece)
         sys.stdout.flush()
 
+    if sys.stdin.isatty():
+        import readline  # noqa: F401  (line editing and history for input())
     while True:
         try:
             text = input("> ").strip()
@@ -155,6 +158,8 @@ def add_parsers(sub: Any) -> None:
                      help="more prompts: JSON lines with a 'prompt' field (.jsonl) or one prompt per line (text)")
     gen.add_argument("--batch_size", "--batch-size", type=int, default=8, help="prompts generated together (default 8)")
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    gen.add_argument("--jsonl", action="store_true",
+                     help='print {"prompt": ..., "completion": ...} per line (a completion may span lines otherwise)')
     add_sampling_arguments(gen, max_new_tokens=64)
     gen.set_defaults(func=cmd_generate)
 
