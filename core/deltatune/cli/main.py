@@ -51,6 +51,9 @@ def check_strategy(trainer: Any) -> None:
 
 def run_lightning(argv: list[str]) -> None:
     """Run a Lightning CLI subcommand with deltatune's module, data module and defaults."""
+    from deltatune.ui.noise import silence_known_noise
+
+    silence_known_noise()  # before Lightning is imported: some of it is printed at import or Trainer creation
     from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
     from lightning.pytorch.cli import LightningCLI
 
