@@ -19,6 +19,7 @@ import inspect
 import json
 import os
 import re
+import types
 import typing
 from dataclasses import dataclass
 from importlib.metadata import entry_points
@@ -191,6 +192,7 @@ class PluginDoc:
 
 
 def _type_text(annotation: Any) -> str:
+    """An annotation as a user reads it: ``int | None``, ``list[str]``, ``'auto' | 'chat'``."""
     if annotation is type(None):
         return "None"
     if isinstance(annotation, type) and not typing.get_args(annotation):
@@ -198,7 +200,7 @@ def _type_text(annotation: Any) -> str:
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
     if origin is typing.Literal:
         return " | ".join(repr(a) for a in args)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType")):
+    if origin in (typing.Union, types.UnionType):
         return " | ".join(_type_text(a) for a in args)
     if origin is typing.Annotated:
         return _type_text(args[0])
