@@ -41,7 +41,7 @@ def test_damaged_checkpoint(run, capsys, how):
     assert (run / "checkpoints" / "last.ckpt").read_bytes() == damaged
 
 
-@pytest.mark.parametrize("command", [["generate", "--prompt", "hi", "--max-new-tokens", "2"], ["export"]])
+@pytest.mark.parametrize("command", [["generate", "--prompt", "hi", "--max_new_tokens", "2"], ["export"]])
 @pytest.mark.parametrize("name, how, says", [
     ("adapter.safetensors", "truncated", "damaged"),
     ("adapter.safetensors", "garbage", "damaged"),
@@ -82,6 +82,6 @@ def test_damaged_gguf(tmp_path, capsys, how):
     model = tmp_path / "model.gguf"
     model.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(64))
     damaged = damage(model, how)
-    assert main(["generate", "--base", str(model), "--prompt", "hi", "--max-new-tokens", "2"]) == 1
+    assert main(["generate", "--base", str(model), "--prompt", "hi", "--max_new_tokens", "2"]) == 1
     assert "model.gguf" in error_line(capsys)
     assert model.read_bytes() == damaged

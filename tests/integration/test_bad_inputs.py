@@ -197,8 +197,8 @@ def test_fit_without_checkpointing_says_it_cannot_be_resumed(files, tmp_path, ca
 # -- generate and export ------------------------------------------------------------------------------
 @pytest.mark.parametrize("argv, fragments", [
     (["--raw", "--prompt", ""], ["--prompt #1", "is empty"]),
-    (["--prompt", "hi", "--max-new-tokens", "0"], ["--max_new_tokens", "at least 1", "(got 0)"]),
-    (["--prompt", "hi", "--max-new-tokens", "-3"], ["--max_new_tokens", "(got -3)"]),
+    (["--prompt", "hi", "--max_new_tokens", "0"], ["--max_new_tokens", "at least 1", "(got 0)"]),
+    (["--prompt", "hi", "--max_new_tokens", "-3"], ["--max_new_tokens", "(got -3)"]),
 ], ids=["empty-raw-prompt", "zero-new-tokens", "negative-new-tokens"])
 def test_generate_refuses_bad_arguments(files, capsys, argv, fragments):
     code, _, err = run(capsys, "generate", "--adapter", str(files["adapter"]), *argv)
@@ -207,7 +207,7 @@ def test_generate_refuses_bad_arguments(files, capsys, argv, fragments):
 
 def test_a_prompt_longer_than_the_model_positions_loses_its_start_with_a_warning(files, capsys):
     code, out, err = run(capsys, "generate", "--adapter", str(files["adapter"]), "--raw",
-                         "--prompt", "ab" * 300, "--max-new-tokens", "3")
+                         "--prompt", "ab" * 300, "--max_new_tokens", "3")
     assert code == 0, err
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "prompt 1 has 600 tokens" in warnings[0] and "first 91 tokens" in warnings[0]
@@ -229,11 +229,11 @@ def test_a_damaged_adapter_is_named(files, tmp_path, capsys, command, adapter, f
 def test_an_adapter_trained_with_remote_code_needs_the_users_consent(files, tmp_path, capsys):
     assert json.loads((files["trusted"] / MANIFEST).read_text())["trust_remote_code"] is True
     assert json.loads((files["adapter"] / MANIFEST).read_text())["trust_remote_code"] is False
-    for command, rest in (("generate", ["--prompt", "hi", "--max-new-tokens", "2"]),
+    for command, rest in (("generate", ["--prompt", "hi", "--max_new_tokens", "2"]),
                           ("export", ["--out", str(tmp_path / "peft")])):
         code, _, err = run(capsys, command, "--adapter", str(files["trusted"]), *rest)
-        assert_one_line_error(code, err, str(files["trusted"]), "--trust-remote-code")
-        code, out, err = run(capsys, command, "--adapter", str(files["trusted"]), *rest, "--trust-remote-code")
+        assert_one_line_error(code, err, str(files["trusted"]), "--trust_remote_code")
+        code, out, err = run(capsys, command, "--adapter", str(files["trusted"]), *rest, "--trust_remote_code")
         assert code == 0, err
     assert (tmp_path / "peft" / "adapter_config.json").is_file()
 
@@ -264,7 +264,7 @@ def fresh_plugins():
 
 def test_a_plugin_calling_sys_exit_on_import_is_skipped_and_named(files, tmp_path, capsys, fake_dist, fresh_plugins):
     fake_dist("deltatune-quitter", "0.3", {"quitter": "import sys\nsys.exit(3)\n"})
-    code, out, err = run(capsys, "plugins", "--json")
+    code, out, err = run(capsys, "plugins", "--check", "--json")
     assert code == 0, err
     failed = json.loads(out)["failed"]
     assert [(f["distribution"], f["version"]) for f in failed] == [("deltatune-quitter", "0.3")]
@@ -279,10 +279,10 @@ def test_a_plugin_calling_sys_exit_on_import_is_skipped_and_named(files, tmp_pat
 def test_plugins_shows_two_distributions_registering_one_name(capsys, fake_dist, fresh_plugins):
     fake_dist("deltatune-echo-a", "1.0", {"echoa": EVALUATOR})
     fake_dist("deltatune-echo-b", "2.0", {"echob": EVALUATOR})
-    code, out, err = run(capsys, "plugins", "--json")
+    code, out, err = run(capsys, "plugins", "--check", "--json")
     assert code == 0, err
     conflicts = json.loads(out)["conflicts"]
     assert conflicts == [{"kind": "evaluator", "name": "echo",
                           "distributions": ["deltatune-echo-a", "deltatune-echo-b"]}]
-    code, out, _ = run(capsys, "plugins")
+    code, out, _ = run(capsys, "plugins", "--check")
     assert code == 0 and "name conflicts" in out and "deltatune-echo-a 1.0" in out and "deltatune-echo-b 2.0" in out

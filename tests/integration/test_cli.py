@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,12 +16,36 @@ CONFIG = ROOT / "tests" / "configs" / "tiny-lora.yaml"
 
 
 def test_plugins_json_lists_installed_plugins_with_distributions(capsys):
-    assert main(["plugins", "--json"]) == 0
-    listing = json.loads(capsys.readouterr().out)
-    names = {(p["kind"], p["name"]): p for p in listing["installed"]}
-    assert names[("delta_method", "lora")]["distribution"] == "deltatune-lora"
-    assert names[("dataset_builder", "alpaca")]["version"] == "0.1.0"
+    for check in ([], ["--check"]):  # from metadata, and loaded: the same plugins
+        assert main(["plugins", "--json", *check]) == 0
+        listing = json.loads(capsys.readouterr().out)
+        names = {(p["kind"], p["name"]): p for p in listing["installed"]}
+        assert names[("delta_method", "lora")]["distribution"] == "deltatune-lora"
+        assert names[("dataset_builder", "alpaca")]["version"] == "0.1.0"
     assert listing["failed"] == []
+
+
+def test_plugins_listing_imports_no_plugin_and_no_torch():
+    """`deltatune plugins` answers from entry-point metadata and registry.toml; `--check` imports them."""
+    probe = ("import sys; from deltatune.cli.main import main; main(sys.argv[1:]); "
+             "print('IMPORTED', sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'lightning', "
+             "'transformers') or m.startswith('deltatune_')), file=sys.stderr)")
+    light = subprocess.run([sys.executable, "-c", probe, "plugins"], capture_output=True, text=True, check=True)
+    assert "IMPORTED []" in light.stderr and "lora" in light.stdout
+    checked = subprocess.run([sys.executable, "-c", probe, "plugins", "--check"], capture_output=True, text=True,
+                             check=True)
+    assert "'deltatune_lora'" in checked.stderr
+
+
+def test_version_and_top_level_help_are_light_and_clean():
+    from deltatune import __version__
+
+    probe = ("import atexit, sys; atexit.register(lambda: print('HEAVY', 'torch' in sys.modules, file=sys.stderr)); "
+             "from deltatune.cli.main import main; main(sys.argv[1:])")
+    version = subprocess.run([sys.executable, "-c", probe, "--version"], capture_output=True, text=True)
+    assert version.stdout.strip() == f"deltatune {__version__}" and "HEAVY False" in version.stderr
+    top = subprocess.run([sys.executable, "-c", probe, "--help"], capture_output=True, text=True)
+    assert "HEAVY False" in top.stderr and "``" not in top.stdout and "fit" in top.stdout
 
 
 def test_plugins_lists_registry_entries_that_are_not_installed(capsys, monkeypatch):

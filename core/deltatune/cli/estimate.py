@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from deltatune.estimate.memory import GB, GIB, MIB, Estimate, estimate
+if TYPE_CHECKING:
+    from deltatune.estimate.memory import Estimate
 
 
 def _plugin_ref(text: str) -> Any:
@@ -18,11 +19,14 @@ def _plugin_ref(text: str) -> Any:
 
 
 def _size(value: float) -> str:
+    from deltatune.estimate.memory import GIB, MIB
+
     return f"{value / GIB:,.2f} GiB" if value >= GIB else f"{value / MIB:,.1f} MiB"
 
 
 def print_estimate(result: Estimate) -> None:
     """A table of the estimate."""
+    from deltatune.estimate.memory import GB
     from deltatune.ui.console import console, print_table
 
     share = 100 * result.trainable_params / max(result.total_params, 1)
@@ -49,6 +53,8 @@ def print_estimate(result: Estimate) -> None:
 
 def cmd_estimate(args: argparse.Namespace) -> None:
     """``deltatune estimate``."""
+    from deltatune.estimate.memory import estimate
+
     result = estimate(
         base=args.base, delta=[_plugin_ref(d) for d in args.delta], quantizer=_plugin_ref(args.quantizer)
         if args.quantizer else None, optimizer=_plugin_ref(args.optimizer) if args.optimizer else None, batch=args.batch, seq=args.seq,
@@ -72,12 +78,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch", type=int, default=1, help="micro-batch per device (data.batch_size)")
     parser.add_argument("--seq", type=int, default=512, help="tokens per sequence")
     parser.add_argument("--devices", type=int, default=1, help="processes (DDP replicates the model on each)")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--base-dtype", choices=["auto", "bf16", "fp32"], default="auto")
-    parser.add_argument("--trainable-dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the run trains (default: cpu)")
+    parser.add_argument("--gradient_checkpointing", "--gradient-checkpointing", action="store_true",
+                        help="recompute each layer's activations in backward (model.gradient_checkpointing)")
+    parser.add_argument("--base_dtype", "--base-dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="dtype of the frozen base weights (model.base_dtype; default: auto)")
+    parser.add_argument("--trainable_dtype", "--trainable-dtype", choices=["fp32", "bf16"], default="fp32",
+                        help="dtype of the trained parameters (default: fp32)")
     parser.add_argument("--labelled", type=float, default=1.0, help="fraction of tokens that carry a label (the loss)")
-    parser.add_argument("--quantized-saves-input", action="store_true",
+    parser.add_argument("--quantized_saves_input", "--quantized-saves-input", action="store_true",
                         help="4-bit layers keep their input for backward (older bitsandbytes, e.g. 0.41 of 2023 runs)")
     parser.add_argument("--json", action="store_true", help="print the estimate as JSON (bytes)")
     parser.set_defaults(func=cmd_estimate)

@@ -1,18 +1,14 @@
-"""The ``deltatune`` command.
+"""The ``deltatune`` command (its subcommands are listed by ``deltatune --help``).
 
-``fit``, ``validate``, ``test`` and ``predict`` are the Lightning CLI (``--config FILE.yaml``, every
-trainer option, ``--ckpt_path last`` to resume). The other subcommands are deltatune's own:
-``plugins``, ``registry``, ``report`` (print, plot and compare finished runs), ``generate``, ``chat``
-(interactive, streamed), ``export``, ``merge``, ``estimate`` (memory planning) and ``new-plugin``
-(scaffold a plugin package).
-``--strict-plugins`` (anywhere) makes a plugin that fails to load fatal. An error is one line on
-stderr; ``--debug`` (anywhere) or ``DELTATUNE_DEBUG=1`` shows its traceback too.
+``fit``, ``validate``, ``test`` and ``predict`` are the Lightning CLI; the others are deltatune's own.
+Light commands (``--version``, ``--help``, ``plugins``) are parsed before anything heavy is imported.
+``--strict-plugins`` (anywhere) makes a plugin that fails to load fatal; an error is one line on stderr,
+``--debug`` (anywhere) or ``DELTATUNE_DEBUG=1`` shows its traceback too.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import traceback
@@ -23,6 +19,17 @@ from deltatune.cli.chat import TRUST_HELP
 from deltatune.errors import ConfigError, DeltaTuneError
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+DESCRIPTION = """\
+deltatune: plugin-based delta fine-tuning of LLMs on Lightning.
+
+  deltatune fit --config run.yaml           train (Lightning CLI: every trainer option, --ckpt_path last to resume)
+  deltatune plugins show NAME               one plugin's options, with a YAML snippet for a run configuration
+  deltatune export --adapter DIR --out OUT  PEFT adapter, merged model (--format merged) or GGUF file
+
+Flags are spelt with underscores (--max_new_tokens), as Lightning's are; the hyphenated spelling
+(--max-new-tokens) is accepted too. --strict-plugins makes a plugin that fails to load fatal; --debug
+(or DELTATUNE_DEBUG=1) shows the traceback of an error.
+"""
 
 
 def check_strategy(trainer: Any) -> None:
@@ -69,6 +76,9 @@ def check_no_lightning_optimizer(argv: list[str]) -> None:
 
 def run_lightning(argv: list[str]) -> None:
     """Run a Lightning CLI subcommand with deltatune's module, data module and defaults."""
+    from deltatune.ui.noise import silence_known_noise
+
+    silence_known_noise()  # before Lightning is imported: some of it is printed at import or Trainer creation
     from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
     from lightning.pytorch.cli import LightningCLI
 
@@ -130,46 +140,6 @@ def run_lightning(argv: list[str]) -> None:
     )
 
 
-def cmd_plugins(args: argparse.Namespace) -> None:
-    """List installed plugins, failures and registry entries not installed."""
-    from deltatune import __version__
-    from deltatune.ui.console import console, print_table
-    from deltatune.plugin.manager import load_plugins
-    from deltatune.plugin.protocols import PLUGIN_KINDS
-    from deltatune.plugin.registry import load_registry
-
-    manager = load_plugins()
-    registry = load_registry()
-    installed = {(i.kind, i.name) for i in manager.all()}
-    missing = [e for e in registry.plugin if (e.kind, e.name) not in installed]
-    if args.json:
-        print(json.dumps({
-            "core_version": __version__,
-            "installed": [{"kind": i.kind, "name": i.name, "distribution": i.distribution,
-                           "version": i.version, "source": i.source} for i in manager.all()],
-            "failed": [vars(f) for f in manager.failures],
-            "conflicts": [{"kind": kind, "name": name, "distributions": [i.distribution for i in infos]}
-                          for (kind, name), infos in manager.conflicts.items()],
-            "not_installed": [{"kind": e.kind, "name": e.name, "distribution": e.distribution,
-                               "install": e.install_command()} for e in missing],
-        }, indent=2))
-        return
-    print_table("installed plugins", ["kind", "name", "distribution", "version", "source"],
-                [[PLUGIN_KINDS[i.kind].label, i.name, i.distribution, i.version, i.source] for i in manager.all()])
-    if manager.failures:
-        print_table("plugins that failed to load (skipped)", ["distribution", "version", "source", "error"],
-                    [[f.distribution, f.version, f.source, f.error] for f in manager.failures])
-    if manager.conflicts:
-        print_table("name conflicts (unusable until one is uninstalled or denied with DELTATUNE_DISABLE_PLUGINS)",
-                    ["kind", "name", "registered by"],
-                    [[PLUGIN_KINDS[kind].label, name, ", ".join(f"{i.distribution} {i.version}" for i in infos)]
-                     for (kind, name), infos in manager.conflicts.items()])
-    if missing:
-        print_table("in registry.toml, not installed", ["kind", "name", "distribution", "install with"],
-                    [[PLUGIN_KINDS[e.kind].label, e.name, e.distribution, e.install_command()] for e in missing])
-    console.print(f"deltatune core {__version__}")
-
-
 def cmd_registry(args: argparse.Namespace) -> None:
     """Print registry.toml, validated."""
     from deltatune.ui.console import print_table
@@ -199,18 +169,36 @@ def cmd_export(args: argparse.Namespace) -> None:
                           overwrite=args.overwrite))
 
 
+def add_export_options(parser: argparse.ArgumentParser) -> None:
+    """The options ``export`` and its alias ``merge`` share."""
+    parser.add_argument("--adapter", required=True, help="adapter folder written by fit")
+    parser.add_argument("--out", required=True, help="folder to write (merged, peft) or .gguf file (gguf)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                        help="dtype of the merged weights (merged format; default: fp32)")
+    parser.add_argument("--requantize", action="store_true",
+                        help="re-quantize merged weights (merged format; reports the error)")
+    parser.add_argument("--trust_remote_code", "--trust-remote-code", action="store_true", help=TRUST_HELP)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUT if it is an earlier export (never a file or folder deltatune did not write)")
+    parser.set_defaults(func=cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The parser for deltatune's own subcommands."""
-    parser = argparse.ArgumentParser(prog="deltatune", description=__doc__,
+    """The parser for deltatune's own subcommands (each imports what it runs only when it runs)."""
+    from deltatune import __version__
+
+    parser = argparse.ArgumentParser(prog="deltatune", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"deltatune {__version__}",
+                        help="print the version of the deltatune core and exit")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in LIGHTNING_COMMANDS:
         sub.add_parser(name, help=f"Lightning CLI {name} (--config FILE.yaml; see `deltatune {name} --help`)",
                        add_help=False)
 
-    plugins = sub.add_parser("plugins", help="list installed plugins and registry entries not installed")
-    plugins.add_argument("--json", action="store_true")
-    plugins.set_defaults(func=cmd_plugins)
+    from deltatune.cli import plugins  # `plugins`, `plugins show NAME`, `plugins docs`
+
+    plugins.add_parser(sub)
 
     registry = sub.add_parser("registry", help="show registry.toml")
     registry.set_defaults(func=cmd_registry)
@@ -223,19 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat.add_parsers(sub)
 
-    for name in ("export", "merge"):
-        exp = sub.add_parser(name, help="export an adapter (merged model, GGUF file or PEFT adapter)")
-        exp.add_argument("--adapter", required=True)
-        exp.add_argument("--out", required=True, help="folder to write (merged, peft) or .gguf file (gguf)")
-        exp.add_argument("--format", choices=["merged", "gguf", "peft"], default="merged" if name == "merge" else "peft")
-        exp.add_argument("--gguf-type", default="f16", help="GGUF tensor type (gguf format): f16 (default), bf16, f32, q8_0, "
-                         "q5_1, q5_0, q4_1 or q4_0")
-        exp.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-        exp.add_argument("--requantize", action="store_true", help="re-quantize merged weights (reports the error)")
-        exp.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
-        exp.add_argument("--overwrite", action="store_true",
-                         help="replace OUT if it is an earlier export (never a file or folder deltatune did not write)")
-        exp.set_defaults(func=cmd_export)
+    exp = sub.add_parser("export", help="export an adapter: PEFT adapter (default), merged model or GGUF file")
+    add_export_options(exp)
+    exp.add_argument("--format", choices=["peft", "merged", "gguf"], default="peft",
+                     help="peft (default): a PEFT adapter folder; merged: the base with the deltas merged in; "
+                     "gguf: a merged GGUF file")
+    exp.add_argument("--gguf_type", "--gguf-type", default="f16", help="GGUF tensor type (gguf format): f16 (default), "
+                     "bf16, f32, q8_0, q5_1, q5_0, q4_1 or q4_0")
+    merge = sub.add_parser("merge", help="alias of `export --format merged`")
+    add_export_options(merge)
+    merge.set_defaults(format="merged")
 
     from deltatune.cli import estimate, scaffold  # their subcommands: `estimate`, `new-plugin`
 
@@ -258,9 +243,10 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] in LIGHTNING_COMMANDS:
             run_lightning(argv)
             return 0
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
         if not getattr(args, "func", None):
-            build_parser().print_help()
+            parser.print_help()
             return 2
         args.func(args)
         return 0

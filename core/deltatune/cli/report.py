@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from deltatune.train.report import PLOT_FILE, RunReport, plot_losses
-from deltatune.ui import console
 
 
 def cmd_report(args: Any) -> None:
     """``deltatune report RUN_DIR…``: print one run's table (several runs side by side) and plot losses."""
+    from deltatune.train.report import PLOT_FILE, RunReport, plot_losses
+    from deltatune.ui import console
+
     reports = [RunReport.read(Path(p)) for p in args.runs]
     if len(reports) == 1:
         console.print_report(reports[0])

@@ -89,6 +89,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Add ``new-plugin`` to the ``deltatune`` command's subparsers."""
     parser = sub.add_parser("new-plugin", help="scaffold a plugin package (pyproject, module, contract tests)")
     parser.add_argument("name", help="the plugin's registered name (lower case, e.g. my_method)")
-    parser.add_argument("--kind", required=True, choices=KINDS)
+    parser.add_argument("--kind", required=True, choices=KINDS, help="the kind of plugin: " + ", ".join(KINDS))
     parser.add_argument("--dir", default=".", help="where to create deltatune-NAME/ (default: here)")
     parser.set_defaults(func=cmd_new_plugin)

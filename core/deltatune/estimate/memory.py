@@ -7,8 +7,8 @@ the command and ``benchmarks/estimate_accuracy.py`` measures real runs against i
 ::
 
     deltatune estimate --base llama-65b --quantizer '{name: nf4, config: {double_quant: true}}' \\
-        --delta '{name: lora, config: {r: 64, targets: all-linear}}' --trainable-dtype bf16 \\
-        --batch 1 --seq 512 --gradient-checkpointing --device cuda
+        --delta '{name: lora, config: {r: 64, targets: all-linear}}' --trainable_dtype bf16 \\
+        --batch 1 --seq 512 --gradient_checkpointing --device cuda
 
 **Parameters** are counted exactly: the base model is built from its configuration on PyTorch's
 ``meta`` device (shapes, no memory), the delta methods' own ``apply`` runs on it, and the core's
@@ -21,7 +21,7 @@ configurations stored here, nothing is downloaded), a local Hugging Face folder 
 
 * weights: the layers the quantizer replaces (its ``layers_to_quantize``) at its ``bits_per_weight``,
   other frozen weights in the base dtype
-  (``auto``: bf16 where the hardware has it), trained weights in ``--trainable-dtype``;
+  (``auto``: bf16 where the hardware has it), trained weights in ``--trainable_dtype``;
 * gradients of the trained weights (one parameter's worth for optimizers that update inside backward);
 * optimizer state: what the optimizer declares per trained tensor (``state_bytes_per_param``; two
   moments per element in the parameter dtype when it declares nothing, with a note);

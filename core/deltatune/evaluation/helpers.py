@@ -36,14 +36,14 @@ class EvaluatorOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    batch_size: int = Field(16, gt=0)
+    batch_size: int = Field(16, gt=0, description="rows run through the model at once")
     limit: int | None = Field(None, gt=0, description="evaluate at most this many rows")
 
 
 class GenerationOptions(EvaluatorOptions):
     """Options shared by evaluators that generate: the ``Config`` base of ``exact_match`` and ``rouge``."""
 
-    max_new_tokens: int = Field(24, gt=0)
+    max_new_tokens: int = Field(24, gt=0, description="tokens generated per answer")
     by_family: bool = Field(False, description="also report the metric per task family")
 
 

@@ -120,7 +120,7 @@ def adapter_spec(folder: Path, base: str | None = None, trust_remote_code: bool 
         raise DamagedFileError(f"{Path(folder) / MANIFEST}: not a valid adapter manifest ({detail})") from None
     if data.get("trust_remote_code") and not trust_remote_code:
         raise ConfigError(f"{folder} was trained on a base model that runs its own Python code (trust_remote_code "
-                          f"in {MANIFEST}); pass --trust-remote-code to allow that code to run")
+                          f"in {MANIFEST}); pass --trust_remote_code to allow that code to run")
     update: dict[str, Any] = {"trust_remote_code": bool(data.get("trust_remote_code"))}
     if data["weights"] == FULL_MODEL:
         update["base"] = str(Path(folder) / FULL_MODEL)

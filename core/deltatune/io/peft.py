@@ -171,7 +171,7 @@ def adopt_peft_options(plugin: ResolvedPlugin, manager: PluginManager | None = N
     try:
         cfg = type(plugin.cfg).model_validate(options)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error("delta_method", plugin.name, exc)) from None
+        raise ConfigError(format_validation_error("delta_method", plugin.name, exc, list(type(plugin.cfg).model_fields))) from None
     check_peft_config(plugin.plugin, cfg, config, folder, manager)
     return ResolvedPlugin(ref=PluginRef(name=plugin.ref.name, config=options), info=plugin.info, plugin=plugin.plugin, cfg=cfg)
 

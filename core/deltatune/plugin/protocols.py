@@ -320,6 +320,10 @@ class PluginKind:
     """The ``deltatune.testing`` contract class every plugin of this kind passes."""
     tested_name: str
     """The contract's class attribute naming the plugin under test (``method_name``)."""
+    run_option: str
+    """Where a run configuration names plugins of this kind (``model.delta``)."""
+    listed: bool
+    """Whether :attr:`run_option` takes a list of plugin references (``model.delta: [lora]``)."""
 
     @property
     def optional(self) -> dict[str, OptionalMember]:
@@ -331,15 +335,15 @@ PLUGIN_KINDS: dict[str, PluginKind] = {
     kind.name: kind
     for kind in (
         PluginKind("dataset_builder", "dataset builder", "deltatune_register_dataset_builders", DatasetBuilder,
-                   "DatasetBuilderContract", "builder_name"),
+                   "DatasetBuilderContract", "builder_name", "data.builder", False),
         PluginKind("delta_method", "delta method", "deltatune_register_delta_methods", DeltaMethod,
-                   "DeltaMethodContract", "method_name"),
+                   "DeltaMethodContract", "method_name", "model.delta", True),
         PluginKind("quantizer", "quantizer", "deltatune_register_quantizers", Quantizer,
-                   "QuantizerContract", "quantizer_name"),
+                   "QuantizerContract", "quantizer_name", "model.quantizer", False),
         PluginKind("evaluator", "evaluator", "deltatune_register_evaluators", Evaluator,
-                   "EvaluatorContract", "evaluator_name"),
+                   "EvaluatorContract", "evaluator_name", "model.evaluators", True),
         PluginKind("optimizer", "optimizer", "deltatune_register_optimizers", OptimizerFactory,
-                   "OptimizerContract", "optimizer_name"),
+                   "OptimizerContract", "optimizer_name", "model.optimizer", False),
     )
 }
 """Plugin kind name → :class:`PluginKind`, in the order of the hook specifications."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,16 +49,30 @@ class ResolvedPlugin:
         return optional_member(self.info.kind, self.plugin, member)
 
 
-def format_validation_error(kind: str, name: str, error: ValidationError) -> str:
-    """One readable message per invalid field, naming the plugin and the field."""
-    lines = [f"invalid options for {PLUGIN_KINDS[kind].label} '{name}':"]
+def format_validation_error(kind: str, name: str, error: ValidationError, fields: list[str] | None = None) -> str:
+    """One line naming the plugin and every invalid field; an unknown option lists the valid ``fields``
+    and suggests the closest one (``rank`` → ``did you mean 'r'?``)."""
+    problems = []
     for item in error.errors():
         field = ".".join(str(p) for p in item["loc"]) or "(options)"
-        message = item["msg"]
         if item["type"] == "extra_forbidden":
-            message = "unknown option"
-        lines.append(f"  - {field}: {message} (got {item.get('input')!r})")
-    return "\n".join(lines)
+            problems.append(f"{field}: unknown option{_suggestion(field, fields or [])}")
+        else:
+            problems.append(f"{field}: {item['msg']} (got {item.get('input')!r})")
+    valid = f" (valid options: {', '.join(fields)})" if fields and any(
+        item["type"] == "extra_forbidden" for item in error.errors()) else ""
+    return f"invalid options for {PLUGIN_KINDS[kind].label} '{name}': {'; '.join(problems)}{valid}"
+
+
+def _suggestion(field: str, fields: list[str]) -> str:
+    """`` — did you mean 'r'?`` for the valid field closest to ``field`` (by spelling, or a field it abbreviates
+    or extends), or nothing."""
+    leaf = field.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(leaf, fields, n=1, cutoff=0.6)
+    if not close:  # `rank` → `r`, `learning_rate` → `lr`: a field the unknown name begins with, or its initials
+        initials = "".join(part[0] for part in leaf.split("_") if part)
+        close = [f for f in fields if f in (initials, leaf[: len(f)]) and len(f) < len(leaf)][:1]
+    return f", did you mean '{close[0]}'?" if close else ""
 
 
 def coerce_ref(value: PluginRef | str | dict[str, Any]) -> PluginRef:
@@ -91,5 +106,5 @@ def resolve(kind: str, ref: PluginRef | str | dict[str, Any], manager: PluginMan
     try:
         cfg = info.cls.Config.model_validate(ref.config)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(kind, ref.name, exc)) from None
+        raise ConfigError(format_validation_error(kind, ref.name, exc, list(info.cls.Config.model_fields))) from None
     return ResolvedPlugin(ref=ref, info=info, plugin=info.cls(), cfg=cfg)

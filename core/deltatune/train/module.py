@@ -104,6 +104,7 @@ class DeltaTuneModule(L.LightningModule):
             optimizer: optimizer plugin (default ``adamw``).
             evaluators: evaluators run before and after ``fit`` and by ``validate``/``test``; each on
                 every evaluation set (validation, test, ``data.extra_eval`` sets) or on its ``splits``.
+                Unset: the default evaluator; an empty list: none.
             base_dtype: dtype of the frozen weights (``auto``: bf16 where the hardware supports it).
             trainable_dtype: dtype of the trained weights (``fp32`` or ``bf16``).
             gradient_checkpointing: recompute activations in backward to save memory.
@@ -133,7 +134,7 @@ class DeltaTuneModule(L.LightningModule):
         )
         self.optimizer_plugin: ResolvedPlugin = resolve("optimizer", coerce_ref(optimizer or default_name("optimizer")))
         refs = [e if isinstance(e, EvaluatorRef) else EvaluatorRef.model_validate(e)
-                for e in (evaluators or [default_name("evaluator")])]
+                for e in (evaluators if evaluators is not None else [default_name("evaluator")])]
         self.evaluator_plugins = [resolve("evaluator", PluginRef(name=e.name, config=e.config)) for e in refs]
         self.evaluator_splits = [e.splits for e in refs]
         check_on_skeleton(self.resolved)  # the base's config, not its weights: after every plugin option

@@ -84,7 +84,8 @@ def print_report(report: "RunReport") -> None:
     for split, metric in report.metric_keys():
         base, tuned = report.value("base", split, metric), report.value("tuned", split, metric)
         table.add_row(split, metric, _fmt(base), _fmt(tuned), _change(base, tuned, metric))
-    console.print(table)
+    if table.rows:  # a run without evaluators has no table
+        console.print(table)
     if report.tuned_samples:
         samples = Table(title="sample generations", show_lines=True)
         for column in ("prompt", "reference", "base", "tuned"):

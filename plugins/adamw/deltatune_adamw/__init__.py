@@ -22,11 +22,11 @@ class AdamWConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    lr: float = Field(2e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = Field(1e-8, gt=0)
-    warmup_steps: int = Field(0, ge=0)
+    lr: float = Field(2e-4, gt=0, description="peak learning rate")
+    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay (not on biases and norms)")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="decay rates of the first and second moments")
+    eps: float = Field(1e-8, gt=0, description="added to the denominator for numerical stability")
+    warmup_steps: int = Field(0, ge=0, description="steps of linear warm-up from 0 to lr")
     min_lr_ratio: float = Field(0.0, ge=0, le=1, description="final lr as a fraction of lr (cosine decay)")
     schedule: bool = Field(True, description="warm-up + cosine decay; false keeps lr constant")
     fused: bool | None = Field(

@@ -33,11 +33,13 @@ class AdapterConfig(BaseModel):
     """Options of the ``adapter`` delta method."""
 
     model_config = ConfigDict(extra="forbid")
-    placement: Literal["houlsby", "pfeiffer"] = "houlsby"
+    placement: Literal["houlsby", "pfeiffer"] = Field(
+        "houlsby", description="after attention and MLP outputs (houlsby) or after MLP outputs only (pfeiffer)")
     reduction_factor: int | None = Field(default=None, gt=0, description="bottleneck = hidden size // this")
     bottleneck: int | None = Field(default=None, gt=0, description="bottleneck width (instead of reduction_factor)")
-    nonlinearity: Literal["relu", "gelu", "silu", "tanh"] = "relu"
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    nonlinearity: Literal["relu", "gelu", "silu", "tanh"] = Field(
+        "relu", description="activation between the down and up projections")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="dropout on the bottleneck")
     targets: list[str] | None = Field(default=None, description="module names to adapt; default: by placement")
 
     @model_validator(mode="after")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from deltatune.api import (ChatTemplateOptions, DataError, FileSourceOptions, Row, TruncationStats, chat_prompt,
                            encode_example, encode_records, hookimpl, passthrough)
@@ -26,8 +26,10 @@ class AlpacaConfig(FileSourceOptions, ChatTemplateOptions):
     """Options of the ``alpaca`` dataset builder: the shared file options, the prompt template, and
     whether the prompt carries loss."""
 
-    template: Literal["auto", "chat", "alpaca"] = "auto"
-    train_on_prompt: bool = False
+    template: Literal["auto", "chat", "alpaca"] = Field(
+        "auto", description="prompt format: the tokenizer's chat template (chat), the Alpaca prompt (alpaca), or the chat "
+        "template when the tokenizer has one (auto)")
+    train_on_prompt: bool = Field(False, description="also compute the loss on the prompt tokens")
 
 
 def format_prompt(record: dict[str, Any], template: str, tokenizer: Any, template_kwargs: dict[str, Any]) -> str:

@@ -45,8 +45,11 @@ class ChatConfig(FileSourceOptions, ChatTemplateOptions):
     """Options of the ``chat`` dataset builder: the shared file options, the conversation format,
     which turns carry loss, a default system prompt and the chat template's own options."""
 
-    format: Literal["auto", "openai", "sharegpt"] = "auto"
-    train_on: Literal["assistant", "last", "all"] = "assistant"
+    format: Literal["auto", "openai", "sharegpt"] = Field(
+        "auto", description="record format: OpenAI `messages` (role/content), ShareGPT `conversations` (from/value), or "
+        "detected per record (auto)")
+    train_on: Literal["assistant", "last", "all"] = Field(
+        "assistant", description="turns that carry loss: every assistant turn, the last one only, or every token")
     system_prompt: str | None = Field(None, description="system message for conversations that have none")
     train_on_empty_reasoning: bool = Field(
         True, description="whether an empty reasoning block the template puts before a reply carries loss")

@@ -21,8 +21,8 @@ class ChoiceConfig(EvaluatorOptions):
     """Options of the ``choice`` evaluator: the shared batch size and row limit, and how options are scored."""
 
     eos: bool = Field(True, description="score the end-of-sequence token after each option")
-    max_length: int = Field(1024, gt=8)
-    by_family: bool = False
+    max_length: int = Field(1024, gt=8, description="tokens of a prompt with one option")
+    by_family: bool = Field(False, description="also report the accuracy per task family")
 
 
 def choice_rows(rows: list[Row], limit: int | None) -> list[Row]:

@@ -57,15 +57,17 @@ class HumanEvalConfig(ChatTemplateOptions):
 
     allow_code_execution: bool = Field(False, description="run model-written code (in the sandbox)")
     problems: str | None = Field(None, description="HumanEval-format JSONL(.gz) file (default: the packaged 164)")
-    mode: Literal["auto", "completion", "chat"] = "auto"
+    mode: Literal["auto", "completion", "chat"] = Field(
+        "auto", description="continue the code (completion), ask in a chat turn (chat), or chat when the tokenizer has a "
+        "chat template (auto)")
     limit: int | None = Field(None, gt=0, description="evaluate the first N problems only")
     n: int = Field(1, gt=0, description="samples per problem")
     k: list[int] = Field([1], description="pass@k reported for each k (each <= n)")
     temperature: float = Field(0.0, ge=0, description="0: greedy (then n must be 1)")
-    top_p: float = Field(0.95, gt=0, le=1)
-    seed: int = 0
-    max_new_tokens: int = Field(300, gt=0)
-    batch_size: int = Field(16, gt=0)
+    top_p: float = Field(0.95, gt=0, le=1, description="nucleus sampling mass (with temperature > 0)")
+    seed: int = Field(0, description="seed of the sampling")
+    max_new_tokens: int = Field(300, gt=0, description="tokens generated per sample")
+    batch_size: int = Field(16, gt=0, description="prompts generated at once")
     timeout_s: float = Field(5.0, gt=0, description="wall-clock seconds per program")
     memory_mb: int = Field(1024, gt=0, description="address space of a program")
     max_processes: int = Field(16, gt=0, description="processes a program may start")

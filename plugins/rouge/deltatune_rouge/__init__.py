@@ -19,9 +19,9 @@ RougeType = Literal["rouge1", "rouge2", "rougeL", "rougeLsum"]
 class RougeConfig(GenerationOptions):
     """Options of the ``rouge`` evaluator."""
 
-    max_new_tokens: int = Field(48, gt=0)
-    types: list[RougeType] = Field(["rougeL"], min_length=1)
-    use_stemmer: bool = False
+    max_new_tokens: int = Field(48, gt=0, description="tokens generated per answer")
+    types: list[RougeType] = Field(["rougeL"], min_length=1, description="ROUGE variants reported")
+    use_stemmer: bool = Field(False, description="stem words (Porter) before matching")
 
 
 class Rouge:

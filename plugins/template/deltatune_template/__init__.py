@@ -58,10 +58,12 @@ class TemplateConfig(FileSourceOptions, ChatTemplateOptions):
     """Options of the ``template`` dataset builder: the shared file options, the templates and their
     draw, how the prompt is shown, and whether it carries loss."""
 
-    templates: list[Template] = Field(min_length=1)
-    seed: int = 0
-    chat: ChatMode = "auto"
-    train_on_prompt: bool = False
+    templates: list[Template] = Field(min_length=1, description="prompt/response format strings over the record's "
+                                      "fields ({question}); each record draws one")
+    seed: int = Field(0, description="seed of the per-record draw of a template")
+    chat: ChatMode = Field("auto", description="show the prompt as a user turn of the chat template (chat), as plain "
+                           "text (plain), or as a chat turn when the tokenizer has a template (auto)")
+    train_on_prompt: bool = Field(False, description="also compute the loss on the prompt tokens")
 
 
 def fill(template: str, record: dict[str, Any], where: str, index: int) -> str:

@@ -26,7 +26,7 @@ class TextConfig(FileSourceOptions):
     field: str = Field("text", description="the text column of record files")
     paragraphs: bool = Field(False, description=".txt: one document per blank-line-separated paragraph")
     max_length: int = Field(512, gt=1, description="tokens per row")
-    drop_last: bool = False
+    drop_last: bool = Field(False, description="drop a document's last row when it is shorter than max_length")
 
 
 def documents(path: Path, cfg: TextConfig) -> Iterator[str]:

@@ -192,14 +192,14 @@ def test_a_file_deltatune_did_not_write_is_never_replaced(tmp_path, bases, capsy
         assert "exists and deltatune did not write it" in capsys.readouterr().err
     assert foreign.read_bytes() == b"someone else's model"
     out = tmp_path / "ours.gguf"
-    assert main([*export, "--out", str(out), "--gguf-type", "q8_0"]) == 0
+    assert main([*export, "--out", str(out), "--gguf_type", "q8_0"]) == 0
     assert "GGUF (q8_0)" in capsys.readouterr().out
     assert MARK in gguf.GGUFReader(out).fields
     assert main([*export, "--out", str(out)]) == 1  # an earlier export is replaced only when asked
     assert "is an earlier export; pass --overwrite" in capsys.readouterr().err
     assert main([*export, "--out", str(out), "--overwrite"]) == 0
     assert tensor_type(out, "blk.0.attn_q.weight") == "F16"
-    assert main([*export, "--out", str(out), "--gguf-type", "q4_k_m"]) == 1
+    assert main([*export, "--out", str(out), "--gguf_type", "q4_k_m"]) == 1
     assert "deltatune writes f16, bf16" in capsys.readouterr().err
 
 

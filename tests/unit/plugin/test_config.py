@@ -16,11 +16,25 @@ def test_invalid_option_names_plugin_field_and_allowed_values():
     message = str(error.value)
     assert "delta method 'lora'" in message
     assert "r: Input should be greater than 0" in message
-    assert "rank: unknown option" in message
+    assert "rank: unknown option, did you mean 'r'?" in message
+    assert "valid options: r, " in message and "alpha" in message
+    assert "\n" not in message  # one line
     with pytest.raises(ConfigError, match="template: Input should be 'auto', 'chat' or 'alpaca'"):
         from deltatune.plugin.resolve import resolve
 
         resolve("dataset_builder", {"name": "alpaca", "config": {"path": "x.jsonl", "template": "vicuna"}})
+
+
+def test_unknown_option_suggests_the_closest_field():
+    from deltatune.plugin.resolve import resolve
+
+    with pytest.raises(ConfigError, match=r"optimizer 'adamw': learning_rate: unknown option, did you mean 'lr'\?"):
+        resolve("optimizer", {"name": "adamw", "config": {"learning_rate": 1e-3}})
+    with pytest.raises(ConfigError, match=r"lora': alpah: unknown option, did you mean 'alpha'\?"):
+        resolve("delta_method", {"name": "lora", "config": {"alpah": 8}})
+    with pytest.raises(ConfigError) as error:
+        resolve("delta_method", {"name": "lora", "config": {"zzzz": 1}})
+    assert "did you mean" not in str(error.value) and "valid options: r, " in str(error.value)
 
 
 def test_module_validates_plugins_without_loading_the_model():
