@@ -6,11 +6,16 @@ trained one, and the refusals (quantized base, init_from) before any weight load
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from deltatune.api import ConfigError
+from deltatune.cli.main import main
 from deltatune.deltas.layer import delta_layers
 from deltatune.io.adapter import load_adapter, save_adapter
 from deltatune.io.merged import export_merged
@@ -18,10 +23,12 @@ from deltatune.io.peft import export_peft, read_peft_config
 from deltatune.model.assembly import ModelSpec, build_model, resolve_spec
 from deltatune.model.loading import tiny_llama
 from deltatune.testing import max_relative_difference as rel
+from deltatune.testing.families import TINY_FAMILIES
 from deltatune_lora.init import principal_pair
 from transformers import AutoModelForCausalLM
 
 IDS = torch.arange(3, 40).unsqueeze(0)
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def ours(config: dict, quantizer: dict | None = None):
@@ -137,3 +144,44 @@ def test_refusals_come_before_any_weight_loads() -> None:
     with pytest.raises(ConfigError, match="init"):
         resolve_spec(ModelSpec(base="tiny-llama", delta=[{"name": "lora", "config": {"init": "pissa_niter_"}}]))
     resolve_spec(ModelSpec(base="tiny-llama", quantizer="nf4", delta=[{"name": "lora", "config": {"init": "gaussian"}}]))
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_gpt2_conv1d_layers_start_from_their_out_by_in_weight(init: str) -> None:
+    """GPT-2 stores weights transposed (``Conv1D``). PiSSA equals PEFT's with ``fan_in_fan_out``; PEFT's
+    OLoRA decomposes the stored (transposed) tensor, which gives pairs of the wrong shapes, so OLoRA is
+    checked by its definition: ``B₀`` orthonormal and the model unchanged at init."""
+    resolved = resolve_spec(ModelSpec(base="tiny-llama", delta=[{"name": "lora", "config": {
+        "r": 4, "targets": ["c_attn", "c_fc"], "init": init}}], base_dtype="fp32"))
+    model = build_model(resolved, TINY_FAMILIES["gpt2"]())
+    reference = TINY_FAMILIES["gpt2"]()
+    layers = list(delta_layers(model, "lora"))
+    assert len(layers) == 4
+    if init == "pissa":
+        peft = get_peft_model(TINY_FAMILIES["gpt2"](), LoraConfig(r=4, lora_alpha=16, target_modules=["c_attn", "c_fc"],
+                                                                   init_lora_weights="pissa", fan_in_fan_out=True))
+        for name, layer, delta in layers:
+            twin = peft.base_model.model.get_submodule(name)
+            assert (delta.lora_A.weight - twin.lora_A["default"].weight).abs().max() <= 1e-5
+            assert (layer.base_layer.weight - twin.base_layer.weight).abs().max() <= 1e-5
+    else:
+        for _, _, delta in layers:
+            b0 = delta.lora_B.weight
+            torch.testing.assert_close(b0.t() @ b0, torch.eye(4), rtol=0, atol=1e-5)
+    assert (logits(model, IDS[:, :20]) - logits(reference, IDS[:, :20])).abs().max() <= 1e-5
+
+
+def test_a_real_fit_with_fast_pissa_exports_to_peft_on_the_original_base(tmp_path) -> None:
+    config = yaml.safe_load((ROOT / "tests" / "configs" / "tiny-lora.yaml").read_text())
+    config["model"]["delta"] = [{"name": "lora", "config": {"r": 4, "alpha": 8, "targets": "all-linear",
+                                                            "init": "pissa_niter_4"}}]
+    config["model"]["optimizer"]["config"]["lr"] = 0.002  # the pair starts large: PiSSA takes a smaller rate
+    config["data"]["builder"]["config"]["path"] = str(ROOT / "examples" / "data" / "tasks-train.jsonl")
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    assert main(["fit", "--config", str(tmp_path / "run.yaml"), f"--trainer.default_root_dir={tmp_path}",
+                 "--trainer.max_steps=12", "--model.samples=0"]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["tuned_metrics"]["validation"]["perplexity/loss"] < report["base_metrics"]["validation"]["perplexity/loss"]
+    model, _ = load_adapter(tmp_path / "adapter", base_dtype="fp32")
+    peft = PeftModel.from_pretrained(tiny_llama(), export_peft(tmp_path / "adapter", tmp_path / "peft")).eval()
+    assert (logits(peft) - logits(model)).abs().max() <= 1e-4
