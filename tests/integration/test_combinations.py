@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict
 from deltatune import hookimpl
 from deltatune.errors import ConfigError
 from deltatune.io.adapter import load_adapter, save_adapter
+from deltatune.io.peft import peft_export
 from deltatune.plugin.resolve import resolve
 from deltatune.model.assembly import ModelSpec, build_model, claim_parameters, resolve_spec
 from deltatune.plugin.manager import PluginManager
@@ -32,6 +33,12 @@ COMBINATIONS = {
                          {"name": "lora", "config": {"r": 4, "targets": ["q_proj", "o_proj", "gate_proj", "up_proj"]}}],
     "lora+vera on the same layers": [{"name": "lora", "config": {"r": 2, "targets": "all-linear"}},
                                      {"name": "vera", "config": {"r": 8, "targets": "all-linear"}}],
+    "lora(pissa)-attn+bitfit": [{"name": "lora", "config": {"r": 4, "targets": ATTN, "init": "pissa"}}, "bitfit"],
+}
+BUNDLE_ONLY_COMBINATIONS = {  # a bottleneck adapter cannot be merged: these train, save and reload together
+    "adapter(houlsby)+bitfit": [{"name": "adapter", "config": {"placement": "houlsby", "bottleneck": 8}}, "bitfit"],
+    "adapter(parallel)+bitfit": [{"name": "adapter", "config": {"placement": "parallel", "beside": ["mlp", "attention"],
+                                                                "bottleneck": 8}}, "bitfit"],
 }
 
 
@@ -49,10 +56,11 @@ def train(model: torch.nn.Module, steps: int = 3) -> None:
     model.eval()
 
 
-@pytest.mark.parametrize("combo", list(COMBINATIONS))
-def test_combination_trains_saves_reloads_and_merges(tmp_path, biased_base, combo) -> None:
-    base = biased_base if "existing biases" in combo else "tiny-llama"
-    resolved = resolve_spec(ModelSpec(base=base, delta=COMBINATIONS[combo], base_dtype="fp32"))
+def trained_and_reloaded(tmp_path: Path, base: str, delta: list) -> tuple[torch.nn.Module, object, torch.Tensor, torch.Tensor]:
+    """Build ``delta`` on ``base``, train a few steps (exactly the claimed parameters change), save
+    the bundle and reload it with identical logits; returns (reloaded model, its resolved spec, the
+    batch, the trained logits)."""
+    resolved = resolve_spec(ModelSpec(base=base, delta=delta, base_dtype="fp32"))
     model = build_model(resolved)
     owners = claim_parameters(model, resolved)
     assert set(owners.values()) == {d.name for d in resolved.deltas}  # every method owns something
@@ -68,7 +76,14 @@ def test_combination_trains_saves_reloads_and_merges(tmp_path, biased_base, comb
     reloaded, again = load_adapter(tmp_path / "adapter")
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=batch).logits, logits)
+    return reloaded, again, batch, logits
 
+
+@pytest.mark.parametrize("combo", list(COMBINATIONS))
+def test_combination_trains_saves_reloads_and_merges(tmp_path, biased_base, combo) -> None:
+    base = biased_base if "existing biases" in combo else "tiny-llama"
+    reloaded, again, batch, logits = trained_and_reloaded(tmp_path, base, COMBINATIONS[combo])
+    with torch.no_grad():
         weights = {n: p.detach().clone() for n, p in reloaded.named_parameters() if n.endswith("base_layer.weight")}
         for delta in again.deltas:
             delta.plugin.merge(reloaded)
@@ -79,6 +94,18 @@ def test_combination_trains_saves_reloads_and_merges(tmp_path, biased_base, comb
             if name in weights:
                 assert rel(param, weights[name]) <= 1e-6, name
         assert rel(reloaded(input_ids=batch).logits, logits) <= 1e-6
+
+
+@pytest.mark.parametrize("combo", list(BUNDLE_ONLY_COMBINATIONS))
+def test_adapter_combination_trains_saves_and_reloads_and_refuses_to_merge(tmp_path, combo) -> None:
+    reloaded, again, batch, logits = trained_and_reloaded(tmp_path, "tiny-llama", BUNDLE_ONLY_COMBINATIONS[combo])
+    adapter = next(d for d in again.deltas if d.name == "adapter")
+    with pytest.raises(ConfigError, match="only the deltatune adapter bundle holds it"):
+        adapter.plugin.merge(reloaded)
+    with pytest.raises(ConfigError, match="only the deltatune adapter bundle holds it"):
+        peft_export(reloaded, again)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=batch).logits, logits)
 
 
 class ProbeConfig(BaseModel):

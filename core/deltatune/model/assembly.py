@@ -106,6 +106,10 @@ def resolve_spec(spec: ModelSpec | dict[str, Any], manager: PluginManager | None
             raise ConfigError(
                 f"delta method '{delta.name}' cannot sit on quantizer '{quantizer.name}': it needs a dense base"
             )
+        dense_base_reason = delta.optional("dense_base_reason")
+        reason = dense_base_reason(delta.cfg) if quantizer and dense_base_reason else None
+        if reason:
+            raise ConfigError(f"delta method '{delta.name}' cannot sit on quantizer '{quantizer.name}': {reason}")
     if quantizer and not deltas:
         raise ConfigError(
             f"quantizer '{quantizer.name}' without a delta method would train quantized weights, which "

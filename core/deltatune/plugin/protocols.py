@@ -135,6 +135,13 @@ class DatasetBuilder(Protocol):
         bool,
     ),
     OptionalMember(
+        "dense_base_reason", None, "method",
+        "dense_base_reason(cfg) -> str | None: why this configuration of a method that otherwise supports "
+        "quantized bases needs a dense one (PiSSA leaves a residual in the base weight), or None; a run "
+        "with a quantizer is then refused before any weight loads, with this reason. Absent: no configuration "
+        "needs more than `supports_quantized` says.",
+    ),
+    OptionalMember(
         "lr_multipliers", None, "method",
         "lr_multipliers(cfg) -> dict[str, float]: factors of the optimizer's learning rate for some of this "
         "method's parameters, by the end of their names (e.g. {\"lora_B.weight\": 16.0}); the optimizer gets "

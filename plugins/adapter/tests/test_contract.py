@@ -9,3 +9,11 @@ class TestHoulsbyAdapterContract(DeltaMethodContract):
     promises_identity_at_init = True  # up starts at zero
     quantizer = {"name": "nf4"}
     compose_with = {"name": "bitfit"}
+
+
+class TestParallelAdapterContract(DeltaMethodContract):
+    method_name = "adapter"
+    config = {"placement": "parallel", "beside": ["mlp", "attention"], "bottleneck": 8, "scale": 2.0}
+    promises_identity_at_init = True  # up starts at zero
+    quantizer = {"name": "nf4"}
+    compose_with = {"name": "lora", "config": {"targets": ["q_proj", "down_proj"]}}

@@ -13,16 +13,36 @@ learning rate times the ratio, through the parameter groups any optimizer that h
 method's learning-rate factors builds. The pair is the core's low-rank base
 (:class:`deltatune.api.LowRankDelta`, shared with DoRA); LoRA's own forward and the grouped
 product a fast training forward runs for layers that read one input are in :mod:`deltatune_lora.layer`.
+
+``init`` chooses how the pair starts (:mod:`deltatune_lora.init`): ``kaiming`` (the default, PEFT's
+``init_lora_weights: true``), ``gaussian``, or from the base weight — ``pissa``, ``pissa_niter_N``
+(fast randomised SVD) and ``olora`` — with the residual left in the base weight. A pair started from
+the base needs a dense base (the residual of a quantized weight would be quantized twice: the run is
+refused before weights load; PEFT asks users to decompose in full precision and quantize the
+residual themselves), cannot start from a PEFT adapter (``init_from``), and exports to PEFT as the
+plain LoRA of rank ``2r`` that gives the trained model on the original base.
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from pydantic import BaseModel, Field
+import torch
+from pydantic import BaseModel, Field, model_validator
+from torch import nn
 
-from deltatune.api import LOW_RANK_PEFT_FIELDS, Delta, DeltaLinear, LayerDeltaMethod, LowRankConfig, hookimpl
-from deltatune_lora.layer import LoraDelta
+from deltatune.api import (
+    LOW_RANK_PEFT_FIELDS,
+    PEFT_PREFIX,
+    Delta,
+    DeltaLinear,
+    LayerDeltaMethod,
+    LowRankConfig,
+    delta_layers,
+    hookimpl,
+)
+from deltatune_lora.init import INIT_PATTERN, converted_pair, doubled_alpha, gaussian_, start_from_base, starts_from_base
+from deltatune_lora.layer import LoraDelta, ResidualLoraDelta
 
 
 class LoraConfig(LowRankConfig):
@@ -32,6 +52,19 @@ class LoraConfig(LowRankConfig):
     loraplus_lr_ratio: float | None = Field(
         None, gt=0, description="LoRA+: B trains at the optimizer's learning rate times this ratio (the paper "
         "suggests 16); unset: A and B share the learning rate")
+    init: str = Field(
+        "kaiming", pattern=INIT_PATTERN,
+        description="how the pair starts: kaiming (A Kaiming-uniform, B zero: PEFT's default), gaussian (A normal, "
+        "std 1/r), pissa (principal singular vectors of the base weight), pissa_niter_N (the same by a fast "
+        "randomised SVD with N iterations) or olora (QR of the base weight); pissa and olora leave the residual "
+        "in the base weight and need a dense base")
+
+    @model_validator(mode="after")
+    def _start_once(self) -> "LoraConfig":
+        if self.init_from and starts_from_base(self.init):
+            raise ValueError(f"init={self.init} derives the pair from the base weight and init_from loads it from a "
+                             "PEFT adapter: choose one")
+        return self
 
 
 class Lora(LayerDeltaMethod):
@@ -44,12 +77,44 @@ class Lora(LayerDeltaMethod):
     reads_peft: ClassVar[dict[str, Any]] = {"peft_type": "LORA", "use_dora": False}
 
     def make_delta(self, layer: DeltaLinear, cfg: BaseModel, layer_name: str) -> Delta:
-        """A fresh LoRA pair for ``layer``."""
-        return LoraDelta(layer.in_features, layer.out_features, cfg.r, cfg.scaling, cfg.dropout)
+        """A fresh LoRA pair for ``layer``, started as ``cfg.init`` says (from the base weight for
+        PiSSA and OLoRA, whose residual then replaces the base weight)."""
+        if starts_from_base(cfg.init):
+            delta = ResidualLoraDelta(layer.in_features, layer.out_features, cfg.r, cfg.scaling, cfg.dropout)
+            start_from_base(layer, delta, cfg.init)
+            return delta
+        delta = LoraDelta(layer.in_features, layer.out_features, cfg.r, cfg.scaling, cfg.dropout)
+        if cfg.init == "gaussian":
+            gaussian_(delta.lora_A.weight, cfg.r)
+        return delta
+
+    def dense_base_reason(self, cfg: BaseModel) -> str | None:
+        """PiSSA and OLoRA decompose the dense base weight and leave the residual there."""
+        if starts_from_base(cfg.init):
+            return (f"init={cfg.init} decomposes the dense base weight and leaves the residual in it; use init=kaiming "
+                    "on a quantized base, or drop the quantizer")
+        return None
 
     def peft_config(self, cfg: BaseModel) -> dict[str, Any] | None:
-        """PEFT ``LoraConfig`` fields equivalent to ``cfg``."""
-        return cfg.peft_fields()
+        """PEFT ``LoraConfig`` fields equivalent to ``cfg``; a pair started from the base exports as
+        the plain LoRA of rank ``2r`` with the same scale (:meth:`peft_state_dict`)."""
+        fields = cfg.peft_fields()
+        if starts_from_base(cfg.init):
+            fields.update(r=2 * cfg.r, lora_alpha=doubled_alpha(cfg.alpha, cfg.rslora))
+        elif cfg.init == "gaussian":
+            fields["init_lora_weights"] = "gaussian"
+        return fields
+
+    def peft_state_dict(self, model: nn.Module, cfg: BaseModel) -> dict[str, torch.Tensor]:
+        """LoRA's tensors under PEFT names; a pair started from the base as ``[A ; A₀]`` and ``[B | −B₀]``,
+        which give the trained model on the original base weight (PEFT's conversion to LoRA)."""
+        if not starts_from_base(cfg.init):
+            return super().peft_state_dict(model, cfg)
+        state: dict[str, torch.Tensor] = {}
+        for layer_name, _, delta in delta_layers(model, self.name):
+            state[f"{PEFT_PREFIX}{layer_name}.lora_A.weight"], state[f"{PEFT_PREFIX}{layer_name}.lora_B.weight"] = (
+                converted_pair(delta))
+        return state
 
     def lr_multipliers(self, cfg: BaseModel) -> dict[str, float]:
         """LoRA+: ``B`` at ``loraplus_lr_ratio`` times the learning rate (nothing without the option)."""

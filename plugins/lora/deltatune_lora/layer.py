@@ -229,3 +229,14 @@ class LoraDelta(LowRankDelta):
     def forward(self, x: torch.Tensor, result: torch.Tensor, layer: DeltaLinear) -> torch.Tensor:
         """``result + s · B A dropout(x)``."""
         return result + self.lowrank(self.dropout(x), self.scaling).to(result.dtype)
+
+
+class ResidualLoraDelta(LoraDelta):
+    """A LoRA pair that starts from the base weight (PiSSA, OLoRA: :mod:`deltatune_lora.init`), whose
+    base holds the residual: it keeps its starting point ``A₀``, ``B₀`` as buffers, saved with the
+    adapter. Its forward is LoRA's."""
+
+    def __init__(self, in_features: int, out_features: int, r: int, scaling: float, dropout: float) -> None:
+        super().__init__(in_features, out_features, r, scaling, dropout)
+        self.register_buffer("initial_A", torch.zeros(r, in_features))
+        self.register_buffer("initial_B", torch.zeros(out_features, r))
