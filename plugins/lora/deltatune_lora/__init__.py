@@ -13,6 +13,8 @@ learning rate times the ratio, through the parameter groups any optimizer that h
 method's learning-rate factors builds. The pair is the core's low-rank base
 (:class:`deltatune.api.LowRankDelta`, shared with DoRA); LoRA's own forward and the grouped
 product a fast training forward runs for layers that read one input are in :mod:`deltatune_lora.layer`.
+MoE expert parameters (``target_parameters``, transformers 5's 3-D expert weights) get one pair per
+expert, as PEFT's ``target_parameters`` (:mod:`deltatune_lora.experts`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, Field
 
-from deltatune.api import LOW_RANK_PEFT_FIELDS, Delta, DeltaLinear, LayerDeltaMethod, LowRankConfig, hookimpl
+from deltatune.api import (LOW_RANK_PEFT_FIELDS, Delta, DeltaExperts, DeltaLinear, ExpertDelta, LayerDeltaMethod,
+                           LowRankConfig, hookimpl)
+from deltatune_lora.experts import LoraExpertDelta
 from deltatune_lora.layer import LoraDelta
 
 
@@ -46,6 +50,10 @@ class Lora(LayerDeltaMethod):
     def make_delta(self, layer: DeltaLinear, cfg: BaseModel, layer_name: str) -> Delta:
         """A fresh LoRA pair for ``layer``."""
         return LoraDelta(layer.in_features, layer.out_features, cfg.r, cfg.scaling, cfg.dropout)
+
+    def make_expert_delta(self, layer: DeltaExperts, param_name: str, cfg: BaseModel, layer_name: str) -> ExpertDelta:
+        """Fresh LoRA pairs for every expert of ``param_name``."""
+        return LoraExpertDelta(layer.shape(param_name), cfg.r, cfg.scaling)
 
     def peft_config(self, cfg: BaseModel) -> dict[str, Any] | None:
         """PEFT ``LoraConfig`` fields equivalent to ``cfg``."""
