@@ -28,7 +28,8 @@ share: ``LowRankConfig``, ``LowRankDelta``, ``LOW_RANK_PEFT_FIELDS``. PEFT check
 **Delta methods: expert parameters** — ``DeltaExperts`` wraps a MoE experts module (3-D expert
 weights, transformers 5) and holds per parameter an ``ExpertDelta`` (its layout: ``ExpertShape``);
 ``LayerDeltaMethod`` reaches them through ``cfg.target_parameters`` and a subclass's
-``make_expert_delta``; ``find_expert_targets`` selects them as PEFT's ``target_parameters`` does.
+``make_expert_delta``; ``find_expert_targets`` selects them as PEFT's ``target_parameters`` does, ``iter_expert_parameters``
+lists them; a quantizer holds one quantized through ``wrap_experts`` and ``DeltaExperts.set_quantized``.
 
 **Delta methods: grouped products** — a ``Delta`` class may name a ``GroupedProduct`` that computes
 linear layers reading one input (q/k/v, gate/up) as one product in a fast training forward; it gets
@@ -83,7 +84,7 @@ from deltatune.data.module import (
 from deltatune.data.packing import IGNORE_INDEX, collate
 from deltatune.data.sources import FileSourceOptions
 from deltatune.deltas.grouped import GroupedProduct, Projection, base_input_grad, base_products, hooked, no_autocast
-from deltatune.deltas.experts import DeltaExperts, ExpertDelta, ExpertShape, find_expert_targets
+from deltatune.deltas.experts import DeltaExperts, ExpertDelta, ExpertShape, find_expert_targets, iter_expert_parameters, wrap_experts
 from deltatune.deltas.layer import Delta, DeltaLinear, WeightUpdateDelta, base_weight, delta_layers, get_submodule_parent
 from deltatune.deltas.lowrank import LOW_RANK_PEFT_FIELDS, LowRankConfig, LowRankDelta
 from deltatune.deltas.method import LayerDeltaMethod
@@ -146,6 +147,8 @@ __all__ = [
     "ExpertDelta",
     "ExpertShape",
     "find_expert_targets",
+    "iter_expert_parameters",
+    "wrap_experts",
     "LOW_RANK_PEFT_FIELDS",
     "LayerDeltaMethod",
     "LowRankConfig",

@@ -16,6 +16,10 @@ weights in place (``torch.func.functional_call``), so every experts implementati
 is PEFT's ``target_parameters`` (``ParamWrapper``) design. Parameter names keep the method name
 (``mlp.experts.deltas.<method>.gate_up_proj.<tensor>``), so claiming works as for linear layers. Merged
 export unwraps them with :func:`~deltatune.deltas.layer.unwrap` (``kind=DeltaExperts``).
+
+A quantizer quantizes expert parameters through the same wrapper (:meth:`DeltaExperts.set_quantized`):
+the dense parameter is dropped and the forward dequantizes it once per call, so QLoRA reaches the
+experts too.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from deltatune.deltas.layer import carrying, get_submodule_parent
+from deltatune.deltas.layer import base_weight, carrying, get_submodule_parent
 from deltatune.deltas.targets import target_matches
 from deltatune.errors import ConfigError
 
@@ -74,11 +78,40 @@ class DeltaExperts(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.deltas = nn.ModuleDict()
+        self.quantized = nn.ModuleDict()
         self.merged: set[str] = set()
+        self.expert_params = [name for name, param in base_layer.named_parameters(recurse=False)
+                              if param.ndim == 3 and param.is_floating_point()]
+        """The 3-D expert parameters, in the order the module holds them (quantized ones included)."""
+        self._shapes = {name: ExpertShape.of(base_layer, getattr(base_layer, name)) for name in self.expert_params}
 
     def shape(self, param_name: str) -> ExpertShape:
         """The layout of the base module's parameter ``param_name``."""
-        return ExpertShape.of(self.base_layer, getattr(self.base_layer, param_name))
+        return self._shapes[param_name]
+
+    def set_quantized(self, param_name: str, quantized: nn.Module) -> None:
+        """Hold expert parameter ``param_name`` as ``quantized`` (a quantizer's module, whose
+        :func:`~deltatune.deltas.layer.base_weight` is the 3-D weight): the dense parameter is dropped,
+        and the forward dequantizes it, in the quantized module's ``compute_dtype``, once per call."""
+        delattr(self.base_layer, param_name)
+        self.quantized[param_name] = quantized
+
+    def base_weight(self, param_name: str) -> torch.Tensor:
+        """The weight ``param_name`` of the base module computes with (dequantized if quantized)."""
+        if param_name not in self.quantized:
+            return getattr(self.base_layer, param_name)
+        quantized = self.quantized[param_name]
+        weight = base_weight(quantized)
+        return weight.to(getattr(quantized, "compute_dtype", None) or weight.dtype)
+
+    def dequantize(self) -> int:
+        """Make every quantized parameter dense again (fp32 for merging and export); returns how many."""
+        names = list(self.quantized.keys())
+        for param_name in names:
+            dense = base_weight(self.quantized[param_name]).detach().float()
+            del self.quantized[param_name]
+            self.base_layer.register_parameter(param_name, nn.Parameter(dense, requires_grad=False))
+        return len(names)
 
     def add_delta(self, key: str, param_name: str, delta: ExpertDelta, layer_name: str | None = None) -> None:
         """Attach ``delta`` to parameter ``param_name`` under the method name ``key``."""
@@ -89,13 +122,14 @@ class DeltaExperts(nn.Module):
         self.deltas[key] = per_param
 
     def effective_weights(self) -> dict[str, torch.Tensor]:
-        """Each parameter carrying an unmerged delta, changed by those deltas in method order."""
-        weights: dict[str, torch.Tensor] = {}
+        """Each quantized parameter (dequantized) and each parameter carrying an unmerged delta, changed by
+        those deltas in method order."""
+        weights = {param_name: self.base_weight(param_name) for param_name in self.quantized}
         for key, per_param in self.deltas.items():
             if key in self.merged:
                 continue
             for param_name, delta in per_param.items():
-                weight = weights.get(param_name, getattr(self.base_layer, param_name))
+                weight = weights.get(param_name, getattr(self.base_layer, param_name, None))
                 weights[param_name] = delta(weight)
         return weights
 
@@ -107,9 +141,10 @@ class DeltaExperts(nn.Module):
         return torch.func.functional_call(self.base_layer, weights, args, kwargs, strict=False)
 
     def merge_delta(self, key: str) -> None:
-        """Fold delta ``key`` into the base parameters."""
+        """Fold delta ``key`` into the base parameters (quantized ones become dense first)."""
         if key in self.merged:
             return
+        self.dequantize()
         for param_name, delta in self.deltas[key].items():
             self._rewrite(param_name, delta.merge_weight)
         self.merged.add(key)
@@ -128,17 +163,21 @@ class DeltaExperts(nn.Module):
             weight.copy_(change(weight.detach().float()).to(weight.dtype))
 
     def extra_repr(self) -> str:
-        return f"deltas={ {k: list(v.keys()) for k, v in self.deltas.items()} }, merged={sorted(self.merged)}"
+        deltas = {k: list(v.keys()) for k, v in self.deltas.items()}
+        return f"deltas={deltas}, quantized={list(self.quantized.keys())}, merged={sorted(self.merged)}"
 
 
 def iter_expert_parameters(model: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
     """``(module name, parameter name, module)`` for every 3-D floating-point parameter a module of
     ``model`` holds directly (MoE expert weights), a wrapped experts module seen as one."""
     for name, module in model.named_modules():
-        if ".deltas." in f".{name}." or name.endswith(".base_layer"):
+        if ".deltas." in f".{name}." or ".quantized." in f".{name}." or name.endswith(".base_layer"):
             continue
-        base = module.base_layer if isinstance(module, DeltaExperts) else module
-        for param_name, param in base.named_parameters(recurse=False):
+        if isinstance(module, DeltaExperts):
+            for param_name in module.expert_params:
+                yield name, param_name, module
+            continue
+        for param_name, param in module.named_parameters(recurse=False):
             if param.ndim == 3 and param.is_floating_point():
                 yield name, param_name, module
 
@@ -190,5 +229,5 @@ def peft_expert_names(layer_name: str, layer: DeltaExperts, param_names: list[st
     """Each targeted parameter's PEFT module name: PEFT wraps one parameter per ``ParamWrapper``, nested in
     the order the module holds its parameters, the last one outermost (``experts`` for ``down_proj``,
     ``experts.base_layer`` for ``gate_up_proj`` before it)."""
-    order = [name for name, _ in layer.base_layer.named_parameters(recurse=False) if name in param_names]
+    order = [name for name in layer.expert_params if name in param_names]
     return {name: layer_name + ".base_layer" * (len(order) - 1 - i) for i, name in enumerate(order)}

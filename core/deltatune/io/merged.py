@@ -88,8 +88,8 @@ def merge_into_base(model: nn.Module, resolved: ResolvedSpec) -> int:
     for delta in resolved.deltas:
         delta.plugin.merge(model)
     unwrap(model)
-    unwrap(model, DeltaExperts)
-    dequantized = 0
+    dequantized = sum(experts.dequantize() for experts in model.modules() if isinstance(experts, DeltaExperts))
+    unwrap(model, DeltaExperts)  # quantized expert parameters are dense again: they count as layers here
     for name, module in list(model.named_modules()):
         if is_quantized(module):
             parent, child = get_submodule_parent(model, name)
