@@ -121,24 +121,34 @@ class DeltaExperts(nn.Module):
         per_param[param_name] = delta
         self.deltas[key] = per_param
 
-    def effective_weights(self) -> dict[str, torch.Tensor]:
-        """Each quantized parameter (dequantized) and each parameter carrying an unmerged delta, changed by
-        those deltas in method order."""
-        weights = {param_name: self.base_weight(param_name) for param_name in self.quantized}
+    def changed(self) -> list[str]:
+        """The parameters the forward computes (quantized, or carrying an unmerged delta), in module order."""
+        active = {name for key, per_param in self.deltas.items() if key not in self.merged for name in per_param}
+        return [name for name in self.expert_params if name in self.quantized or name in active]
+
+    def effective_weight(self, param_name: str) -> torch.Tensor:
+        """The weight the experts compute with for ``param_name``: the base weight (dequantized if
+        quantized) changed by every unmerged delta on it, in method order."""
+        weight = self.base_weight(param_name)
         for key, per_param in self.deltas.items():
-            if key in self.merged:
-                continue
-            for param_name, delta in per_param.items():
-                weight = weights.get(param_name, getattr(self.base_layer, param_name, None))
-                weights[param_name] = delta(weight)
-        return weights
+            if key not in self.merged and param_name in per_param:
+                weight = per_param[param_name](weight)
+        return weight
 
     def forward(self, *args, **kwargs):
-        """The experts' output with every unmerged delta applied to their weights."""
-        weights = self.effective_weights()
+        """The experts' output with every unmerged delta applied to their weights.
+
+        The effective weights are as large as the experts themselves, and the experts' products would
+        keep them for backward; they are kept as a recipe instead and computed again in backward (as
+        bitsandbytes does for a 4-bit weight), so what stays per MoE layer is what the deltas keep
+        (a low-rank pair's factors), not a dense copy of every expert."""
+        weights = {name: self.effective_weight(name) for name in self.changed()}
         if not weights:
             return self.base_layer(*args, **kwargs)
-        return torch.func.functional_call(self.base_layer, weights, args, kwargs, strict=False)
+        if not torch.is_grad_enabled():
+            return torch.func.functional_call(self.base_layer, weights, args, kwargs, strict=False)
+        with torch.autograd.graph.saved_tensors_hooks(*_recomputed_in_backward(self, weights)):
+            return torch.func.functional_call(self.base_layer, weights, args, kwargs, strict=False)
 
     def merge_delta(self, key: str) -> None:
         """Fold delta ``key`` into the base parameters (quantized ones become dense first)."""
@@ -165,6 +175,42 @@ class DeltaExperts(nn.Module):
     def extra_repr(self) -> str:
         deltas = {k: list(v.keys()) for k, v in self.deltas.items()}
         return f"deltas={deltas}, quantized={list(self.quantized.keys())}, merged={sorted(self.merged)}"
+
+
+@dataclass(frozen=True)
+class _Recompute:
+    """A saved view of an effective expert weight, to be computed again when backward needs it."""
+
+    param_name: str
+    size: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+    cache: dict[str, torch.Tensor]
+
+
+def _recomputed_in_backward(experts: DeltaExperts, weights: dict[str, torch.Tensor]):
+    """``(pack, unpack)`` saved-tensor hooks that keep a view of an effective weight of ``experts`` as a
+    :class:`_Recompute` and compute the weight again (without autograd: its own gradient path saved
+    what it needs) the first time backward unpacks one; the copy lives while the layer's backward does."""
+    storages = {weight.untyped_storage().data_ptr(): name for name, weight in weights.items()
+                if weight.is_contiguous() and weight.storage_offset() == 0 and weight.device.type != "meta"}
+    cache: dict[str, torch.Tensor] = {}
+
+    def pack(tensor: torch.Tensor):
+        name = storages.get(tensor.untyped_storage().data_ptr()) if tensor.device.type != "meta" else None
+        if name is None:
+            return tensor
+        return _Recompute(name, tuple(tensor.size()), tuple(tensor.stride()), tensor.storage_offset(), cache)
+
+    def unpack(packed):
+        if not isinstance(packed, _Recompute):
+            return packed
+        if packed.param_name not in packed.cache:
+            with torch.no_grad():
+                packed.cache[packed.param_name] = experts.effective_weight(packed.param_name)
+        return packed.cache[packed.param_name].as_strided(packed.size, packed.stride, packed.offset)
+
+    return pack, unpack
 
 
 def iter_expert_parameters(model: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:

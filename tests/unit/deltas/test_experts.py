@@ -4,6 +4,9 @@ experts implementation transformers offers, merges and unmerges exactly."""
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -97,3 +100,31 @@ def test_merge_unmerge_unwrap_and_peft_names() -> None:
         unwrap(model, DeltaExperts)
         assert not any(isinstance(m, DeltaExperts) for m in model.modules())
         assert rel(model(input_ids=ids()).logits, logits) <= 1e-5
+
+
+class Recording(FullUpdate):
+    """A :class:`FullUpdate` that remembers (weakly) each weight it computed, and counts them."""
+
+    def __init__(self, like: torch.Tensor) -> None:
+        super().__init__(like)
+        self.outputs: list = []
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        out = super().forward(weight)
+        self.outputs.append(weakref.ref(out))
+        return out
+
+
+@pytest.mark.parametrize("implementation", ["eager", "grouped_mm"])
+def test_effective_weights_are_not_kept_for_backward_but_computed_again(implementation: str) -> None:
+    model = TINY_FAMILIES["mixtral"]()
+    model.config._experts_implementation = implementation
+    experts = wrap_experts(model, "model.layers.0.mlp.experts")
+    delta = Recording(experts.base_layer.down_proj)
+    experts.add_delta("m", "down_proj", delta)
+    loss = model(input_ids=ids(), labels=ids()).loss
+    gc.collect()
+    assert len(delta.outputs) == 1 and delta.outputs[0]() is None  # the dense expert weight was not kept
+    loss.backward()
+    assert len(delta.outputs) == 2  # computed again in backward
+    assert delta.update.grad is not None and delta.update.grad.abs().sum() > 0
