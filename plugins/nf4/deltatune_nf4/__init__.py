@@ -435,7 +435,7 @@ class NF4:
         if not select_layers(model, cfg):
             raise ConfigError(f"nf4: no linear layer left to quantize (targets={cfg.targets!r}, skip={cfg.skip!r})")
         done = 0
-        for name in self.layers_to_quantize(model, cfg, warn=True):
+        for name in self.linear_to_quantize(model, cfg, warn=True):
             linear = model.get_submodule(name)
             layer = _quantized_linear(
                 base_weight(linear).contiguous(),  # out x in, also for a Conv1D (stored transposed)
@@ -457,10 +457,8 @@ class NF4:
         """Hold every MoE expert parameter of ``model`` (3-D) not already quantized as :class:`NF4Experts`;
         returns how many."""
         done = 0
-        for name, param_name, _ in list(iter_expert_parameters(model)):
+        for name, param_name in self.experts_to_quantize(model):
             experts = wrap_experts(model, name)
-            if param_name in experts.quantized:
-                continue
             weight = getattr(experts.base_layer, param_name)
             experts.set_quantized(param_name, NF4Experts(
                 weight, blocksize=cfg.blocksize, double_quant=cfg.double_quant,
@@ -468,9 +466,17 @@ class NF4:
             done += 1
         return done
 
-    def layers_to_quantize(self, model: nn.Module, cfg: NF4Config | dict[str, Any] | None = None,
+    def layers_to_quantize(self, model: nn.Module, cfg: NF4Config | dict[str, Any] | None = None) -> list[str]:
+        """What :meth:`quantize` replaces: the linear layers (:meth:`linear_to_quantize`), then
+        (``experts``) the MoE expert parameters it would hold quantized, by parameter name."""
+        chosen = self.linear_to_quantize(model, cfg)
+        if _config(cfg).experts:
+            chosen += [f"{name}.{param_name}" for name, param_name in self.experts_to_quantize(model)]
+        return chosen
+
+    def linear_to_quantize(self, model: nn.Module, cfg: NF4Config | dict[str, Any] | None = None,
                            warn: bool = False) -> list[str]:
-        """The layers :meth:`quantize` replaces: :func:`select_layers` less those already quantized
+        """The linear layers :meth:`quantize` replaces: :func:`select_layers` less those already quantized
         or not floating-point, and those whose weight is tied to another module (``warn``: log each)."""
         uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
         chosen = []
@@ -484,6 +490,12 @@ class NF4:
                 continue
             chosen.append(name)
         return chosen
+
+    @staticmethod
+    def experts_to_quantize(model: nn.Module) -> list[tuple[str, str]]:
+        """``(experts module, parameter)`` of every MoE expert parameter not yet quantized."""
+        return [(name, param_name) for name, param_name, module in iter_expert_parameters(model)
+                if param_name not in getattr(module, "quantized", {})]
 
     def bits_per_weight(self, cfg: NF4Config) -> float:
         """Storage bits per weight: a 4-bit code plus its block's absmax — fp32, or with double
