@@ -158,3 +158,19 @@ def test_peft_export_and_import(base_folder, tmp_path) -> None:
     imported, _ = load_peft_adapter(out)
     with torch.no_grad():
         assert rel(imported(**batch()).logits, logits) <= 1e-5
+
+
+def test_starts_from_an_adapter_peft_itself_saved(base_folder, tmp_path) -> None:
+    family, folder = base_folder
+    peft = get_peft_model(AutoModelForCausalLM.from_pretrained(folder), LoraConfig(
+        r=3, lora_alpha=5, target_modules=["o_proj"], target_parameters=EXPERTS))
+    with torch.no_grad():
+        for name, param in peft.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.3)
+    peft.save_pretrained(tmp_path / "peft")
+    model, resolved = load_peft_adapter(tmp_path / "peft", base=folder)
+    cfg = resolved.deltas[0].cfg
+    assert (cfg.r, cfg.alpha, sorted(cfg.target_parameters)) == (3, 5, sorted(EXPERTS))  # adopted from PEFT's config
+    with torch.no_grad():
+        assert rel(model(**batch()).logits, peft.eval()(**batch()).logits) <= 1e-5
