@@ -25,6 +25,12 @@ such deltas (a subclass writes ``make_delta``). ``base_weight`` reads the dense 
 share: ``LowRankConfig``, ``LowRankDelta``, ``LOW_RANK_PEFT_FIELDS``. PEFT checkpoint names:
 ``PEFT_PREFIX``, ``copy_named_tensors``.
 
+**Delta methods: expert parameters** — ``DeltaExperts`` wraps a MoE experts module (3-D expert
+weights, transformers 5) and holds per parameter an ``ExpertDelta`` (its layout: ``ExpertShape``);
+``LayerDeltaMethod`` reaches them through ``cfg.target_parameters`` and a subclass's
+``make_expert_delta``; ``find_expert_targets`` selects them as PEFT's ``target_parameters`` does, ``iter_expert_parameters``
+lists them; a quantizer holds one quantized through ``wrap_experts`` and ``DeltaExperts.set_quantized``.
+
 **Delta methods: grouped products** — a ``Delta`` class may name a ``GroupedProduct`` that computes
 linear layers reading one input (q/k/v, gate/up) as one product in a fast training forward; it gets
 each layer as a ``Projection`` (frozen dense base, at most one delta) and may build on
@@ -79,6 +85,7 @@ from deltatune.data.module import (
 from deltatune.data.packing import IGNORE_INDEX, collate
 from deltatune.data.sources import ChatTemplateOptions, FileSourceOptions
 from deltatune.deltas.grouped import GroupedProduct, Projection, base_input_grad, base_products, hooked, no_autocast
+from deltatune.deltas.experts import DeltaExperts, ExpertDelta, ExpertShape, find_expert_targets, iter_expert_parameters, wrap_experts
 from deltatune.deltas.layer import Delta, DeltaLinear, WeightUpdateDelta, base_weight, delta_layers, get_submodule_parent
 from deltatune.deltas.lowrank import LOW_RANK_PEFT_FIELDS, LowRankConfig, LowRankDelta
 from deltatune.deltas.method import LayerDeltaMethod
@@ -137,6 +144,12 @@ __all__ = [
     # delta methods: the delta-layer seam
     "Delta",
     "DeltaLinear",
+    "DeltaExperts",
+    "ExpertDelta",
+    "ExpertShape",
+    "find_expert_targets",
+    "iter_expert_parameters",
+    "wrap_experts",
     "LOW_RANK_PEFT_FIELDS",
     "LayerDeltaMethod",
     "LowRankConfig",

@@ -222,17 +222,23 @@ def wrap_linear(model: nn.Module, name: str) -> DeltaLinear:
     return wrapped
 
 
-def delta_layers(model: nn.Module, key: str) -> Iterator[tuple[str, DeltaLinear, Delta]]:
-    """``(name, layer, delta)`` for every layer that carries a delta of method ``key``."""
+def carrying(model: nn.Module, kind: type[nn.Module], key: str) -> Iterator[tuple[str, Any, nn.Module]]:
+    """``(name, wrapper, its deltas of method key)`` for every wrapper of type ``kind`` (a module with
+    ``deltas`` keyed by method) that carries a delta of method ``key``."""
     for name, module in model.named_modules():
-        if isinstance(module, DeltaLinear) and key in module.deltas:
+        if isinstance(module, kind) and key in module.deltas:
             yield name, module, module.deltas[key]
 
 
-def unwrap(model: nn.Module) -> None:
-    """Replace every :class:`DeltaLinear` by its base layer (after merging, for export)."""
+def delta_layers(model: nn.Module, key: str) -> Iterator[tuple[str, DeltaLinear, Delta]]:
+    """``(name, layer, delta)`` for every layer that carries a delta of method ``key``."""
+    return carrying(model, DeltaLinear, key)
+
+
+def unwrap(model: nn.Module, kind: type[nn.Module] = DeltaLinear) -> None:
+    """Replace every wrapper of type ``kind`` (:class:`DeltaLinear`) by its base layer (after merging, for export)."""
     for name, module in list(model.named_modules()):
-        if isinstance(module, DeltaLinear):
+        if isinstance(module, kind):
             parent, child = get_submodule_parent(model, name)
             setattr(parent, child, module.base_layer)
 

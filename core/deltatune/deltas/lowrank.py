@@ -9,7 +9,7 @@ import math
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from deltatune.deltas.layer import WeightUpdateDelta
@@ -28,8 +28,18 @@ class LowRankConfig(BaseModel):
         default_factory=lambda: ["q_proj", "v_proj"],
         description="module-name suffixes, 're:REGEX', or 'all-linear' (every linear layer but the LM head)",
     )
+    target_parameters: list[str] | str | None = Field(
+        None, description="MoE expert parameters (3-D, transformers 5) to adapt too, as PEFT's target_parameters: "
+        "parameter-name suffixes (experts.gate_up_proj), 're:REGEX', or 'all-experts'")
     rslora: bool = Field(False, description="scale by alpha / sqrt(r) (rank-stabilised)")
     init_from: str | None = Field(None, description="a PEFT adapter folder to start from")
+
+    @model_validator(mode="after")
+    def _no_dropout_on_experts(self) -> LowRankConfig:
+        if self.target_parameters and self.dropout > 0:
+            raise ValueError("dropout must be 0 with target_parameters: an expert parameter is adapted in its "
+                             "weight, where the input's dropout cannot be applied (as in PEFT)")
+        return self
 
     @property
     def scaling(self) -> float:
@@ -45,6 +55,7 @@ class LowRankConfig(BaseModel):
 
 LOW_RANK_PEFT_FIELDS: dict[str, str] = {
     "r": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "rslora": "use_rslora", "targets": "target_modules",
+    "target_parameters": "target_parameters",
 }
 """Our :class:`LowRankConfig` field → PEFT ``LoraConfig`` key."""
 

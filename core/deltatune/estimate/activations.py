@@ -109,6 +109,22 @@ def parent_of(member: str) -> str:
     return "attn" if member in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
 
 
+def moe(config: Any) -> tuple[int, int, int] | None:
+    """``(experts, experts per token, one expert's intermediate width)`` of a mixture-of-experts decoder
+    (Mixtral's and Qwen3-MoE's config fields), or ``None`` for a dense one."""
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    top_k = getattr(config, "num_experts_per_tok", None)
+    if not experts or not top_k:
+        return None
+    return experts, top_k, getattr(config, "moe_intermediate_size", None) or config.intermediate_size
+
+
+def mlp_width(config: Any) -> int:
+    """Intermediate elements per token of one decoder layer's MLP (all the experts a token visits)."""
+    experts = moe(config)
+    return experts[1] * experts[2] if experts else config.intermediate_size
+
+
 def _widths(config: Any) -> tuple[int, int, int, int, int, int]:
     """``(hidden, intermediate, heads, head_dim, query width, key/value width)`` of a decoder."""
     h, i = config.hidden_size, config.intermediate_size
@@ -213,7 +229,10 @@ def plain_activation_bytes(config: Any, lay: Any, batch: int, seq: int, compute:
     """Activations of the plain Hugging Face forward (architectures the fast path does not know).
 
     Per layer and token: two fp32 RMSNorm inputs and 1/rms ``2 (4h + 4)``; SDPA attention's q, k, v,
-    output and log-sum-exp ``c (2q + 2kv) + 4H``; the MLP's gate, silu(gate) and up ``3 c i``; the
+    output and log-sum-exp ``c (2q + 2kv) + 4H``; the MLP's gate, silu(gate) and up ``3 c i`` (a
+    mixture of experts, :func:`moe`: for each of the ``k`` experts a token visits its gathered input,
+    gate/up output, gated product and output, ``k c (2h + 3 i_e)``, and the router's fp32 logits and
+    probabilities ``8 E``); the
     input of every group of linear layers (:data:`GROUPS`, layers reading one input share it) in
     which a delta or a weight trains, and each delta's inner ``r`` elements. The head keeps the
     final hidden state of every labelled token ``c h``; under bf16 autocast every trained tensor is
@@ -221,6 +240,12 @@ def plain_activation_bytes(config: Any, lay: Any, batch: int, seq: int, compute:
     h, i, heads, head_dim, q, kv = _widths(config)
     tokens = batch * seq
     per_layer = 2 * (4 * h + 4) + compute * (2 * q + 2 * kv) + 4 * heads + 3 * compute * i
+    experts = moe(config)
+    if experts:
+        count, top_k, inner = experts
+        # per token and expert it visits: its input (gathered), gate/up output, the gated product and
+        # the expert's output (before the routing weight); the router's fp32 logits and probabilities
+        per_layer += top_k * compute * (2 * h + 3 * inner) + 2 * 4 * count - 3 * compute * i
     for _, members in GROUPS:
         adapted = [lay.adapted[m] for m in lay.adapted if m.rsplit(".", 1)[-1] in members]
         if any(a["input"] for a in adapted):

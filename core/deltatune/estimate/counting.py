@@ -42,15 +42,26 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     "smollm2-135m": _llama(576, 1536, 30, 9, kv_heads=3, context=8192, eps=1e-5, vocab=49152, tied=True, head_dim=64),
     "smollm2-360m": _llama(960, 2560, 32, 15, kv_heads=5, context=8192, eps=1e-5, vocab=49152, tied=True, head_dim=64),
     "smollm2-1.7b": _llama(2048, 8192, 24, 32, context=8192, eps=1e-5, vocab=49152, tied=True, head_dim=64),
+    # mixture of experts (config.json of the model cards; published sizes: 46.7B and 30.5B parameters)
+    "mixtral-8x7b": dict(model_type="mixtral", hidden_act="silu", hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
+                         num_experts_per_tok=2, max_position_embeddings=32768, rms_norm_eps=1e-5, vocab_size=32000,
+                         tie_word_embeddings=False),
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", hidden_act="silu", hidden_size=2048, intermediate_size=6144,
+                          moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
+                          num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                          decoder_sparse_step=1, mlp_only_layers=[], norm_topk_prob=True,
+                          max_position_embeddings=40960, rms_norm_eps=1e-6, vocab_size=151936,
+                          tie_word_embeddings=False),
 }
 """Configurations of known architectures (public model cards), by name."""
-ALIASES = {"llama-30b": "llama-33b", "llama2-7b-hf": "llama2-7b", "smollm2-135m-instruct": "smollm2-135m"}
+ALIASES = {"llama-30b": "llama-33b", "mixtral-8x7b-v0.1": "mixtral-8x7b", "qwen3-30b-a3b-base": "qwen3-30b-a3b", "llama2-7b-hf": "llama2-7b", "smollm2-135m-instruct": "smollm2-135m"}
 
 
 
 def load_config(base: str) -> Any:
     """The transformers configuration of ``base`` (never downloads anything)."""
-    from transformers import AutoConfig, LlamaConfig
+    from transformers import AutoConfig
 
     from deltatune.model import loading as models
 
@@ -59,8 +70,7 @@ def load_config(base: str) -> Any:
         return models.tiny_llama(tie_word_embeddings=base == "tiny-llama-tied").config
     if name in ARCHITECTURES:
         settings = dict(ARCHITECTURES[name])
-        settings.pop("model_type")
-        return LlamaConfig(**settings)
+        return AutoConfig.for_model(settings.pop("model_type"), **settings)
     path = Path(base).expanduser()
     if path.is_dir():
         return AutoConfig.from_pretrained(path, local_files_only=True)
@@ -107,6 +117,9 @@ class Layout:
     """Elements of the compute-dtype copies of trained weights the fast path's grouped products keep."""
     trains_base: bool = False
     """A trained tensor belongs to the base model (BitFit's biases, full fine-tuning)."""
+    expert_weights: int = 0
+    """Elements of the largest set of MoE expert weights one experts module computes in its forward
+    (dequantized, or changed by a delta): they exist once, for that layer, in forward and in backward."""
 
 
 def bits_per_weight(quantizer: Any) -> float:
@@ -142,18 +155,20 @@ def layout(config: Any, deltas: list[Any], quantizer: Any | None, fast_path: boo
     :mod:`deltatune.train.fast`, runs them)."""
     import torch
 
+    from deltatune.deltas.experts import DeltaExperts
     from deltatune.deltas.layer import DeltaLinear
     from deltatune.model.assembly import ResolvedSpec, claim_parameters
 
     model = meta_model(config)
     quantized = _quantized_names(model, quantizer) if quantizer else set()
     widths = inner_widths(deltas)
-    quantized_weights = {f"{name}.weight" for name in quantized}
+    # a quantized module's weight, or a quantized MoE expert parameter itself
+    quantized_weights = {name if _is_parameter(model, name) else f"{name}.weight" for name in quantized}
     with torch.device("meta"):
         for delta in deltas:
             delta.plugin.apply(model, delta.cfg)
-    # the base weight of a wrapped layer moved under .base_layer
-    moved = {n.replace(".weight", ".base_layer.weight") for n in quantized_weights}
+    # the base weight of a wrapped layer (or experts module) moved under .base_layer
+    moved = {"{0}.base_layer.{2}".format(*n.rpartition(".")) for n in quantized_weights}
     quantized_weights |= moved
     resolved = ResolvedSpec(spec=None, quantizer=quantizer, deltas=list(deltas))  # type: ignore[arg-type]
     claim_parameters(model, resolved)
@@ -172,13 +187,18 @@ def layout(config: Any, deltas: list[Any], quantizer: Any | None, fast_path: boo
             out.trains_base |= ".deltas." not in name
         elif name in quantized_weights:
             out.quantized += count
+            out.expert_weights = max(out.expert_weights, count if param.ndim == 3 else 0)
             if count > out.largest_quantized[0] * out.largest_quantized[1]:
                 out.largest_quantized = tuple(param.shape)  # type: ignore[assignment]
         else:
             out.frozen += count
+    for name, module in model.named_modules():
+        if isinstance(module, DeltaExperts) and module.deltas:
+            changed = sum(getattr(module.base_layer, p).numel() for p in module.changed())
+            out.expert_weights = max(out.expert_weights, changed)
     layer_prefix = _first_layer_prefix(model)
     for name in quantized:
-        if name.startswith(layer_prefix):
+        if name.startswith(layer_prefix) and name not in quantized_weights:
             out.quantized_in_layer[name[len(layer_prefix):]] = model.get_submodule(name).in_features
     for name, module in model.named_modules():
         if not name.startswith(layer_prefix):
@@ -202,6 +222,14 @@ def layout(config: Any, deltas: list[Any], quantizer: Any | None, fast_path: boo
             per_layer = sum(g.compute_copies for g in out.groups.values() if g.fused)
             out.compute_copies = per_layer * config.num_hidden_layers
     return out
+
+
+def _is_parameter(model: Any, name: str) -> bool:
+    try:
+        model.get_parameter(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def _first_layer_prefix(model: Any) -> str:

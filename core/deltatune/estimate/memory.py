@@ -14,7 +14,8 @@ the command and ``benchmarks/estimate_accuracy.py`` measures real runs against i
 ``meta`` device (shapes, no memory), the delta methods' own ``apply`` runs on it, and the core's
 :func:`deltatune.model.assembly.claim_parameters` decides what trains — so every installed delta method,
 third-party ones included, is counted as it really behaves. ``--base`` is a built-in model name, a
-known architecture (:data:`ARCHITECTURES`: ``llama-7b`` … ``llama-65b``, ``llama2-70b``, SmolLM2;
+known architecture (:data:`ARCHITECTURES`: ``llama-7b`` … ``llama-65b``, ``llama2-70b``, SmolLM2,
+``mixtral-8x7b``, ``qwen3-30b-a3b``;
 configurations stored here, nothing is downloaded), a local Hugging Face folder or a ``config.json``.
 
 **Bytes** per device (DDP replicates everything; ``--batch`` is the per-device micro-batch):
@@ -31,7 +32,8 @@ configurations stored here, nothing is downloaded), a local Hugging Face folder 
   the tensors autograd really keeps in ``tests/unit/estimate/test_estimate.py``); with gradient checkpointing
   the layer inputs plus one recomputed layer;
 * transients: the largest of one chunk of logits, one layer's attention backward and a dequantized
-  weight, plus one layer's backward working set;
+  weight (for a MoE layer: all the expert weights one experts module computes with, dequantized or
+  changed by a delta; they are computed again in backward, not kept), plus one layer's backward working set;
 * the compute-dtype copies of trained weights the fast path's grouped products keep, and DDP's gradient buckets (one
   more copy of the trained gradients) when ``--devices`` > 1;
 * loading: deltatune loads a base under delta layers straight in its compute dtype, but in fp32 when a
@@ -56,7 +58,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from deltatune.errors import ConfigError
-from deltatune.estimate.activations import activation_bytes
+from deltatune.estimate.activations import activation_bytes, mlp_width
 from deltatune.estimate.counting import Layout, bits_per_weight, layout, load_config
 
 GB = 1e9
@@ -208,8 +210,10 @@ def estimate(
     # attention of one layer in backward: fp32 score gradients and probabilities, per example
     attention = batch * heads * seq * seq * (4 + 4 + compute)
     dequantized = math.prod(lay.largest_quantized) * compute if resolved.quantizer else 0
+    # the MoE expert weights one experts module computes with (dequantized, or W + ΔW): all of one layer's
+    dequantized = max(dequantized, lay.expert_weights * compute)
     # the backward of one layer: the gradient of the residual stream and of the widest activation
-    layer_backward = tokens * compute * (2 * config.hidden_size + 3 * config.intermediate_size)
+    layer_backward = tokens * compute * (2 * config.hidden_size + 3 * mlp_width(config))
     recompute = acts["per_layer_per_token"] * tokens if gradient_checkpointing else 0
     transient = max(logits, attention, dequantized) + layer_backward + recompute
     training = (weights_quantized + weights_frozen + weights_trainable + gradients + state

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from deltatune.deltas.experts import DeltaExperts
 from deltatune.deltas.layer import dense_copy, get_submodule_parent, is_quantized, unwrap
 from deltatune.errors import ConfigError
 from deltatune.io.adapter import load_for_export
@@ -87,7 +88,8 @@ def merge_into_base(model: nn.Module, resolved: ResolvedSpec) -> int:
     for delta in resolved.deltas:
         delta.plugin.merge(model)
     unwrap(model)
-    dequantized = 0
+    dequantized = sum(experts.dequantize() for experts in model.modules() if isinstance(experts, DeltaExperts))
+    unwrap(model, DeltaExperts)  # quantized expert parameters are dense again: they count as layers here
     for name, module in list(model.named_modules()):
         if is_quantized(module):
             parent, child = get_submodule_parent(model, name)

@@ -5,7 +5,8 @@
 adapter. Each delta method says what it is in PEFT terms (``peft_config(cfg)``) and names its
 tensors the PEFT way (the optional member ``peft_state_dict`` of
 :class:`~deltatune.plugin.protocols.DeltaMethod`); this module
-fills ``target_modules`` with the exact names of the wrapped layers, ``base_model_name_or_path``,
+fills ``target_modules`` with the exact names of the wrapped layers (``target_parameters`` with those
+of the adapted MoE expert parameters), ``base_model_name_or_path``,
 and joins the methods: PEFT holds *one* tuner type per adapter, so exactly one method must give a
 ``peft_type`` and the others may only add fields (a bias-training method adds ``bias: "all"``).
 Anything else (two typed methods, biases the base model lacks, no typed method) is a
@@ -40,6 +41,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from deltatune.deltas.experts import delta_experts
 from deltatune.deltas.layer import delta_layers
 from deltatune.errors import ConfigError
 from deltatune.io.adapter import load_for_export
@@ -61,7 +63,7 @@ STRUCTURAL_KEYS = ("peft_type", "use_dora", "r", "lora_alpha", "use_rslora")
 """PEFT config keys that decide the weights' shapes or meaning: an explicit option must agree."""
 UNSUPPORTED: dict[str, Any] = {
     "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "modules_to_save": None,
-    "target_parameters": None, "lora_bias": False, "trainable_token_indices": None,
+    "lora_bias": False, "trainable_token_indices": None,
     "layer_replication": None,
 }
 """PEFT features deltatune cannot start from, with the value that means "not used"."""
@@ -274,6 +276,9 @@ def peft_export(model: nn.Module, resolved: ResolvedSpec) -> tuple[dict[str, Any
             config[key] = value
     targets = sorted(name for name, _, _ in delta_layers(model, main.name))
     base = resolve_base(resolved.spec.base)
+    parameters = sorted(f"{name}.{param}" for name, _, per_param in delta_experts(model, main.name) for param in per_param)
+    if parameters:
+        config["target_parameters"] = parameters  # PEFT's LoRA on nn.Parameters (MoE expert weights)
     config.update(target_modules=targets, base_model_name_or_path=str(base), task_type="CAUSAL_LM", inference_mode=True)
     if any(layer.transposed for _, layer, _ in delta_layers(model, main.name)):
         config["fan_in_fan_out"] = True  # PEFT's flag for Conv1D targets (GPT-2); it leaves nn.Linear ones as they are

@@ -59,7 +59,9 @@ def deltatune_register_delta_methods(register: Register) -> None:
 
     A delta method changes a loaded (and possibly quantized) base model in place in ``apply``:
     usually by wrapping ``nn.Linear`` layers in :class:`deltatune.api.DeltaLinear` and adding a
-    :class:`deltatune.api.Delta` module to it, or by marking existing parameters (BitFit). It then
+    :class:`deltatune.api.Delta` module to it (MoE expert weights, 3-D parameters: wrapping the experts
+    module in :class:`deltatune.api.DeltaExperts` with an :class:`deltatune.api.ExpertDelta`), or by
+    marking existing parameters (BitFit). It then
     claims its trainable parameters through ``trainable(name, param)``; the core freezes everything no
     method claims and raises a configuration error when two methods claim one parameter or one
     module. Methods that need the base weight (DoRA norms, merging) must read it with

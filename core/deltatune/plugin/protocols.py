@@ -206,7 +206,7 @@ class DeltaMethod(Protocol):
     OptionalMember(
         "layers_to_quantize", None, "method",
         "layers_to_quantize(model, cfg) -> list[str]: names of the modules quantize(model, cfg) would "
-        "replace, without changing model (which may live on the meta device; for `deltatune estimate`). "
+        "replace (and of the MoE expert parameters it would hold quantized), without changing model (which may live on the meta device; for `deltatune estimate`). "
         "Absent: unknown.",
     ),
     OptionalMember(

@@ -21,6 +21,8 @@ the base needs a dense base (the residual of a quantized weight would be quantiz
 refused before weights load; PEFT asks users to decompose in full precision and quantize the
 residual themselves), cannot start from a PEFT adapter (``init_from``), and exports to PEFT as the
 plain LoRA of rank ``2r`` that gives the trained model on the original base.
+MoE expert parameters (``target_parameters``, transformers 5's 3-D expert weights) get one pair per
+expert, as PEFT's ``target_parameters`` (:mod:`deltatune_lora.experts`).
 """
 
 from __future__ import annotations
@@ -35,12 +37,15 @@ from deltatune.api import (
     LOW_RANK_PEFT_FIELDS,
     PEFT_PREFIX,
     Delta,
+    DeltaExperts,
     DeltaLinear,
+    ExpertDelta,
     LayerDeltaMethod,
     LowRankConfig,
     delta_layers,
     hookimpl,
 )
+from deltatune_lora.experts import LoraExpertDelta
 from deltatune_lora.init import INIT_PATTERN, converted_pair, doubled_alpha, gaussian_, start_from_base, starts_from_base
 from deltatune_lora.layer import LoraDelta, ResidualLoraDelta
 
@@ -64,6 +69,9 @@ class LoraConfig(LowRankConfig):
         if self.init_from and starts_from_base(self.init):
             raise ValueError(f"init={self.init} derives the pair from the base weight and init_from loads it from a "
                              "PEFT adapter: choose one")
+        if self.target_parameters and self.init != "kaiming":
+            raise ValueError(f"init={self.init} is for linear layers; expert parameters (target_parameters) start "
+                             "as PEFT's do (init=kaiming)")
         return self
 
 
@@ -94,6 +102,10 @@ class Lora(LayerDeltaMethod):
             return (f"init={cfg.init} decomposes the dense base weight and leaves the residual in it; use init=kaiming "
                     "on a quantized base, or drop the quantizer")
         return None
+
+    def make_expert_delta(self, layer: DeltaExperts, param_name: str, cfg: BaseModel, layer_name: str) -> ExpertDelta:
+        """Fresh LoRA pairs for every expert of ``param_name``."""
+        return LoraExpertDelta(layer.shape(param_name), cfg.r, cfg.scaling)
 
     def peft_config(self, cfg: BaseModel) -> dict[str, Any] | None:
         """PEFT ``LoraConfig`` fields equivalent to ``cfg``; a pair started from the base exports as

@@ -70,11 +70,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from torch import nn  # noqa: E402
 
 from deltatune.api import (ConfigError, base_weight, compute_dtype, find_targets, get_submodule_parent, hookimpl,
-                           target_matches)
+                           iter_expert_parameters, target_matches, wrap_experts)
 
 __all__ = [
     "NF4",
     "NF4Config",
+    "NF4Experts",
     "Linear4bit",
     "dequantize_weight",
     "is_quantized",
@@ -112,6 +113,9 @@ class NF4Config(BaseModel):
         default_factory=lambda: ["lm_head"],
         description="module-name suffixes or 're:REGEX' left dense even when targeted",
     )
+    experts: bool = Field(
+        True, description="also quantize MoE expert parameters (transformers 5's 3-D expert weights), one "
+        "expert's 2-D weight at a time")
     cpu_fused_inference: bool = Field(
         False,
         description="let bitsandbytes repack layers for its fused AVX-512 BF16 kernel in eval mode without "
@@ -167,7 +171,9 @@ def resolve_compute_dtype(choice: str, device: torch.device | str = "cpu") -> to
 
 # -- layers ---------------------------------------------------------------------------------------
 def is_quantized(module: nn.Module) -> bool:
-    """Whether ``module`` is an NF4 ``bnb.nn.Linear4bit`` holding quantized weights."""
+    """Whether ``module`` is an NF4 ``bnb.nn.Linear4bit`` holding quantized weights, or NF4 expert weights."""
+    if isinstance(module, NF4Experts):
+        return True
     weight = getattr(module, "weight", None)
     return (
         isinstance(module, bnb.nn.Linear4bit)
@@ -206,10 +212,36 @@ def dequantize_weight(module: nn.Module, dtype: torch.dtype = torch.float32) -> 
     fp32 is exact: every value is an NF4 level times its block's (dequantized) absmax, computed by
     ``bitsandbytes.functional.dequantize_4bit``. The forward pass rounds this to the compute dtype.
     """
-    data, state = _canonical(_require(module).weight)
+    if isinstance(module, NF4Experts):
+        return torch.stack([_dequantize(weight, dtype) for weight in module.weights])
+    return _dequantize(_require(module).weight, dtype)
+
+
+def _dequantize(weight: bnb.nn.Params4bit, dtype: torch.dtype) -> torch.Tensor:
+    data, state = _canonical(weight)
     state = copy.copy(state)
     state.dtype = dtype
     return bnbF.dequantize_4bit(data, state)
+
+
+class NF4Experts(nn.Module):
+    """A 3-D MoE expert parameter (``experts x ...``) in NF4: each expert's 2-D weight quantized as a
+    linear layer's (its own absmax blocks), stacked back by :func:`dequantize_weight`. The core holds it
+    in place of the dense parameter and dequantizes it in ``compute_dtype`` for each forward."""
+
+    def __init__(self, weight: torch.Tensor, *, blocksize: int, double_quant: bool, compute_dtype: torch.dtype) -> None:
+        super().__init__()
+        if weight.is_meta:
+            raise ConfigError("nf4: the weights are on the meta device; load them before quantizing")
+        self.compute_dtype = compute_dtype
+        self.weights = nn.ParameterList([
+            bnb.nn.Params4bit(expert.detach().contiguous(), requires_grad=False, blocksize=blocksize,
+                              compress_statistics=double_quant, quant_type=QUANT_TYPE).to(weight.device)
+            for expert in weight
+        ])
+
+    def extra_repr(self) -> str:
+        return f"experts={len(self.weights)}, expert_shape={tuple(self.weights[0].quant_state.shape)}"
 
 
 class Linear4bit(bnb.nn.Linear4bit):
@@ -332,21 +364,22 @@ def storage_bytes(module: nn.Module) -> dict[str, int]:
     ``double_quant`` (the fp32 scales of the quantized absmax and their offset), ``code_tables`` (the
     NF4 levels and the 8-bit absmax code, held per layer) and ``total``.
     """
-    weight = _require(module).weight
-    state = weight.quant_state
-    state2 = getattr(state, "state2", None) if state.nested else None
-    parts = {
-        "packed": _nbytes(weight.data),
-        "absmax": _nbytes(state.absmax),
-        "double_quant": (_nbytes(state2.absmax) + _nbytes(state.offset)) if state2 is not None else 0,
-        "code_tables": _nbytes(state.code) + (_nbytes(state2.code) if state2 is not None else 0),
-    }
+    weights = list(module.weights) if isinstance(module, NF4Experts) else [_require(module).weight]
+    parts: Counter = Counter()
+    for weight in weights:
+        state = weight.quant_state
+        state2 = getattr(state, "state2", None) if state.nested else None
+        parts["packed"] += _nbytes(weight.data)
+        parts["absmax"] += _nbytes(state.absmax)
+        parts["double_quant"] += (_nbytes(state2.absmax) + _nbytes(state.offset)) if state2 is not None else 0
+        parts["code_tables"] += _nbytes(state.code) + (_nbytes(state2.code) if state2 is not None else 0)
+    parts = {key: parts[key] for key in ("packed", "absmax", "double_quant", "code_tables")}
     parts["total"] = sum(parts.values())
     return parts
 
 
 def memory_report(model: nn.Module) -> dict[str, float]:
-    """Storage of every NF4 layer in ``model`` summed by part, with the bf16 size of the same weights.
+    """Storage of every NF4 layer (and NF4 expert parameter) in ``model`` summed by part, with the bf16 size of the same weights.
 
     Keys: ``layers``, ``weights`` (number of weights), the parts of :func:`storage_bytes`, ``bf16``
     (``2 x weights``), ``ratio`` (``total / bf16``) and ``bits_per_weight``.
@@ -355,7 +388,8 @@ def memory_report(model: nn.Module) -> dict[str, float]:
     for module in model.modules():
         if is_quantized(module):
             report["layers"] += 1
-            report["weights"] += module.in_features * module.out_features
+            report["weights"] += (sum(w.quant_state.shape.numel() for w in module.weights)
+                                  if isinstance(module, NF4Experts) else module.in_features * module.out_features)
             for key, value in storage_bytes(module).items():
                 report[key] += value
     keys = ("layers", "weights", "packed", "absmax", "double_quant", "code_tables", "total")
@@ -384,13 +418,14 @@ def _config(cfg: NF4Config | dict[str, Any] | None) -> NF4Config:
 class NF4:
     """QLoRA's NF4 quantizer: targeted linear layers (``nn.Linear``, or GPT-2's ``Conv1D``, whose
     transposed weight is quantized as a linear layer's, as transformers' own bitsandbytes loading does)
-    become ``bnb.nn.Linear4bit`` (nf4)."""
+    become ``bnb.nn.Linear4bit`` (nf4); MoE expert parameters become :class:`NF4Experts`."""
 
     name: ClassVar[str] = "nf4"
     Config: ClassVar[type[BaseModel]] = NF4Config
 
     def quantize(self, model: nn.Module, cfg: NF4Config | dict[str, Any] | None = None) -> None:
-        """Replace the targeted linear layers of ``model`` by NF4 layers, in place.
+        """Replace the targeted linear layers of ``model`` by NF4 layers, in place, and (``experts``) hold
+        every MoE expert parameter as :class:`NF4Experts`.
 
         Layers already quantized (by this or another quantizer) are left as they are, so a second
         call changes nothing. A layer whose weight is tied to another module (a tied LM head) stays
@@ -400,7 +435,7 @@ class NF4:
         if not select_layers(model, cfg):
             raise ConfigError(f"nf4: no linear layer left to quantize (targets={cfg.targets!r}, skip={cfg.skip!r})")
         done = 0
-        for name in self.layers_to_quantize(model, cfg, warn=True):
+        for name in self.linear_to_quantize(model, cfg, warn=True):
             linear = model.get_submodule(name)
             layer = _quantized_linear(
                 base_weight(linear).contiguous(),  # out x in, also for a Conv1D (stored transposed)
@@ -414,13 +449,34 @@ class NF4:
             parent, child = get_submodule_parent(model, name)
             setattr(parent, child, layer)
             done += 1
-        logger.info(
-            "nf4: quantized %d linear layers (blocksize %d, double_quant=%s)", done, cfg.blocksize, cfg.double_quant
-        )
+        experts = self.quantize_experts(model, cfg) if cfg.experts else 0
+        logger.info("nf4: quantized %d linear layers and %d expert parameters (blocksize %d, double_quant=%s)",
+                    done, experts, cfg.blocksize, cfg.double_quant)
 
-    def layers_to_quantize(self, model: nn.Module, cfg: NF4Config | dict[str, Any] | None = None,
+    def quantize_experts(self, model: nn.Module, cfg: NF4Config) -> int:
+        """Hold every MoE expert parameter of ``model`` (3-D) not already quantized as :class:`NF4Experts`;
+        returns how many."""
+        done = 0
+        for name, param_name in self.experts_to_quantize(model):
+            experts = wrap_experts(model, name)
+            weight = getattr(experts.base_layer, param_name)
+            experts.set_quantized(param_name, NF4Experts(
+                weight, blocksize=cfg.blocksize, double_quant=cfg.double_quant,
+                compute_dtype=resolve_compute_dtype(cfg.compute_dtype, weight.device)))
+            done += 1
+        return done
+
+    def layers_to_quantize(self, model: nn.Module, cfg: NF4Config | dict[str, Any] | None = None) -> list[str]:
+        """What :meth:`quantize` replaces: the linear layers (:meth:`linear_to_quantize`), then
+        (``experts``) the MoE expert parameters it would hold quantized, by parameter name."""
+        chosen = self.linear_to_quantize(model, cfg)
+        if _config(cfg).experts:
+            chosen += [f"{name}.{param_name}" for name, param_name in self.experts_to_quantize(model)]
+        return chosen
+
+    def linear_to_quantize(self, model: nn.Module, cfg: NF4Config | dict[str, Any] | None = None,
                            warn: bool = False) -> list[str]:
-        """The layers :meth:`quantize` replaces: :func:`select_layers` less those already quantized
+        """The linear layers :meth:`quantize` replaces: :func:`select_layers` less those already quantized
         or not floating-point, and those whose weight is tied to another module (``warn``: log each)."""
         uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
         chosen = []
@@ -434,6 +490,12 @@ class NF4:
                 continue
             chosen.append(name)
         return chosen
+
+    @staticmethod
+    def experts_to_quantize(model: nn.Module) -> list[tuple[str, str]]:
+        """``(experts module, parameter)`` of every MoE expert parameter not yet quantized."""
+        return [(name, param_name) for name, param_name, module in iter_expert_parameters(model)
+                if param_name not in getattr(module, "quantized", {})]
 
     def bits_per_weight(self, cfg: NF4Config) -> float:
         """Storage bits per weight: a 4-bit code plus its block's absmax — fp32, or with double

@@ -15,8 +15,8 @@ from benchmarks.estimate_accuracy import VALIDATION_RUNS, measure
 from deltatune.estimate.activations import activation_bytes
 from deltatune.estimate.counting import layout, load_config
 from deltatune.estimate.memory import CPU_RUNTIME_BYTES, GB, estimate
-from deltatune.train.loss import token_loss
-from deltatune.model.assembly import build_model, compute_context, resolve_spec, trainable_summary
+from deltatune.model.assembly import build_model, resolve_spec, trainable_summary
+from saved_tensors import saved_bytes
 
 LORA_QV = {"name": "lora", "config": {"r": 8, "targets": ["q_proj", "v_proj"]}}
 WIDE = dict(hidden_size=128, intermediate_size=320, num_attention_heads=8, num_key_value_heads=2, num_hidden_layers=3)
@@ -64,27 +64,6 @@ def test_published_lora_counts():
     qlora = estimate("llama-65b", [{"name": "lora", "config": {"r": 64, "targets": "all-linear"}}], {"name": "nf4"},
                      device="cuda")
     assert qlora.trainable_params == 80 * 64 * (4 * (8192 + 8192) + 3 * (8192 + 22016))
-
-
-def saved_bytes(spec: dict, batch: int, seq: int, overrides: dict, fast: bool) -> tuple[int, object]:
-    """Bytes of the distinct non-parameter tensors autograd keeps for one training forward."""
-    resolved = resolve_spec(spec)
-    model = build_model(resolved, models.tiny_llama(**overrides))
-    model.train()
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(tensor):
-        storage = tensor.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen.setdefault(storage.data_ptr(), storage.nbytes())
-        return tensor
-
-    ids = torch.randint(0, 250, (batch, seq), generator=torch.Generator().manual_seed(0))
-    batch_ = {"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), compute_context(model):
-        token_loss(model, batch_, fast=fast)
-    return sum(seen.values()), resolved
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp32"])
