@@ -144,6 +144,9 @@ def test_refusals_come_before_any_weight_loads() -> None:
     with pytest.raises(ConfigError, match="init"):
         resolve_spec(ModelSpec(base="tiny-llama", delta=[{"name": "lora", "config": {"init": "pissa_niter_"}}]))
     resolve_spec(ModelSpec(base="tiny-llama", quantizer="nf4", delta=[{"name": "lora", "config": {"init": "gaussian"}}]))
+    with pytest.raises(ConfigError, match="init=olora is for linear layers; expert parameters"):
+        resolve_spec(ModelSpec(base="tiny-llama", delta=[{"name": "lora", "config": {
+            "init": "olora", "target_parameters": ["experts.gate_up_proj"]}}]))
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
