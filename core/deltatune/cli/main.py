@@ -70,7 +70,7 @@ def check_no_lightning_optimizer(argv: list[str]) -> None:
         option, where = found[0]
         raise ConfigError(f"{option.split('=')[0]} (in {where}) is Lightning's own optimizer option, which deltatune "
                           "does not use: the optimizer and its learning-rate schedule are the optimizer plugin's, "
-                          "set with model.optimizer (e.g. --model.optimizer='{name: adamw, config: {lr: 1e-4}}'; "
+                          "set with model.optimizer (--model.optimizer='{name: NAME, config: {...}}'; "
                           "`deltatune plugins` lists the optimizers)")
 
 
