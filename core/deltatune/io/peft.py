@@ -274,7 +274,9 @@ def peft_export(model: nn.Module, resolved: ResolvedSpec) -> tuple[dict[str, Any
             config[key] = value
     targets = sorted(name for name, _, _ in delta_layers(model, main.name))
     base = resolve_base(resolved.spec.base)
-    config.update(target_modules=targets, base_model_name_or_path=str(base), task_type="CAUSAL_LM", inference_mode=True)
+    config.update(base_model_name_or_path=str(base), task_type="CAUSAL_LM", inference_mode=True)
+    if targets:  # a method of virtual tokens (prefix, prompt) targets no layer: PEFT's config has no such field
+        config["target_modules"] = targets
     if any(layer.transposed for _, layer, _ in delta_layers(model, main.name)):
         config["fan_in_fan_out"] = True  # PEFT's flag for Conv1D targets (GPT-2); it leaves nn.Linear ones as they are
     state: dict[str, torch.Tensor] = {}
