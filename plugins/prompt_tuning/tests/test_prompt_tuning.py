@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import PeftModel, PromptTuningConfig, PromptTuningInit, get_peft_model
+from peft import PeftModel, PromptEncoderConfig, PromptTuningConfig, PromptTuningInit, get_peft_model
 
 from deltatune.api import ConfigError
 from deltatune.io.adapter import load_adapter, save_adapter
@@ -84,3 +84,18 @@ def test_prompt_and_prefix_together_are_refused_naming_both(plugin_manager):
     spec = {"base": "tiny-llama", "delta": [{"name": "prompt_tuning"}, {"name": "prefix_tuning"}]}
     with pytest.raises(ConfigError, match="'prompt_tuning' and 'prefix_tuning'"):
         build_model(resolve_spec(spec, plugin_manager))
+
+
+def test_starts_from_a_p_tuning_adapter_peft_trained_with_its_encoder(plugin_manager, tiny_tokenizer, tmp_path):
+    peft_model = get_peft_model(tiny_llama(), PromptEncoderConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=5, encoder_reparameterization_type="LSTM", encoder_hidden_size=12))
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for param in peft_model.prompt_encoder.parameters():
+            param.add_(0.2 * torch.randn_like(param))
+    batch = sample_batch(tiny_tokenizer)
+    expected = logits_of(peft_model, batch)[:, 5:]
+    peft_model.save_pretrained(tmp_path / "peft")
+    model, resolved = load_peft_adapter(tmp_path / "peft", base="tiny-llama", manager=plugin_manager)
+    assert resolved.deltas[0].name == "p_tuning" and resolved.deltas[0].cfg.num_virtual_tokens == 5
+    assert max_relative_difference(logits_of(model, batch), expected) <= 1e-4
