@@ -120,3 +120,22 @@ def test_the_generic_forward_trains_them_and_a_merged_export_is_refused(plugin_m
     save_adapter(model, resolved, tmp_path / "adapter")
     with pytest.raises(ConfigError, match=f"{name}.*cannot be merged"):
         export_merged(tmp_path / "adapter", tmp_path / "merged", manager=plugin_manager)
+
+
+@pytest.mark.parametrize(("name", "config"), METHODS, ids=[m[0] for m in METHODS])
+def test_evaluation_sees_the_virtual_tokens_the_same_in_any_batch(plugin_manager, tiny_tokenizer, name, config):
+    """The core's batched generation (left padding) and sequence log-likelihoods (right padding) give
+    each row what it gets alone, and differ from the base model's."""
+    from deltatune.evaluation.helpers import sequence_logprobs
+    from deltatune.model.generation import generate
+    from deltatune.testing import sample_rows
+
+    model, _ = trained_like(plugin_manager, [{"name": name, "config": config}], scale=0.5)
+    prompts = ["reverse: a b c", "sort the letters of this much longer prompt: d a c b"]
+    together = generate(model, tiny_tokenizer, prompts, max_new_tokens=6)
+    assert together == [generate(model, tiny_tokenizer, [p], max_new_tokens=6)[0] for p in prompts]
+    rows = sample_rows(tiny_tokenizer)
+    scores = sequence_logprobs(model, rows, tiny_tokenizer.pad_token_id, batch_size=len(rows))
+    alone = [sequence_logprobs(model, [row], tiny_tokenizer.pad_token_id)[0] for row in rows]
+    assert scores == pytest.approx(alone, rel=1e-5)
+    assert scores != pytest.approx(sequence_logprobs(tiny_llama(), rows, tiny_tokenizer.pad_token_id), rel=1e-3)
