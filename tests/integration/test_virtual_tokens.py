@@ -139,3 +139,24 @@ def test_evaluation_sees_the_virtual_tokens_the_same_in_any_batch(plugin_manager
     alone = [sequence_logprobs(model, [row], tiny_tokenizer.pad_token_id)[0] for row in rows]
     assert scores == pytest.approx(alone, rel=1e-5)
     assert scores != pytest.approx(sequence_logprobs(tiny_llama(), rows, tiny_tokenizer.pad_token_id), rel=1e-3)
+
+
+def test_a_prefix_with_gradient_checkpointing_is_refused_before_any_weight_loads(plugin_manager, tiny_tokenizer):
+    """Checkpointed layers run without the KV cache that holds a prefix; input embeddings are unaffected."""
+    from deltatune.train.loss import mean_loss
+    from deltatune.train.module import DeltaTuneModule
+
+    with pytest.raises(ConfigError, match="prefix_tuning.*gradient_checkpointing: false"):
+        DeltaTuneModule(base="tiny-llama", delta=[{"name": "prefix_tuning"}], gradient_checkpointing=True)
+    DeltaTuneModule(base="tiny-llama", delta=[{"name": "prompt_tuning"}], gradient_checkpointing=True)
+    batch = sample_batch(tiny_tokenizer)
+    for name, refused in (("prefix_tuning", True), ("prompt_tuning", False)):
+        model, _ = trained_like(plugin_manager, [{"name": name, "config": {"num_virtual_tokens": 4}}])
+        model.train()
+        plain = mean_loss(model, batch)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if refused:
+            with pytest.raises(ConfigError, match=f"{name}.*gradient checkpointing"):
+                mean_loss(model, batch)
+        else:
+            torch.testing.assert_close(mean_loss(model, batch), plain)

@@ -79,6 +79,12 @@ class VirtualTokens(nn.Module):
             self.load_table(state_dict[prefix + "table_weight"])
         super()._load_from_state_dict(state_dict, prefix, *args)
 
+    @property
+    def enters_as_key_values(self) -> bool:
+        """Whether these tokens enter as key/value pairs (a prefix in the KV cache) rather than as input
+        embeddings."""
+        return type(self).key_values is not VirtualTokens.key_values
+
     def key_values(self, batch_size: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
         """Per decoder layer, ``(keys, values)`` of shape ``batch x kv_heads x length x head_dim``, or
         ``None`` when these tokens enter as embeddings."""
@@ -154,7 +160,11 @@ class VirtualTokenMethod:
 def virtual_tokens(model: nn.Module) -> VirtualTokens | None:
     """The virtual tokens attached to ``model``'s decoder, or ``None``."""
     getter = getattr(model, "get_decoder", None)
-    decoder = getter() if callable(getter) else None
+    return virtual_tokens_of(getter()) if callable(getter) else None
+
+
+def virtual_tokens_of(decoder: nn.Module) -> VirtualTokens | None:
+    """The virtual tokens attached to ``decoder``, or ``None``."""
     holder = getattr(decoder, HOLDER, None)
     return next(iter(holder.values()), None) if isinstance(holder, nn.ModuleDict) else None
 
@@ -172,6 +182,18 @@ def add_virtual_tokens(model: nn.Module, method: str, tokens: VirtualTokens) -> 
     decoder._virtual_arguments = parameters  # names of positional arguments, and of the cache (`cache` or, older, `past_key_values`)
     decoder.register_forward_pre_hook(_before_decoder, with_kwargs=True)
     decoder.register_forward_hook(_after_decoder, with_kwargs=True)
+
+
+def check_checkpointing(decoder: nn.Module, method: str, enabled: bool | None = None) -> None:
+    """Raise :class:`ConfigError` when ``decoder`` trains with gradient checkpointing (``enabled``, or its
+    current state) and its virtual tokens of ``method`` enter as keys and values: checkpointed layers run
+    without the KV cache that holds them."""
+    if enabled is None:
+        enabled = bool(getattr(decoder, "gradient_checkpointing", False)) and decoder.training and torch.is_grad_enabled()
+    tokens = virtual_tokens_of(decoder)
+    if enabled and tokens is not None and tokens.enters_as_key_values:
+        raise ConfigError(f"delta method '{method}' puts key/value prefixes in the KV cache, which layers under "
+                          "gradient checkpointing run without; set gradient_checkpointing: false")
 
 
 def _compute_dtype(decoder: nn.Module) -> torch.dtype:
@@ -196,8 +218,8 @@ def _before_decoder(decoder: nn.Module, args: tuple, kwargs: dict[str, Any]) -> 
         if cache is not None and cache.get_seq_length() > 0:
             raise ConfigError("a KV cache filled outside deltatune cannot take virtual tokens; "
                               "start from an empty cache")
-        embeddings = tokens.embeddings(batch)
-        if embeddings is None:
+        if tokens.enters_as_key_values:
+            check_checkpointing(decoder, next(iter(getattr(decoder, HOLDER))))
             if cache is None:
                 from transformers import DynamicCache
 
@@ -206,6 +228,7 @@ def _before_decoder(decoder: nn.Module, args: tuple, kwargs: dict[str, Any]) -> 
             for index, (keys, values) in enumerate(tokens.key_values(batch)):
                 cache.update(keys.to(dtype), values.to(dtype), index)
         else:
+            embeddings = tokens.embeddings(batch)
             if kwargs.get("inputs_embeds") is None:
                 kwargs["inputs_embeds"] = decoder.get_input_embeddings()(kwargs["input_ids"])
             kwargs["input_ids"] = None

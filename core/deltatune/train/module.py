@@ -30,6 +30,7 @@ from deltatune.evaluation.helpers import EvaluatorRef
 from deltatune.model.generation import generate, user_text
 from deltatune.train.loss import token_loss
 from deltatune.model.loading import DEFAULT_MODEL
+from deltatune.deltas.virtual import check_checkpointing
 from deltatune.model.assembly import (DType, ModelSpec, ResolvedSpec, check_on_skeleton, compile_decoder_layers, compute_context,
                                       eval_mode,
                                       trainable_summary)
@@ -136,7 +137,10 @@ class DeltaTuneModule(L.LightningModule):
                 for e in (evaluators or [default_name("evaluator")])]
         self.evaluator_plugins = [resolve("evaluator", PluginRef(name=e.name, config=e.config)) for e in refs]
         self.evaluator_splits = [e.splits for e in refs]
-        check_on_skeleton(self.resolved)  # the base's config, not its weights: after every plugin option
+        skeleton = check_on_skeleton(self.resolved)  # the base's config, not its weights: after every plugin option
+        for delta in self.resolved.deltas:
+            if delta.optional("adds_virtual_tokens"):
+                check_checkpointing(skeleton.get_decoder(), delta.name, enabled=gradient_checkpointing)
         check_lr_multipliers(self.resolved, self.optimizer_plugin)
         self.updates_in_backward: bool = self.optimizer_plugin.optional("updates_in_backward")
         self.automatic_optimization = not self.updates_in_backward
