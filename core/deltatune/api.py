@@ -31,6 +31,12 @@ weights, transformers 5) and holds per parameter an ``ExpertDelta`` (its layout:
 ``make_expert_delta``; ``find_expert_targets`` selects them as PEFT's ``target_parameters`` does, ``iter_expert_parameters``
 lists them; a quantizer holds one quantized through ``wrap_experts`` and ``DeltaExperts.set_quantized``.
 
+**Delta methods: the virtual-token seam** — ``VirtualTokens`` (tokens before every sequence: key/value
+pairs per layer, as prefix-tuning, or input embeddings, as prompt tuning), attached to a model with
+``add_virtual_tokens`` and found with ``virtual_tokens``; ``VirtualTokenMethod`` implements the ``DeltaMethod`` protocol for a
+method made of one such module (a subclass writes ``make_tokens``); the core applies them to every forward of
+the decoder (training, evaluation, generation). A method using it sets ``adds_virtual_tokens = True``.
+
 **Delta methods: grouped products** — a ``Delta`` class may name a ``GroupedProduct`` that computes
 linear layers reading one input (q/k/v, gate/up) as one product in a fast training forward; it gets
 each layer as a ``Projection`` (frozen dense base, at most one delta) and may build on
@@ -91,6 +97,7 @@ from deltatune.deltas.lowrank import LOW_RANK_PEFT_FIELDS, LowRankConfig, LowRan
 from deltatune.deltas.method import LayerDeltaMethod
 from deltatune.deltas.peft_names import PEFT_PREFIX, copy_named_tensors
 from deltatune.deltas.targets import find_targets, target_matches
+from deltatune.deltas.virtual import VirtualTokenMethod, VirtualTokens, add_virtual_tokens, virtual_tokens
 from deltatune.errors import ConfigError, DataError, DeltaTuneError
 from deltatune.io.atomic import atomic_file
 from deltatune.evaluation.helpers import (
@@ -162,6 +169,11 @@ __all__ = [
     "find_targets",
     "get_submodule_parent",
     "target_matches",
+    # delta methods: the virtual-token seam
+    "VirtualTokenMethod",
+    "VirtualTokens",
+    "add_virtual_tokens",
+    "virtual_tokens",
     # delta methods: grouped products
     "GroupedProduct",
     "Projection",

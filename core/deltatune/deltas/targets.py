@@ -10,14 +10,16 @@ from collections.abc import Iterator
 from torch import nn
 
 from deltatune.deltas.layer import DeltaLinear, is_linear
+from deltatune.deltas.virtual import HOLDER
 from deltatune.errors import ConfigError
 
 
 def iter_linear(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """``(name, module)`` of every linear layer, seeing wrapped layers as one (the linear layers
-    inside deltas, such as LoRA's ``lora_A``, are not model layers and are left out)."""
+    inside deltas, such as LoRA's ``lora_A``, or inside virtual tokens' encoders, are not model layers
+    and are left out)."""
     for name, module in model.named_modules():
-        if ".deltas." in f".{name}.":
+        if ".deltas." in f".{name}." or f".{HOLDER}." in f".{name}.":
             continue
         if isinstance(module, DeltaLinear) or (is_linear(module) and not name.endswith(".base_layer")):
             yield name, module

@@ -279,7 +279,9 @@ def peft_export(model: nn.Module, resolved: ResolvedSpec) -> tuple[dict[str, Any
     parameters = sorted(f"{name}.{param}" for name, _, per_param in delta_experts(model, main.name) for param in per_param)
     if parameters:
         config["target_parameters"] = parameters  # PEFT's LoRA on nn.Parameters (MoE expert weights)
-    config.update(target_modules=targets, base_model_name_or_path=str(base), task_type="CAUSAL_LM", inference_mode=True)
+    config.update(base_model_name_or_path=str(base), task_type="CAUSAL_LM", inference_mode=True)
+    if targets or parameters:  # a method of virtual tokens (prefix, prompt) targets no layer: no such field
+        config["target_modules"] = targets
     if any(layer.transposed for _, layer, _ in delta_layers(model, main.name)):
         config["fan_in_fan_out"] = True  # PEFT's flag for Conv1D targets (GPT-2); it leaves nn.Linear ones as they are
     state: dict[str, torch.Tensor] = {}

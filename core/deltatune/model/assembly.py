@@ -118,12 +118,12 @@ def resolve_spec(spec: ModelSpec | dict[str, Any], manager: PluginManager | None
     return ResolvedSpec(spec=spec, quantizer=quantizer, deltas=deltas)
 
 
-def check_on_skeleton(resolved: ResolvedSpec) -> None:
+def check_on_skeleton(resolved: ResolvedSpec) -> nn.Module:
     """Apply the delta methods to the base model's skeleton (built on the meta device from its config;
     no weight is read) and claim its parameters, so that a model that is not a causal decoder, targets
     that match nothing, sizes that do not fit the layers (a rank above a layer's width) and
     conflicting claims fail before any weight loads. Fresh plugin instances keep the run's own clean
-    and what the methods print is left to the real run."""
+    and what the methods print is left to the real run. Returns the skeleton, for further checks."""
     spec = resolved.spec
     # a check leaves the run as it found it: building the skeleton may seed or draw from the global RNG
     with torch.random.fork_rng(devices=[]):
@@ -133,6 +133,7 @@ def check_on_skeleton(resolved: ResolvedSpec) -> None:
             for delta in fresh:
                 delta.plugin.apply(skeleton, delta.cfg)
             claim_parameters(skeleton, replace(resolved, deltas=fresh))
+    return skeleton
 
 
 def apply_quantizer(model: nn.Module, quantizer: ResolvedPlugin) -> None:

@@ -142,6 +142,13 @@ class DatasetBuilder(Protocol):
         "needs more than `supports_quantized` says.",
     ),
     OptionalMember(
+        "adds_virtual_tokens", False, "attribute",
+        "adds_virtual_tokens: ClassVar[bool]: True when `apply` puts virtual tokens before every sequence "
+        "(deltatune.api.VirtualTokens: prefix-tuning, prompt tuning); the core then refuses packing before any "
+        "weight loads, and the model trains on the exact generic forward. Absent: False.",
+        bool,
+    ),
+    OptionalMember(
         "lr_multipliers", None, "method",
         "lr_multipliers(cfg) -> dict[str, float]: factors of the optimizer's learning rate for some of this "
         "method's parameters, by the end of their names (e.g. {\"lora_B.weight\": 16.0}); the optimizer gets "

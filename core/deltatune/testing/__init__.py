@@ -78,6 +78,7 @@ from deltatune.testing.helpers import (
     sample_batch,
     sample_rows,
     token_batches,
+    trained_like,
 )
 from deltatune.testing.optimizers import OptimizerContract
 from deltatune.testing.quantizers import QuantizerContract
@@ -96,6 +97,7 @@ __all__ = [
     "max_parameter_difference",
     "max_relative_difference",
     "token_batches",
+    "trained_like",
     "sample_batch",
     "sample_rows",
 ]

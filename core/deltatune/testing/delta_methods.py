@@ -27,7 +27,8 @@ class DeltaMethodContract(PluginContract):
 
     * only the parameters the method claims train, each claimed parameter receives a gradient, and a
       training step changes nothing else; none is a weight matrix of the base model (unless
-      :attr:`trains_base_weights`); its ``state_dict`` holds every parameter it trains;
+      :attr:`trains_base_weights`); its ``state_dict`` holds every parameter it trains (with
+      :attr:`saves_computed`: finite tensors computed from them instead);
     * at initialisation the outputs equal the base model's when :attr:`promises_identity_at_init`
       (else they are finite and of the same shape);
     * ``merge`` keeps the outputs, and ``unmerge`` restores the base weights (up to float rounding);
@@ -54,6 +55,9 @@ class DeltaMethodContract(PluginContract):
     trains_base_weights: ClassVar[bool] = False
     """Whether the method trains weight matrices of the base model itself (not its own tensors);
     biases and norms (1-D) are always allowed."""
+    saves_computed: ClassVar[bool] = False
+    """Whether ``state_dict`` saves tensors computed from the trained parameters instead of them (an
+    encoder dropped at save, as prefix-tuning's reparameterisation MLP); the reload check still holds."""
     perturbation: ClassVar[float] = 0.05
     """Standard deviation of the noise added to trained tensors, so that deltas are not trivial."""
     merge_tolerance: ClassVar[float] = 1e-4
@@ -186,6 +190,9 @@ class DeltaMethodContract(PluginContract):
         model, resolved = self.build(manager)
         owners = self.check_claims(model, resolved, sample_batch(self.tokenizer()))
         state = resolved.deltas[0].plugin.state_dict(model)
+        if self.saves_computed:
+            assert state and all(torch.isfinite(v).all() for v in state.values()), "state_dict saves no finite tensor"
+            return
         assert set(owners) <= set(state), f"state_dict lacks trained tensors: {sorted(set(owners) - set(state))[:5]}"
         keys = set(model.state_dict())
         assert set(state) <= keys, f"state_dict has keys the model lacks: {sorted(set(state) - keys)[:5]}"

@@ -93,6 +93,22 @@ def logits_of(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return out.float()
 
 
+def trained_like(manager: PluginManager, delta: list[dict[str, Any]], base: str = "tiny-llama", scale: float = 0.1,
+                 seed: int = 3) -> tuple[nn.Module, Any]:
+    """``(model, resolved spec)`` of ``delta`` on ``base`` (fp32), every trainable tensor moved by seeded
+    noise of std ``scale`` so that the methods are not at their initialisation."""
+    from deltatune.model.assembly import build_model, resolve_spec
+
+    resolved = resolve_spec({"base": base, "base_dtype": "fp32", "delta": delta}, manager)
+    model = build_model(resolved)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(scale * torch.randn(param.shape, generator=generator).to(param.dtype))
+    return model, resolved
+
+
 def training_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     from deltatune.train.loss import mean_loss
     from deltatune.model.assembly import compute_context

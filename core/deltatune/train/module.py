@@ -30,6 +30,7 @@ from deltatune.evaluation.helpers import EvaluatorRef
 from deltatune.model.generation import generate, user_text
 from deltatune.train.loss import token_loss
 from deltatune.model.loading import DEFAULT_MODEL
+from deltatune.deltas.virtual import check_checkpointing
 from deltatune.model.assembly import (DType, ModelSpec, ResolvedSpec, check_on_skeleton, compile_decoder_layers, compute_context,
                                       eval_mode,
                                       trainable_summary)
@@ -137,7 +138,10 @@ class DeltaTuneModule(L.LightningModule):
                 for e in (evaluators if evaluators is not None else [default_name("evaluator")])]
         self.evaluator_plugins = [resolve("evaluator", PluginRef(name=e.name, config=e.config)) for e in refs]
         self.evaluator_splits = [e.splits for e in refs]
-        check_on_skeleton(self.resolved)  # the base's config, not its weights: after every plugin option
+        skeleton = check_on_skeleton(self.resolved)  # the base's config, not its weights: after every plugin option
+        for delta in self.resolved.deltas:
+            if delta.optional("adds_virtual_tokens"):
+                check_checkpointing(skeleton.get_decoder(), delta.name, enabled=gradient_checkpointing)
         check_lr_multipliers(self.resolved, self.optimizer_plugin)
         self.updates_in_backward: bool = self.optimizer_plugin.optional("updates_in_backward")
         self.automatic_optimization = not self.updates_in_backward
@@ -167,7 +171,10 @@ class DeltaTuneModule(L.LightningModule):
         """Keys (under ``model.``) of everything a checkpoint must hold."""
         if self.resolved.full_finetune:
             return {f"model.{k}" for k in self.model.state_dict()}
-        return {f"model.{k}" for k in adapter_state(self.model, self.resolved)}
+        # what the adapter saves, and the trained parameters it may save only computed (an encoder of virtual tokens)
+        trained = {name for name, param in self.model.named_parameters() if param.requires_grad}
+        keys = set(self.model.state_dict())
+        return {f"model.{k}" for k in (set(adapter_state(self.model, self.resolved)) | trained) & keys}
 
     def adapter_path(self, root: str | Path) -> Path:
         """Where ``fit`` writes the adapter for a run folder ``root``."""
@@ -304,9 +311,21 @@ class DeltaTuneModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def setup(self, stage: str) -> None:
-        """Reject trainer settings the optimizer cannot honour, before training."""
+        """Reject trainer settings the optimizer cannot honour, and packing with virtual tokens, before
+        any weight loads."""
         if stage == "fit":
             self.check_trainer(self.trainer)
+            self.check_packing(getattr(self.trainer, "datamodule", None))
+
+    def check_packing(self, datamodule: Any) -> None:
+        """Raise :class:`ConfigError` when ``datamodule`` packs rows and a delta method adds virtual tokens:
+        a prefix shared by a packed row cannot follow the positions that restart per document."""
+        if not getattr(datamodule, "packing", False):
+            return
+        for delta in self.resolved.deltas:
+            if delta.optional("adds_virtual_tokens"):
+                raise ConfigError(f"delta method '{delta.name}' puts virtual tokens before every sequence, which "
+                                  "packed rows cannot hold per document; set data.packing: false")
 
     def check_trainer(self, trainer: L.Trainer) -> None:
         """Raise :class:`ConfigError` for trainer settings an in-backward optimizer cannot honour.

@@ -5,7 +5,7 @@ Face forward of :func:`deltatune.train.loss.token_loss`, faster, for the models 
 *finder* is registered per ``config.model_type`` (:func:`register_fast_forward`): given a model, it
 returns that model's forward, or ``None`` when it does not compute the model exactly (a hooked module,
 an unknown rope type ...). The forward returns ``None`` for a batch it does not take, and the loss then
-uses the plain path. A finder given as ``"module:function"`` is imported only when a model of its type
+uses the plain path. A model with virtual tokens (:mod:`deltatune.deltas.virtual`) has no fast forward. A finder given as ``"module:function"`` is imported only when a model of its type
 asks, so the plain path of other models never imports it.
 
 The Llama family's forward (:mod:`deltatune.train.fast.llama`) is registered here; its kernels
@@ -25,6 +25,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from deltatune.deltas.virtual import virtual_tokens
+
 FastForward = Callable[[dict[str, torch.Tensor]], "tuple[torch.Tensor, int] | None"]
 """A model's fast training forward: ``batch -> (summed token loss, labelled tokens)``, or ``None``
 when it does not take this batch."""
@@ -43,6 +45,8 @@ def register_fast_forward(model_type: str, finder: FastForwardFinder | str) -> N
 
 def fast_forward(model: nn.Module) -> FastForward | None:
     """The fast training forward of ``model``, or ``None`` (the plain forward applies)."""
+    if virtual_tokens(model) is not None:  # virtual tokens change the attention inputs: the exact generic path
+        return None
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     finder = _FINDERS.get(model_type) if isinstance(model_type, str) else None
     if finder is None:
