@@ -1,5 +1,5 @@
 """Every metric a run computes reaches the configured Lightning loggers: a tiny real ``deltatune fit``
-with ``--trainer.logger`` CSVLogger (and TensorBoardLogger where tensorboard is installed) whose logs
+with ``--trainer.logger`` CSVLogger (and TensorBoardLogger, MLFlowLogger where they are installed) whose logs
 hold the evaluators' results per evaluation set before and after training (the same values as
 report.json), the learning rate, tokens per second and peak memory of every step."""
 
@@ -59,3 +59,14 @@ def test_tensorboard_logger_gets_the_same_metrics(tmp_path):
     expected = {f"{phase}/validation/{name}" for phase in ("base", "tuned")
                 for name in report["tuned_metrics"]["validation"]}
     assert expected <= tags and {"lr", "tokens_per_s", "peak_memory_gib", "train_loss"} <= tags, tags
+
+
+def test_mlflow_logger_gets_the_same_metrics(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for it to write a local file store
+    report = fit(tmp_path, "MLFlowLogger")
+    [metrics] = (tmp_path / "run").glob("*/*/metrics")  # the file store in the run folder: experiment/run/metrics
+    logged = {str(path.relative_to(metrics)) for path in metrics.rglob("*") if path.is_file()}
+    expected = {f"{phase}/validation/{name}" for phase in ("base", "tuned")
+                for name in report["tuned_metrics"]["validation"]}
+    assert expected <= logged and {"lr", "tokens_per_s", "peak_memory_gib", "train_loss"} <= logged, logged
