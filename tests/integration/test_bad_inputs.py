@@ -146,6 +146,14 @@ def test_a_loggers_own_folder_is_refused_for_the_run_folder(files, tmp_path, cap
     assert_one_line_error(code, err, "trainer.logger.save_dir (in the command line)", "trainer.default_root_dir")
 
 
+def test_a_saved_config_with_null_optimizer_sections_is_not_refused(files, tmp_path, capsys):
+    config = tmp_path / "saved.yaml"  # what LightningCLI saved as config.yaml before they were removed
+    config.write_text(files["config"].read_text() + "optimizer: null\nlr_scheduler: null\n")
+    code, _, err = run(capsys, "fit", "--config", str(config), f"--trainer.default_root_dir={tmp_path / 'run'}",
+                       f"--model.base={files['garbage']}")
+    assert_one_line_error(code, err, "safetensors")  # it got as far as reading the weights
+
+
 def test_the_optimizer_option_is_not_offered(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--help"])

@@ -43,9 +43,9 @@ def check_strategy(trainer: Any) -> None:
 OPTIMIZER_HINT = ("is Lightning's own optimizer option, which deltatune does not use: the optimizer and its "
                   "learning-rate schedule are the optimizer plugin's, set with model.optimizer ("
                   "--model.optimizer='{name: NAME, config: {lr: ...}}'; `deltatune plugins` lists the optimizers)")
+LIGHTNING_OPTIMIZER_KEYS = ("optimizer", "lr_scheduler")
 REFUSED_OPTIONS = {
-    "optimizer": OPTIMIZER_HINT,
-    "lr_scheduler": OPTIMIZER_HINT,
+    **dict.fromkeys(LIGHTNING_OPTIMIZER_KEYS, OPTIMIZER_HINT),
     "trainer.logger.save_dir": "is set by deltatune: a logger writes under the run folder, "
                                "trainer.default_root_dir; set that instead",
 }
@@ -59,12 +59,14 @@ def refused_option(key: str) -> str | None:
 
 
 def config_keys(data: Any, prefix: str = "") -> list[str]:
-    """Every dotted key of a parsed YAML config (lists of loggers included)."""
+    """Every dotted key of a parsed YAML config that holds a value (lists of loggers included; a key set to
+    null, as in the ``config.yaml`` an earlier deltatune saved, sets nothing)."""
     if isinstance(data, list):
         return [key for item in data for key in config_keys(item, prefix)]
     if not isinstance(data, dict):
         return []
-    return [key for name, value in data.items() for key in [f"{prefix}{name}", *config_keys(value, f"{prefix}{name}.")]]
+    return [key for name, value in data.items() if value is not None
+            for key in [f"{prefix}{name}", *config_keys(value, f"{prefix}{name}.")]]
 
 
 def check_refused_options(argv: list[str]) -> None:
@@ -106,6 +108,8 @@ def run_lightning(argv: list[str]) -> None:
             parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
             # a logger (--trainer.logger=CSVLogger, TensorBoardLogger, …) writes under the run folder
             parser.link_arguments("trainer.default_root_dir", "trainer.logger.init_args.save_dir")
+            for key in LIGHTNING_OPTIMIZER_KEYS:  # null in the config.yaml an earlier deltatune saved; set: refused
+                parser.add_argument(f"--{key}", type=dict | None, default=None, help=argparse.SUPPRESS)
             parser.add_lightning_class_args(AtomicModelCheckpoint, "checkpoint")
             parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
                                  "checkpoint.every_n_train_steps": 50})
