@@ -129,7 +129,7 @@ def test_core_options_are_refused_before_any_weight_loads(files, tmp_path, capsy
                          ids=["optimizer", "optimizer-class", "lr_scheduler"])
 def test_lightnings_own_optimizer_options_point_to_model_optimizer(files, tmp_path, capsys, options):
     code, _, err = run(capsys, *fit(files, tmp_path, f"--model.base={files['garbage']}", *options))
-    assert_one_line_error(code, err, options[0].split("=")[0], "the command line", "model.optimizer")
+    assert_one_line_error(code, err, options[0].split("=")[0][2:] + " (in the command line)", "model.optimizer")
     assert not (tmp_path / "run").exists()
 
 
@@ -138,6 +138,20 @@ def test_an_optimizer_section_in_the_config_file_points_to_model_optimizer(files
     config.write_text(files["config"].read_text() + "optimizer:\n  class_path: torch.optim.AdamW\n")
     code, _, err = run(capsys, "fit", "--config", str(config), f"--trainer.default_root_dir={tmp_path / 'run'}")
     assert_one_line_error(code, err, "optimizer (in ", "with-optimizer.yaml", "model.optimizer")
+
+
+@pytest.mark.parametrize("option", ["--trainer.logger.save_dir=elsewhere", "--trainer.logger.init_args.save_dir=elsewhere"])
+def test_a_loggers_own_folder_is_refused_for_the_run_folder(files, tmp_path, capsys, option):
+    code, _, err = run(capsys, *fit(files, tmp_path, "--trainer.logger=CSVLogger", option))
+    assert_one_line_error(code, err, "trainer.logger.save_dir (in the command line)", "trainer.default_root_dir")
+
+
+def test_a_saved_config_with_null_optimizer_sections_is_not_refused(files, tmp_path, capsys):
+    config = tmp_path / "saved.yaml"  # what LightningCLI saved as config.yaml before they were removed
+    config.write_text(files["config"].read_text() + "optimizer: null\nlr_scheduler: null\n")
+    code, _, err = run(capsys, "fit", "--config", str(config), f"--trainer.default_root_dir={tmp_path / 'run'}",
+                       f"--model.base={files['garbage']}")
+    assert_one_line_error(code, err, "safetensors")  # it got as far as reading the weights
 
 
 def test_the_optimizer_option_is_not_offered(capsys):

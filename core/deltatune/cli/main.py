@@ -48,30 +48,52 @@ def check_strategy(trainer: Any) -> None:
         )
 
 
+OPTIMIZER_HINT = ("is Lightning's own optimizer option, which deltatune does not use: the optimizer and its "
+                  "learning-rate schedule are the optimizer plugin's, set with model.optimizer ("
+                  "--model.optimizer='{name: NAME, config: {lr: ...}}'; `deltatune plugins` lists the optimizers)")
 LIGHTNING_OPTIMIZER_KEYS = ("optimizer", "lr_scheduler")
+REFUSED_OPTIONS = {
+    **dict.fromkeys(LIGHTNING_OPTIMIZER_KEYS, OPTIMIZER_HINT),
+    "trainer.logger.save_dir": "is set by deltatune: a logger writes under the run folder, "
+                               "trainer.default_root_dir; set that instead",
+}
+"""Options the Lightning CLI would take that deltatune sets itself: option (or its first part) -> why."""
 
 
-def check_no_lightning_optimizer(argv: list[str]) -> None:
-    """Refuse Lightning's own ``--optimizer``/``--lr_scheduler`` (on the command line or at the top of a
-    ``--config`` file): the optimizer and its schedule come from the optimizer plugin, ``model.optimizer``."""
+def refused_option(key: str) -> str | None:
+    """The entry of :data:`REFUSED_OPTIONS` that the dotted option ``key`` sets (``init_args`` left out)."""
+    key = key.replace(".init_args.", ".")
+    return next((option for option in REFUSED_OPTIONS if key == option or key.startswith(option + ".")), None)
+
+
+def config_keys(data: Any, prefix: str = "") -> list[str]:
+    """Every dotted key of a parsed YAML config that holds a value (lists of loggers included; a key set to
+    null, as in the ``config.yaml`` an earlier deltatune saved, sets nothing)."""
+    if isinstance(data, list):
+        return [key for item in data for key in config_keys(item, prefix)]
+    if not isinstance(data, dict):
+        return []
+    return [key for name, value in data.items() if value is not None
+            for key in [f"{prefix}{name}", *config_keys(value, f"{prefix}{name}.")]]
+
+
+def check_refused_options(argv: list[str]) -> None:
+    """Refuse, on the command line or in a ``--config`` file, an option of :data:`REFUSED_OPTIONS`, with
+    what to set instead (before anything loads)."""
     import yaml
 
-    found = [(arg, "the command line") for arg in argv
-             if arg.startswith("--") and arg[2:].split("=")[0].split(".")[0] in LIGHTNING_OPTIMIZER_KEYS]
+    found = [(arg[2:].split("=")[0], "the command line") for arg in argv if arg.startswith("--")]
     configs = [value.split("=", 1)[1] if value.startswith("--config=") else argv[i + 1]
                for i, value in enumerate(argv) if value.startswith("--config=")
                or (value == "--config" and i + 1 < len(argv))]
     for config in configs:
         path = Path(config)
         data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
-        if isinstance(data, dict):
-            found += [(key, str(path)) for key in LIGHTNING_OPTIMIZER_KEYS if key in data]
-    if found:
-        option, where = found[0]
-        raise ConfigError(f"{option.split('=')[0]} (in {where}) is Lightning's own optimizer option, which deltatune "
-                          "does not use: the optimizer and its learning-rate schedule are the optimizer plugin's, "
-                          "set with model.optimizer (--model.optimizer='{name: NAME, config: {...}}'; "
-                          "`deltatune plugins` lists the optimizers)")
+        found += [(key, str(path)) for key in config_keys(data)]
+    for key, where in found:
+        option = refused_option(key)
+        if option is not None:
+            raise ConfigError(f"{option} (in {where}) {REFUSED_OPTIONS[option]}")
 
 
 def run_lightning(argv: list[str]) -> None:
@@ -95,6 +117,10 @@ def run_lightning(argv: list[str]) -> None:
         def add_arguments_to_parser(self, parser: Any) -> None:
             parser.link_arguments("model.base", "data.base")
             parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
+            # a logger (--trainer.logger=CSVLogger, TensorBoardLogger, …) writes under the run folder
+            parser.link_arguments("trainer.default_root_dir", "trainer.logger.init_args.save_dir")
+            for key in LIGHTNING_OPTIMIZER_KEYS:  # null in the config.yaml an earlier deltatune saved; set: refused
+                parser.add_argument(f"--{key}", type=dict | None, default=None, help=argparse.SUPPRESS)
             parser.add_lightning_class_args(AtomicModelCheckpoint, "checkpoint")
             parser.set_defaults({"checkpoint.save_last": True, "checkpoint.save_top_k": 0,
                                  "checkpoint.every_n_train_steps": 50})
@@ -124,7 +150,7 @@ def run_lightning(argv: list[str]) -> None:
         print_warning(f"{len(failures)} plugin(s) failed to load and are skipped: "
                       + "; ".join(f"{f.distribution} {f.version} ({f.error})" for f in failures)
                       + " (see `deltatune plugins`)")
-    check_no_lightning_optimizer(argv)
+    check_refused_options(argv)
     sys.argv = [sys.argv[0], *argv]  # LightningCLI reads sys.argv (and warns when given both)
     DeltaTuneCLI(
         DeltaTuneModule,

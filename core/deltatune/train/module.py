@@ -74,6 +74,22 @@ def lr_multipliers(resolved: ResolvedSpec, named: list[tuple[str, torch.nn.Param
     return out
 
 
+def peak_memory_gib(device: torch.device) -> float:
+    """Peak memory of this process so far, in GiB: allocated by torch on a CUDA device, the resident
+    set size (RSS) of the process on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def logged_metrics(phase: str, metrics: dict[str, dict[str, float]]) -> dict[str, float]:
+    """A report's evaluation results as logger metrics: ``PHASE/SET/evaluator/metric`` (``base`` before
+    training, ``tuned`` after), every metric of every evaluation set, per family where an evaluator gives one."""
+    return {f"{phase}/{split}/{name}": value for split, values in metrics.items() for name, value in values.items()}
+
+
 class DeltaTuneModule(L.LightningModule):
     """Fine-tunes ``base`` with the given quantizer, delta methods and optimizer plugins."""
 
@@ -236,8 +252,8 @@ class DeltaTuneModule(L.LightningModule):
             tokens = float(self.trainer.strategy.reduce(torch.tensor(tokens, device=total.device), reduce_op="sum"))
         loss = total * world / max(tokens, 1.0)
         mean = self.trainer.strategy.reduce(loss.detach(), reduce_op="mean") if world > 1 else loss.detach()
-        self.log_train_loss(float(mean))
         optimizer = self.optimizers()
+        self.log_step(float(mean), tokens, optimizer.optimizer)
         # step(closure) lets Lightning count the step (global_step, max_steps) for an update inside backward
         optimizer.step(closure=lambda: optimizer.optimizer.backward_and_update(loss))
         scheduler = self.lr_schedulers()
@@ -265,12 +281,24 @@ class DeltaTuneModule(L.LightningModule):
             for param in group["params"]:
                 if param.grad is not None:
                     param.grad.mul_(factor)
-        self.log_train_loss(loss_sum / tokens)
+        self.log_step(loss_sum / tokens, tokens, optimizer)
 
-    def log_train_loss(self, mean: float) -> None:
-        """Log the training loss of the step being taken (its global token mean) and record it for the report."""
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Start the clock of an optimizer step at its first micro-batch (for ``tokens_per_s``)."""
+        self._clock.setdefault("step", time.perf_counter())
+
+    def log_step(self, mean: float, tokens: float, optimizer: torch.optim.Optimizer) -> None:
+        """Log what the step being taken measured, to the progress bar and every configured logger:
+        ``train_loss`` (its global token mean, also recorded for the report), ``lr`` (of the first
+        parameter group), ``tokens_per_s`` (labelled tokens of the step on every rank, per second since its
+        first micro-batch began) and ``peak_memory_gib`` (:func:`peak_memory_gib`)."""
         self.log("train_loss", mean, prog_bar=True, batch_size=1)
         self.report.history["train"].append((self.global_step + 1, mean))
+        seconds = time.perf_counter() - self._clock.pop("step", time.perf_counter())
+        stats = {"lr": float(optimizer.param_groups[0]["lr"]), "peak_memory_gib": peak_memory_gib(self.device)}
+        if seconds > 0:
+            stats["tokens_per_s"] = tokens / seconds
+        self.log_dict(stats, batch_size=1)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         """Accumulate token-weighted validation loss."""
@@ -400,8 +428,15 @@ class DeltaTuneModule(L.LightningModule):
             resume.restore_report(self._resumed, self.report)
         elif self.hparams.compare_base and self.trainer.ckpt_path is None:
             self.report.base_metrics = self.evaluate_sets()
+            self.log_to_loggers(logged_metrics("base", self.report.base_metrics))
             self.report.base_samples = self.sample() if self.hparams.samples else []
         self._lap("base_eval_s")
+
+    def log_to_loggers(self, metrics: dict[str, float]) -> None:
+        """Send ``metrics`` to every configured logger (``trainer.logger``) at the current step; evaluation
+        runs outside Lightning's loops, where ``self.log`` is not allowed."""
+        for logger in self.loggers:
+            logger.log_metrics(metrics, step=self.global_step)
 
     def on_train_start(self) -> None:
         """On resume, restore the random state the checkpoint was written with."""
@@ -421,6 +456,7 @@ class DeltaTuneModule(L.LightningModule):
                      protected=[root, *([checkpoints] if checkpoints else [])], hint=resume.OVERWRITE_HINT)
         self.report.adapter = str(out)
         self.report.tuned_metrics = self.evaluate_sets()
+        self.log_to_loggers(logged_metrics("tuned", self.report.tuned_metrics))
         self.report.tuned_samples = self.sample() if self.hparams.samples else []
         self.report.steps = self.trainer.global_step
         self._lap("tuned_eval_s")
@@ -432,10 +468,14 @@ class DeltaTuneModule(L.LightningModule):
     def on_validation_end(self) -> None:
         """``deltatune validate``: run the evaluators on the validation set and print their table."""
         if self.trainer.state.fn == "validate" and self.trainer.is_global_zero:
-            console.print_metrics("validation", self.evaluate_sets(["validation"]))
+            metrics = self.evaluate_sets(["validation"])
+            self.log_to_loggers(logged_metrics("validate", metrics))
+            console.print_metrics("validation", metrics)
 
     def on_test_end(self) -> None:
         """``deltatune test``: run the evaluators on the test set and the extra sets; print the table."""
         if self.trainer.is_global_zero:
             names = [n for n in self.trainer.datamodule.eval_splits() if n != "validation"] or ["validation"]
-            console.print_metrics("test", self.evaluate_sets(names))
+            metrics = self.evaluate_sets(names)
+            self.log_to_loggers(logged_metrics("test", metrics))
+            console.print_metrics("test", metrics)
