@@ -101,7 +101,7 @@ def generate(model: nn.Module, tokenizer: Any, prompts: list[str], max_new_token
     surrounding whitespace; without it only trailing whitespace goes (the leading indentation of a
     code completion is kept). A prompt longer than the model's positions leave room for loses its
     start, with a one-line warning. ``on_text`` streams a single prompt's completion: it receives the
-    new text piece by piece (whole words, as decoded) while tokens are generated.
+    new text piece by piece, token by token, while tokens are generated.
     """
     if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
         raise ConfigError(f"sampling needs temperature >= 0, 0 < top_p <= 1 and top_k >= 0; got temperature "
