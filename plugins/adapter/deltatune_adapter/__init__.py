@@ -92,6 +92,17 @@ class AdapterConfig(BaseModel):
         return self.bottleneck or max(1, features // self.reduction_factor)
 
 
+def add_bottleneck(module: nn.Module, features: int, width: int, nonlinearity: str, dropout: float) -> None:
+    """Give ``module`` the bottleneck's layers ``down`` (``features`` → ``width``), ``act``, ``up`` (zero at
+    start) and ``dropout``, under the names every placement's saved adapters use."""
+    module.down = nn.Linear(features, width)
+    module.act = ACTIVATIONS[nonlinearity]()
+    module.up = nn.Linear(width, features)
+    module.dropout = nn.Dropout(dropout)
+    nn.init.zeros_(module.up.weight)
+    nn.init.zeros_(module.up.bias)
+
+
 class BottleneckAdapter(Delta):
     """``h + up(act(down(dropout(h))))`` on a layer's output ``h``; ``up`` starts at zero."""
 
@@ -99,12 +110,7 @@ class BottleneckAdapter(Delta):
 
     def __init__(self, features: int, width: int, nonlinearity: str, dropout: float) -> None:
         super().__init__()
-        self.down = nn.Linear(features, width)
-        self.act = ACTIVATIONS[nonlinearity]()
-        self.up = nn.Linear(width, features)
-        self.dropout = nn.Dropout(dropout)
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
+        add_bottleneck(self, features, width, nonlinearity, dropout)
 
     def forward(self, x: torch.Tensor, result: torch.Tensor, layer: DeltaLinear) -> torch.Tensor:
         """The layer output ``result`` plus the bottleneck of it."""
@@ -123,13 +129,8 @@ class ParallelAdapter(nn.Module):
 
     def __init__(self, features: int, width: int, nonlinearity: str, dropout: float, scale: float) -> None:
         super().__init__()
-        self.down = nn.Linear(features, width)
-        self.act = ACTIVATIONS[nonlinearity]()
-        self.up = nn.Linear(width, features)
-        self.dropout = nn.Dropout(dropout)
+        add_bottleneck(self, features, width, nonlinearity, dropout)
         self.scale = scale
-        nn.init.zeros_(self.up.weight)
-        nn.init.zeros_(self.up.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """The scaled bottleneck of ``x``, in the adapter's dtype."""
