@@ -12,7 +12,7 @@ file and line), both subclasses of ``DeltaTuneError``: the core shows their one-
 the user.
 
 **Protocols** — ``DatasetBuilder``, ``DeltaMethod``, ``Quantizer``, ``Evaluator``,
-``OptimizerFactory``: what a registered class must provide (structural: no base class needed), each
+``OptimizerFactory``, ``ModelFamily``: what a registered class must provide (structural: no base class needed), each
 with its optional members (``optional_members(protocol)``: name, default, meaning). ``Row`` is one
 tokenised example.
 
@@ -30,10 +30,10 @@ linear layers reading one input (q/k/v, gate/up) as one product in a fast traini
 each layer as a ``Projection`` (frozen dense base, at most one delta) and may build on
 ``base_products`` / ``base_input_grad`` (the frozen bases' part), ``no_autocast`` and ``hooked``.
 
-**Model families: logits** — ``LogitTransform`` (an element-wise map from the LM head's output to the
-model's logits, with its derivative) and ``register_logit_transform`` (declare the config field that
-turns one on, e.g. Gemma 2's ``final_logit_softcapping``): the training loss applies it inside its
-chunked LM head; an undeclared one sends the model to the slower exact path.
+**Model families** — ``ModelFamily`` (the protocol) and ``LogitTransform`` (an element-wise map from the
+LM head's output to the model's logits, with its derivative, which a family returns from
+``logit_transform``): the training loss applies it inside its chunked LM head; a model no family serves
+takes the generic exact path.
 
 **Quantizers and evaluators: precision** — ``compute_dtype`` (the dtype an ``auto``/``bf16``/``fp32``
 choice means on this machine), ``compute_context`` (the autocast a model of that dtype runs under).
@@ -97,12 +97,13 @@ from deltatune.evaluation.helpers import (
 from deltatune.model.assembly import compute_context, compute_dtype
 from deltatune.model.generation import chat_prompt
 from deltatune.model.loading import home
-from deltatune.model.logits import LogitTransform, register_logit_transform
+from deltatune.model.logits import LogitTransform
 from deltatune.plugin.hookspecs import Register
 from deltatune.plugin.protocols import (
     DatasetBuilder,
     DeltaMethod,
     Evaluator,
+    ModelFamily,
     OptimizerFactory,
     Quantizer,
     Row,
@@ -157,7 +158,7 @@ __all__ = [
     "no_autocast",
     # model families: logits
     "LogitTransform",
-    "register_logit_transform",
+    "ModelFamily",
     # precision
     "compute_context",
     "compute_dtype",

@@ -1,0 +1,43 @@
+"""Which model-family plugin serves a model: the seam between the core and what one family of causal
+decoders needs (its logit transform, its fast training forward).
+
+A model-family plugin (:class:`deltatune.plugin.protocols.ModelFamily`) names the ``config.model_type``
+values it serves and says, per config, what it does not handle exactly. :func:`serving_family` picks
+the family for a config; a config no family claims, or one its family does not handle, gets no
+family, and the loss takes the generic path (:mod:`deltatune.model.logits`: checked against the
+model's own logits, exact for every causal LM).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from deltatune.errors import ConfigError
+from deltatune.plugin.manager import PluginManager, get_plugin_manager
+
+KIND = "model_family"
+
+
+def installed_families(manager: PluginManager | None = None) -> list[Any]:
+    """An instance of every model family ``manager`` (default: the installed plugins) holds, by name."""
+    manager = manager or get_plugin_manager()
+    return [manager.get(KIND, name).cls() for name in manager.names(KIND)]
+
+
+def serving_family(config: Any, families: list[Any]) -> tuple[Any | None, str]:
+    """``(family, "")`` for the family of ``families`` serving ``config``; ``(None, why)`` when the
+    family claiming its model type does not handle it exactly; ``(None, "")`` when none claims it.
+
+    Raises :class:`ConfigError` when two families claim the model type (naming both)."""
+    model_type = getattr(config, "model_type", None)
+    claiming = [family for family in families if model_type in family.model_types]
+    if len(claiming) > 1:
+        raise ConfigError(f"model families {' and '.join(f.name for f in claiming)} both serve model type "
+                          f"'{model_type}'; uninstall one")
+    if not claiming:
+        return None, ""
+    family = claiming[0]
+    reason = family.unhandled(config)
+    if reason:
+        return None, f"the {family.name} model family does not handle it exactly ({reason})"
+    return family, ""
