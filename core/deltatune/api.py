@@ -35,6 +35,12 @@ LM head's output to the model's logits, with its derivative, which a family retu
 ``logit_transform``): the training loss applies it inside its chunked LM head; a model no family serves
 takes the generic exact path.
 
+**Model families: fast training forwards** — what a family's ``fast_forward`` builds on: ``head_loss``
+(the chunked LM-head cross-entropy every path to the loss ends in) with ``HEAD_ROW_STEP`` and
+``SHAPE_STEPS`` (the steps to which it rounds its shapes) and ``round_up``; ``ProjectionGroup`` and
+``refresh_groups`` (linear layers reading one input computed as one grouped product);
+``deferred_tied_head`` (a tied head trained by an optimizer that updates inside backward).
+
 **Quantizers and evaluators: precision** — ``compute_dtype`` (the dtype an ``auto``/``bf16``/``fp32``
 choice means on this machine), ``compute_context`` (the autocast a model of that dtype runs under).
 
@@ -77,7 +83,16 @@ from deltatune.data.module import (
 )
 from deltatune.data.packing import IGNORE_INDEX, collate
 from deltatune.data.sources import FileSourceOptions
-from deltatune.deltas.grouped import GroupedProduct, Projection, base_input_grad, base_products, hooked, no_autocast
+from deltatune.deltas.grouped import (
+    GroupedProduct,
+    Projection,
+    ProjectionGroup,
+    base_input_grad,
+    base_products,
+    hooked,
+    no_autocast,
+    refresh_groups,
+)
 from deltatune.deltas.layer import Delta, DeltaLinear, WeightUpdateDelta, base_weight, delta_layers, get_submodule_parent
 from deltatune.deltas.lowrank import LOW_RANK_PEFT_FIELDS, LowRankConfig, LowRankDelta
 from deltatune.deltas.method import LayerDeltaMethod
@@ -109,10 +124,12 @@ from deltatune.plugin.protocols import (
     Row,
     optional_members,
 )
+from deltatune.train.head_loss import HEAD_ROW_STEP, SHAPE_STEPS, head_loss, round_up
 from deltatune.train.loss import token_loss
 from deltatune.train.schedules import lr_groups, warmup_cosine
 from deltatune.train.update_in_backward import (
     InBackwardOptimizer,
+    deferred_tied_head,
     InBackwardOptimizerConfig,
     InBackwardOptimizerFactory,
 )
@@ -159,6 +176,14 @@ __all__ = [
     # model families: logits
     "LogitTransform",
     "ModelFamily",
+    # model families: fast training forwards
+    "HEAD_ROW_STEP",
+    "ProjectionGroup",
+    "SHAPE_STEPS",
+    "deferred_tied_head",
+    "head_loss",
+    "refresh_groups",
+    "round_up",
     # precision
     "compute_context",
     "compute_dtype",

@@ -10,10 +10,15 @@ model's own logits, exact for every causal LM).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
+
+import torch
+from torch import nn
 
 from deltatune.errors import ConfigError
 from deltatune.plugin.manager import PluginManager, get_plugin_manager
+from deltatune.plugin.protocols import optional_member
 
 KIND = "model_family"
 
@@ -41,3 +46,15 @@ def serving_family(config: Any, families: list[Any]) -> tuple[Any | None, str]:
     if reason:
         return None, f"the {family.name} model family does not handle it exactly ({reason})"
     return family, ""
+
+
+FastForward = Callable[[dict[str, torch.Tensor]], "tuple[torch.Tensor, int] | None"]
+"""A model's fast training forward: ``batch -> (summed token loss, labelled tokens)``, or ``None``
+when it does not take this batch."""
+
+
+def family_fast_forward(model: nn.Module, family: Any) -> FastForward | None:
+    """The fast training forward ``family`` (the family serving ``model``, or ``None``) provides for
+    ``model``, or ``None``: the plain path applies."""
+    make = optional_member(KIND, family, "fast_forward") if family is not None else None
+    return make(model) if make is not None else None

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
+from torch import nn
 
 from deltatune.api import LogitTransform, hookimpl
 from deltatune_families.logits import divide_by, multiply_by, soft_cap
@@ -51,10 +52,17 @@ class Family:
 
 
 class Llama(Family):
-    """Llama 1/2/3 (every rope type: the model's own rotary embedding runs)."""
+    """Llama 1/2/3 (every rope type: the model's own rotary embedding runs), with a fast training
+    forward on unpadded tokens (:mod:`deltatune_families.fast.llama`) for default rope."""
 
     name = "llama"
     model_types = ("llama",)
+
+    def fast_forward(self, model: nn.Module) -> Any:
+        """The Llama fast training forward of ``model`` (imported on first use), or ``None``."""
+        from deltatune_families.fast.llama import fast_forward_for
+
+        return fast_forward_for(model)
 
 
 class Mistral(Family):
