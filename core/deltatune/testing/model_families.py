@@ -12,6 +12,7 @@ from deltatune.model.logits import LogitTransform
 from deltatune.plugin.manager import PluginManager
 from deltatune.testing.contract import PluginContract
 from deltatune.testing.families import family_conformance
+from deltatune.testing.helpers import fast_forward_runs
 
 
 NO_TINY_MODELS = "{} must set `tiny_models`: write factories of tiny models of the configs the family serves"
@@ -25,7 +26,8 @@ class ModelFamilyContract(PluginContract):
     the core picks for it, and deltatune's training loss and every trainable gradient equal the model's
     own Hugging Face loss (:func:`deltatune.testing.families.family_conformance`; fp32: loss ≤ 1e-5
     relative, gradients ≤ 1e-4 of each gradient's largest entry) for every spec of :attr:`specs`, on
-    padded and on packed rows. The family's logit transform and fast forward are what make or break it.
+    padded and on packed rows; on the models of :attr:`fast_models` the family's fast training forward
+    really ran. The family's logit transform and fast forward are what make or break it.
     """
 
     kind: ClassVar[str] = "model_family"
@@ -35,6 +37,9 @@ class ModelFamilyContract(PluginContract):
     specs: ClassVar[dict[str, dict[str, Any] | None]] = {"full fine-tuning": None}
     """Model specs (``quantizer``, ``delta``) trained in the conformance check, by name; ``None``:
     full fine-tuning. A subclass adds the delta methods and quantizers it is checked with."""
+    fast_models: ClassVar[tuple[str, ...]] = ()
+    """Names of :attr:`tiny_models` on which the family's fast training forward must really run
+    during the conformance check (so its equality is the fast forward's, not the plain path's)."""
     loss_bound: ClassVar[float] = 1e-5
     gradient_bound: ClassVar[float] = 1e-4
 
@@ -63,10 +68,14 @@ class ModelFamilyContract(PluginContract):
         assert self.tiny_models, NO_TINY_MODELS.format(type(self).__name__)
         failures = []
         for name, factory in self.tiny_models.items():
-            for spec_name, spec in self.specs.items():
-                for packed in (False, True):
-                    result = family_conformance(factory, spec, packed, manager)
-                    if result.loss > self.loss_bound or result.gradient > self.gradient_bound:
-                        failures.append(f"{name}, {spec_name}{', packed' if packed else ''}: loss {result.loss:.3g}, "
-                                        f"gradient of {result.worst_parameter} {result.gradient:.3g} ({result.head})")
+            with fast_forward_runs() as runs:
+                for spec_name, spec in self.specs.items():
+                    for packed in (False, True):
+                        result = family_conformance(factory, spec, packed, manager)
+                        if result.loss > self.loss_bound or result.gradient > self.gradient_bound:
+                            failures.append(f"{name}, {spec_name}{', packed' if packed else ''}: loss "
+                                            f"{result.loss:.3g}, gradient of {result.worst_parameter} "
+                                            f"{result.gradient:.3g} ({result.head})")
+            if name in self.fast_models and not runs:
+                failures.append(f"{name}: the family's fast training forward never ran")
         assert not failures, "differs from the Hugging Face loss:\n" + "\n".join(failures)

@@ -23,6 +23,10 @@ SERVED = {"llama": ("llama", "llama3"), "mistral": ("mistral",), "qwen2": ("qwen
 """Each first-party family → the tiny models (``TINY_FAMILIES`` names) of configs it serves."""
 
 
+FAST = {"llama": ("llama",)}
+"""The tiny models on which a family's fast training forward must run (Llama with default rope)."""
+
+
 class TestFirstPartyFamily(ModelFamilyContract):
     specs = SPECS
 
@@ -31,3 +35,4 @@ class TestFirstPartyFamily(ModelFamilyContract):
         """Run the contract once per first-party family."""
         self.family_name = request.param
         self.tiny_models = {name: TINY_FAMILIES[name] for name in SERVED[request.param]}
+        self.fast_models = FAST.get(request.param, ())
