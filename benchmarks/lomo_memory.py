@@ -75,7 +75,7 @@ SHAPES_NOTE = (
     "RSS between steps grew by about 18 MiB per step and had not levelled off after 12 steps. The fast "
     "path now rounds the token rows up to a multiple of 32 (filler rows with no target, outside every "
     "attention example: exact zeros in every gradient), the attention width to 16 and the LM head's "
-    "rows to 16 (`deltatune.train.fast.tokens.SHAPE_STEPS`, `deltatune.train.head_loss.HEAD_ROW_STEP`). With both, the "
+    "rows to 16 (`deltatune.train.head_loss.SHAPE_STEPS`, `deltatune.train.head_loss.HEAD_ROW_STEP`). With both, the "
     "RSS between steps stays within 2 MiB over 10 steps, and the step is faster, not slower (the caches "
     "are not capped: `ONEDNN_PRIMITIVE_CACHE_CAPACITY=0` had cost 5.5x in speed)."
 )

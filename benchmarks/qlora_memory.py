@@ -237,7 +237,7 @@ def notes_for(rows: list[dict], others: list[dict]) -> str:
             f"training peak saves less than that because a step itself takes more memory on the 4-bit base: "
             f"{(q['peak_train_kib'] - q['ready_kib']) / 1024:,.0f} MiB above the RSS before training against "
             f"{(lora['peak_train_kib'] - lora['ready_kib']) / 1024:,.0f} MiB for LoRA. deltatune's fast path "
-            "(`deltatune.train.fast.llama`) fuses the LoRA products, with a hand-written backward that keeps fewer tensors, "
+            "(`deltatune_families.fast.llama` (the llama family plugin)) fuses the LoRA products, with a hand-written backward that keeps fewer tensors, "
             "only on dense linear layers; a quantized layer runs its own forward inside it (bitsandbytes' 4-bit "
             "product, then the LoRA product through autograd). The rest of the peak is much the same in both: about "
             f"{lora['after_imports_kib'] / 1024:,.0f} MiB of imported libraries (torch, transformers, Lightning), "

@@ -8,7 +8,7 @@ therefore identical. LoRA is r=16, alpha=32, every linear layer but the LM head,
 a constant learning rate, gradient norm clipped to 1.0, in every configuration.
 
 * ``deltatune``: the Lightning ``DeltaTuneModule`` trained by ``lightning.Trainer`` (its real
-  ``training_step``, so the fast path of :mod:`deltatune.train.fast.llama` and the bf16 base of
+  ``training_step``, so the fast path of :mod:`deltatune_families.fast.llama` and the bf16 base of
   :func:`deltatune.model.assembly.compute_dtype` are what a run gets), batches from deltatune's collator.
 * ``peft-bf16`` / ``peft-fp32``: ``peft.get_peft_model`` on the fp32 model and ``transformers.Trainer``
   with ``bf16=True`` (autocast) / in fp32, batches padded by ``DataCollatorForSeq2Seq``.
@@ -75,7 +75,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 DEFAULT_CONFIGS = list(CONFIGS)
 NOTES = """Reading the table:
-- `deltatune` is the Lightning module as a run gets it: the fast path of `deltatune.train.fast.llama` (unpadded tokens,
+- `deltatune` is the Lightning module as a run gets it: the fast path of `deltatune_families.fast.llama` (unpadded tokens,
   LoRA fused per group of layers reading the same input, hand-written backward, LM head and loss only at labelled
   positions, chunked). `deltatune-plain` is the same module with `fast_path: false` (Hugging Face's forward, bf16
   base under autocast, loss only at labelled positions); `deltatune-compile` is `compile: true` (every decoder

@@ -12,7 +12,7 @@ file and line), both subclasses of ``DeltaTuneError``: the core shows their one-
 the user.
 
 **Protocols** — ``DatasetBuilder``, ``DeltaMethod``, ``Quantizer``, ``Evaluator``,
-``OptimizerFactory``: what a registered class must provide (structural: no base class needed), each
+``OptimizerFactory``, ``ModelFamily``: what a registered class must provide (structural: no base class needed), each
 with its optional members (``optional_members(protocol)``: name, default, meaning). ``Row`` is one
 tokenised example.
 
@@ -42,10 +42,16 @@ linear layers reading one input (q/k/v, gate/up) as one product in a fast traini
 each layer as a ``Projection`` (frozen dense base, at most one delta) and may build on
 ``base_products`` / ``base_input_grad`` (the frozen bases' part), ``no_autocast`` and ``hooked``.
 
-**Model families: logits** — ``LogitTransform`` (an element-wise map from the LM head's output to the
-model's logits, with its derivative) and ``register_logit_transform`` (declare the config field that
-turns one on, e.g. Gemma 2's ``final_logit_softcapping``): the training loss applies it inside its
-chunked LM head; an undeclared one sends the model to the slower exact path.
+**Model families** — ``ModelFamily`` (the protocol) and ``LogitTransform`` (an element-wise map from the
+LM head's output to the model's logits, with its derivative, which a family returns from
+``logit_transform``): the training loss applies it inside its chunked LM head; a model no family serves
+takes the generic exact path.
+
+**Model families: fast training forwards** — what a family's ``fast_forward`` builds on: ``head_loss``
+(the chunked LM-head cross-entropy every path to the loss ends in) with ``HEAD_ROW_STEP`` and
+``SHAPE_STEPS`` (the steps to which it rounds its shapes) and ``round_up``; ``ProjectionGroup`` and
+``refresh_groups`` (linear layers reading one input computed as one grouped product);
+``deferred_tied_head`` (a tied head trained by an optimizer that updates inside backward).
 
 **Quantizers and evaluators: precision** — ``compute_dtype`` (the dtype an ``auto``/``bf16``/``fp32``
 choice means on this machine), ``compute_context`` (the autocast a model of that dtype runs under).
@@ -90,8 +96,17 @@ from deltatune.data.module import (
 )
 from deltatune.data.packing import IGNORE_INDEX, collate
 from deltatune.data.sources import ChatTemplateOptions, FileSourceOptions
-from deltatune.deltas.grouped import GroupedProduct, Projection, base_input_grad, base_products, hooked, no_autocast
 from deltatune.deltas.experts import DeltaExperts, ExpertDelta, ExpertShape, find_expert_targets, iter_expert_parameters, wrap_experts
+from deltatune.deltas.grouped import (
+    GroupedProduct,
+    Projection,
+    ProjectionGroup,
+    base_input_grad,
+    base_products,
+    hooked,
+    no_autocast,
+    refresh_groups,
+)
 from deltatune.deltas.layer import Delta, DeltaLinear, WeightUpdateDelta, base_weight, delta_layers, get_submodule_parent
 from deltatune.deltas.lowrank import LOW_RANK_PEFT_FIELDS, LowRankConfig, LowRankDelta
 from deltatune.deltas.method import LayerDeltaMethod
@@ -112,21 +127,24 @@ from deltatune.evaluation.helpers import (
 from deltatune.model.assembly import compute_context, compute_dtype
 from deltatune.model.generation import chat_prompt
 from deltatune.model.loading import home
-from deltatune.model.logits import LogitTransform, register_logit_transform
+from deltatune.model.logits import LogitTransform
 from deltatune.plugin.hookspecs import Register
 from deltatune.plugin.protocols import (
     DatasetBuilder,
     DeltaMethod,
     Evaluator,
+    ModelFamily,
     OptimizerFactory,
     Quantizer,
     Row,
     optional_members,
 )
+from deltatune.train.head_loss import HEAD_ROW_STEP, SHAPE_STEPS, head_loss, round_up
 from deltatune.train.loss import token_loss
 from deltatune.train.schedules import lr_groups, warmup_cosine
 from deltatune.train.update_in_backward import (
     InBackwardOptimizer,
+    deferred_tied_head,
     InBackwardOptimizerConfig,
     InBackwardOptimizerFactory,
 )
@@ -183,7 +201,15 @@ __all__ = [
     "no_autocast",
     # model families: logits
     "LogitTransform",
-    "register_logit_transform",
+    "ModelFamily",
+    # model families: fast training forwards
+    "HEAD_ROW_STEP",
+    "ProjectionGroup",
+    "SHAPE_STEPS",
+    "deferred_tied_head",
+    "head_loss",
+    "refresh_groups",
+    "round_up",
     # precision
     "compute_context",
     "compute_dtype",

@@ -18,7 +18,7 @@ from deltatune.io.adapter import save_adapter
 from deltatune.io.merged import export_merged
 from deltatune.model.loading import tiny_llama
 from deltatune.testing import logits_of, sample_batch, trained_like
-from deltatune.train.fast import fast_forward
+from deltatune.model.families import family_fast_forward, installed_families, serving_family
 
 ROOT = Path(__file__).resolve().parents[2]
 METHODS = [("prefix_tuning", {"num_virtual_tokens": 4}), ("prompt_tuning", {"num_virtual_tokens": 4}),
@@ -114,9 +114,11 @@ def test_generation_puts_the_virtual_tokens_in_every_prompts_cache(plugin_manage
 
 @pytest.mark.parametrize(("name", "config"), METHODS, ids=[m[0] for m in METHODS])
 def test_the_generic_forward_trains_them_and_a_merged_export_is_refused(plugin_manager, tmp_path, name, config):
-    assert fast_forward(tiny_llama()) is not None  # the plain tiny Llama has a fast training forward
+    plain = tiny_llama()
+    family, _ = serving_family(plain.config, installed_families())
+    assert family_fast_forward(plain, family) is not None  # the plain tiny Llama has a fast training forward
     model, resolved = trained_like(plugin_manager, [{"name": name, "config": config}])
-    assert fast_forward(model) is None
+    assert family_fast_forward(model, family) is None
     save_adapter(model, resolved, tmp_path / "adapter")
     with pytest.raises(ConfigError, match=f"{name}.*cannot be merged"):
         export_merged(tmp_path / "adapter", tmp_path / "merged", manager=plugin_manager)

@@ -179,6 +179,8 @@ class PluginDoc:
 
         config = {o.name: (f"<{o.type}, required>" if o.required else o.default) for o in self.options}
         ref: dict[str, Any] = {"name": self.name, **({"config": config} if config else {})}
+        if PLUGIN_KINDS[self.kind].run_option is None:
+            return "# not named in a run configuration: the core picks it by the model's config.model_type"
         section, option = PLUGIN_KINDS[self.kind].run_option.split(".")
         text = yaml.safe_dump({section: {option: [ref] if PLUGIN_KINDS[self.kind].listed else ref}},
                               sort_keys=False, default_flow_style=False, allow_unicode=True)
@@ -326,7 +328,9 @@ def docs_markdown() -> str:
         names = [name for name in manager.names(kind) if registry.find(kind, name)]
         if not names:
             continue
-        parts.append(f"## {spec.label.capitalize()}s (`{spec.run_option}`)\n")
+        plural = spec.label[:-1] + "ies" if spec.label.endswith("y") else spec.label + "s"
+        where = f"`{spec.run_option}`" if spec.run_option else "chosen by the model's config"
+        parts.append(f"## {plural.capitalize()} ({where})\n")
         for name in names:
             doc = plugin_doc(name, kind)
             parts.append(f"### `{name}`\n\n{doc.summary + ' · ' if doc.summary else ''}distribution "

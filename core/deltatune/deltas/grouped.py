@@ -1,6 +1,6 @@
 """Grouped products: linear layers that read the same input (q/k/v, gate/up) computed as one product.
 
-A fast training forward (:mod:`deltatune.train.fast`) hands each such set of layers to a
+A fast training forward (a model family's) hands each such set of layers to a
 :class:`ProjectionGroup`. When every layer is a frozen dense base with at most one active delta, and
 the deltas' class provides a :class:`GroupedProduct` (:attr:`deltatune.deltas.layer.Delta.grouped_product`)
 that accepts them, the group runs as that one product, with the delta method's own hand-written

@@ -141,7 +141,7 @@ def activation_bytes(config: Any, lay: Any, batch: int, seq: int, compute: int,
 
     Per decoder layer and token, with ``c`` the compute dtype's bytes (2 for bf16, 4 for fp32),
     ``h`` hidden, ``i`` intermediate, ``q``/``kv`` the query and key/value widths, ``H`` heads and
-    ``W`` the sequence length, on deltatune's fast path (:mod:`deltatune.train.fast.llama`: Llama decoders):
+    ``W`` the sequence length, on a model family's fast training forward (the Llama family's):
 
     * each RMSNorm keeps its input and 1/rms: ``c h + 4`` (twice);
     * each group of linear layers sharing an input (q/k/v, o, gate/up, down) keeps what its grouped
@@ -167,11 +167,10 @@ def activation_bytes(config: Any, lay: Any, batch: int, seq: int, compute: int,
     """
     if lay.groups is None:
         return plain_activation_bytes(config, lay, batch, seq, compute, checkpointing, labelled)
-    from deltatune.train.fast.tokens import SHAPE_STEPS
-    from deltatune.train.head_loss import HEAD_ROW_STEP, round_up
+    from deltatune.train.head_loss import HEAD_ROW_STEP, SHAPE_STEPS, round_up
 
     h, i, heads, head_dim, q, kv = _widths(config)
-    # the fast path rounds its shapes up (deltatune.train.fast.tokens.TokenLayout): token rows, attention
+    # the fast path rounds its shapes up (SHAPE_STEPS): token rows, attention
     # width (one example per row here), and the head's labelled rows
     tokens_step, width_step = SHAPE_STEPS
     tokens = round_up(batch * seq, tokens_step)

@@ -152,7 +152,7 @@ def inner_widths(deltas: list[Any]) -> dict[str, int]:
 def layout(config: Any, deltas: list[Any], quantizer: Any | None, fast_path: bool = True) -> Layout:
     """Count parameters of ``config`` with ``deltas`` applied on the meta device, and describe what
     its decoder layers keep for backward (``fast_path``: as the model's fast training forward,
-    :mod:`deltatune.train.fast`, runs them)."""
+    :func:`deltatune.model.families.family_fast_forward`, runs them)."""
     import torch
 
     from deltatune.deltas.experts import DeltaExperts
@@ -214,9 +214,9 @@ def layout(config: Any, deltas: list[Any], quantizer: Any | None, fast_path: boo
         elif hasattr(module, "weight") and getattr(module.weight, "requires_grad", False) and module.weight.ndim == 2:
             out.adapted[suffix] = {"in": module.weight.shape[1], "out": module.weight.shape[0], "r": 0,
                                    "dropout": False, "input": True}
-    from deltatune.train.fast import fast_forward
+    from deltatune.model.families import family_fast_forward, installed_families, serving_family
 
-    if fast_path and fast_forward(model) is not None:
+    if fast_path and family_fast_forward(model, serving_family(config, installed_families())[0]) is not None:
         out.groups = _groups(model, quantized, widths)
         if out.groups is not None:
             per_layer = sum(g.compute_copies for g in out.groups.values() if g.fused)

@@ -23,6 +23,7 @@ from torch import nn
 from deltatune.deltas.layer import base_weight, is_quantized_param, mark_quantized
 
 from deltatune.model import loading as models
+from deltatune.model.families import installed_families
 from deltatune.model.logits import head_plan
 from deltatune.plugin.resolve import PluginRef, ResolvedPlugin, coerce_ref, resolve
 from deltatune.errors import ConfigError
@@ -58,6 +59,8 @@ class ResolvedSpec:
     spec: ModelSpec
     quantizer: ResolvedPlugin | None
     deltas: list[ResolvedPlugin] = field(default_factory=list)
+    families: list[Any] | None = None
+    """The installed model-family plugins (:mod:`deltatune.model.families`); ``None``: the process-wide ones."""
 
     @property
     def full_finetune(self) -> bool:
@@ -115,7 +118,8 @@ def resolve_spec(spec: ModelSpec | dict[str, Any], manager: PluginManager | None
             f"quantizer '{quantizer.name}' without a delta method would train quantized weights, which "
             "cannot be trained; add a delta method (`deltatune plugins` lists them) or remove the quantizer"
         )
-    return ResolvedSpec(spec=spec, quantizer=quantizer, deltas=deltas)
+    families = installed_families(manager) if manager is not None else None
+    return ResolvedSpec(spec=spec, quantizer=quantizer, deltas=deltas, families=families)
 
 
 def check_on_skeleton(resolved: ResolvedSpec) -> nn.Module:
@@ -192,7 +196,7 @@ def build_model(resolved: ResolvedSpec, model: nn.Module | None = None) -> nn.Mo
     if not any(p.is_meta for p in model.parameters()):
         # once, on the base: how the loss gets the model's logits (what follows the LM head is the base's;
         # a delta on the head itself is re-checked); refuses a model that is not a causal decoder
-        head_plan(model)
+        head_plan(model, resolved.families)
     if resolved.quantizer:
         apply_quantizer(model, resolved.quantizer)
     for delta in resolved.deltas:

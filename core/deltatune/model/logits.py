@@ -3,16 +3,15 @@ must add to ``hidden @ Wᵀ`` to compute the model's own logits, and the exact f
 
 The training loss and the log-likelihood evaluators project only the labelled positions through the
 LM head (:func:`deltatune.model.forward.hidden_states`, then the head). Some families change the head's
-output before it becomes the logits — Gemma 2/3 soft-cap them (``cap · tanh(x / cap)``), Granite divides
-them by ``logits_scaling``, Cohere multiplies them by ``logit_scale``. Each such change is declared
-once, here, as a :class:`LogitTransform` keyed by the config field that turns it on
-(:func:`register_logit_transform`; :data:`DECODER_FIELDS` lists logit-like fields that act inside the
-decoder and leave the head alone). :func:`head_plan` decides, once per model (at assembly,
+output before it becomes the logits (Gemma 2 soft-caps them, Granite and Cohere scale them); the
+model-family plugin serving a model (:mod:`deltatune.model.families`) declares that change as a
+:class:`LogitTransform`. :func:`head_plan` decides, once per model (at assembly,
 :func:`deltatune.model.assembly.build_model`, or on first use for a model built elsewhere), whether
 the head computation is the model's own:
 
-1. **structure** — every config field whose name speaks of logits must be declared (a transform or a
-   decoder field); an undeclared one means the head computation cannot be trusted;
+1. **structure** — a model no family serves must have no config field whose name speaks of logits
+   (but those of :data:`DECODER_FIELDS`, which act inside the decoder): such a field means the head
+   computation cannot be trusted;
 2. **numbers** — on a few tokens, ``transform(head(hidden))`` must equal ``model(...).logits``; the same
    probe checks that the model is a causal decoder (a later token must not change earlier logits) and
    raises :class:`~deltatune.errors.ConfigError` when it is not.
@@ -35,6 +34,7 @@ import torch
 from torch import nn
 
 from deltatune.errors import ConfigError
+from deltatune.model.families import installed_families, serving_family
 from deltatune.model.forward import hidden_states
 
 PROBE_TOKENS = 8
@@ -52,62 +52,10 @@ class LogitTransform:
     derivative: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def soft_cap(cap: float) -> LogitTransform:
-    """``cap · tanh(y / cap)`` (Gemma 2/3's final logit soft-capping)."""
-    return LogitTransform(f"soft-capping at {cap:g}", lambda y: torch.tanh(y / cap) * cap,
-                          lambda y, z: 1 - (z / cap).square())
-
-
-def divide_by(scale: float) -> LogitTransform:
-    """``y / scale``."""
-    return LogitTransform(f"division by {scale:g}", lambda y: y / scale, lambda y, z: torch.full_like(y, 1 / scale))
-
-
-def multiply_by(scale: float) -> LogitTransform:
-    """``y · scale``."""
-    return LogitTransform(f"multiplication by {scale:g}", lambda y: y * scale, lambda y, z: torch.full_like(y, scale))
-
-
-def compose(transforms: list[LogitTransform]) -> LogitTransform | None:
-    """One transform applying ``transforms`` in order (``None`` for none)."""
-    if len(transforms) <= 1:
-        return transforms[0] if transforms else None
-
-    def apply(y: torch.Tensor) -> torch.Tensor:
-        for transform in transforms:
-            y = transform.apply(y)
-        return y
-
-    def derivative(y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        slope = torch.ones_like(y)
-        for transform in transforms:
-            out = transform.apply(y)
-            slope = slope * transform.derivative(y, out)
-            y = out
-        return slope
-
-    return LogitTransform(" then ".join(t.name for t in transforms), apply, derivative)
-
-
-LOGIT_TRANSFORMS: dict[str, Callable[[Any], LogitTransform | None]] = {}
-"""Config field → the transform its value turns on (``None``: the value means none), in the order
-the head applies them."""
-
 DECODER_FIELDS: set[str] = {"attn_logit_softcapping", "router_logit_softcapping", "output_router_logits",
                             "router_aux_loss_coef"}
 """Config fields whose names speak of logits but which act inside the decoder (attention scores, MoE
 routers), which deltatune always runs as the model does: they leave the LM head alone."""
-
-
-def register_logit_transform(config_field: str, make: Callable[[Any], LogitTransform | None]) -> None:
-    """Declare that a model whose config sets ``config_field`` has its LM head's output changed by
-    ``make(value)`` before it becomes the logits (``make`` returns ``None`` for a value meaning none)."""
-    LOGIT_TRANSFORMS[config_field] = make
-
-
-register_logit_transform("final_logit_softcapping", lambda cap: soft_cap(float(cap)) if cap else None)
-register_logit_transform("logits_scaling", lambda s: divide_by(float(s)) if s is not None and s != 1 else None)
-register_logit_transform("logit_scale", lambda s: multiply_by(float(s)) if s is not None and s != 1 else None)
 
 
 @dataclass
@@ -119,6 +67,8 @@ class HeadPlan:
     transform: LogitTransform | None = None
     exact: bool = True
     reason: str = ""
+    family: Any = None
+    """The model-family plugin serving the model (:mod:`deltatune.model.families`), or ``None``."""
 
 
 _PLANS: weakref.WeakKeyDictionary[nn.Module, HeadPlan] = weakref.WeakKeyDictionary()
@@ -131,15 +81,19 @@ def _config_fields(config: Any) -> dict[str, Any]:
         return dict(vars(config))
 
 
-def declared_transform(config: Any) -> tuple[LogitTransform | None, str]:
-    """``(transform, "")`` from ``config``'s declared fields, or ``(None, reason)`` when a field
-    that may change the logits is not declared."""
+def declared_transform(config: Any, family: Any) -> tuple[LogitTransform | None, str]:
+    """``(transform, "")``: the transform the serving ``family`` declares for ``config``; without a
+    family, ``(None, reason)`` when a config field may change the logits (the generic path then takes
+    the model's own logits)."""
+    if family is not None:
+        return family.logit_transform(config), ""
     fields = _config_fields(config)
     unknown = sorted(k for k in fields if ("logit" in k.lower() or "output_multiplier" in k.lower())
-                     and k not in LOGIT_TRANSFORMS and k not in DECODER_FIELDS and fields[k] not in (None, False))
+                     and k not in DECODER_FIELDS and fields[k] not in (None, False))
     if unknown:
-        return None, f"config field(s) {', '.join(unknown)} may change the logits and no logit transform is declared"
-    return compose([t for k, make in LOGIT_TRANSFORMS.items() if k in fields and (t := make(fields[k]))]), ""
+        return None, (f"config field(s) {', '.join(unknown)} may change the logits and no installed model "
+                      "family serves it")
+    return None, ""
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -178,9 +132,10 @@ def _probe(model: nn.Module, head: nn.Module, transform: LogitTransform | None) 
     return ""
 
 
-def head_plan(model: nn.Module) -> HeadPlan:
-    """How the loss of ``model`` gets its logits (decided once per model and LM head module; the
-    first decision against the model's own logits warns with the reason)."""
+def head_plan(model: nn.Module, families: list[Any] | None = None) -> HeadPlan:
+    """How the loss of ``model`` gets its logits (decided once per model and LM head module, with the
+    model families ``families``, default the installed ones; a family that does not handle the model
+    and a decision against the model's own logits each warn with the reason)."""
     getter = getattr(model, "get_output_embeddings", None)
     head = getter() if callable(getter) else None
     plan = _PLANS.get(model)
@@ -189,7 +144,10 @@ def head_plan(model: nn.Module) -> HeadPlan:
     if head is None:
         plan = HeadPlan(None, exact=False, reason="it has no output embeddings (LM head) to project with")
     else:
-        transform, reason = declared_transform(model.config)
+        family, unhandled = serving_family(model.config, installed_families() if families is None else families)
+        if unhandled:
+            warnings.warn(f"{type(model).__name__}: the generic path trains it because {unhandled}", stacklevel=2)
+        transform, reason = declared_transform(model.config, family)
         training = {m: m.training for m in model.modules()}
         model.eval()
         try:
@@ -197,7 +155,7 @@ def head_plan(model: nn.Module) -> HeadPlan:
         finally:
             for module, mode in training.items():
                 module.training = mode
-        plan = HeadPlan(head, transform, exact=not reason, reason=reason)
+        plan = HeadPlan(head, transform, exact=not reason, reason=reason, family=family if not reason else None)
     _PLANS[model] = plan
     if not plan.exact:
         warnings.warn(f"{type(model).__name__}: the loss uses the model's own logits (slower) because {plan.reason}",

@@ -104,3 +104,17 @@ def deltatune_register_optimizers(register: Register) -> None:
     trainer-side clipping, data parallelism, ``16-mixed``) are refused before training by
     ``InBackwardOptimizer.check_trainer_compatible``.
     """
+
+
+@hookspec
+def deltatune_register_model_families(register: Register) -> None:
+    """Register model families (:class:`deltatune.api.ModelFamily`).
+
+    A family tells the core what it needs to train one family of causal decoders exactly and fast:
+    ``model_types`` (the ``config.model_type`` values it serves), ``unhandled(config)`` (why a config of
+    those types is beyond it — an unknown rope type, say — or ``None``), ``logit_transform(config)``
+    (what the model does to its LM head's output: soft-capping, scaling), and optionally a fast training
+    forward. The core
+    asks the family serving a model; a model none serves (or one its family does not handle) takes the
+    generic path: the model's own forward, exact for every causal LM, with one line saying why.
+    """

@@ -1,4 +1,4 @@
-"""The five plugin protocols, their optional members, and the one table of plugin kinds.
+"""The six plugin protocols, their optional members, and the one table of plugin kinds.
 
 A protocol is structural (``typing.Protocol``): a plugin needs no base class from the core, only the
 *required* members written in the protocol's body. ``deltatune.testing`` checks them with contract
@@ -317,6 +317,40 @@ class OptimizerFactory(Protocol):
         ...
 
 
+@declare_optional(
+    OptionalMember(
+        "fast_forward", None, "method",
+        "fast_forward(model) -> Callable[[batch], tuple[Tensor, int] | None] | None: a training forward computing "
+        "the same (summed token loss, labelled tokens) as the plain path, faster; None when it does not compute "
+        "this model exactly (a hooked module, say); the forward returns None for a batch it does not take. "
+        "Absent: the plain path.",
+    ),
+)
+@runtime_checkable
+class ModelFamily(Protocol):
+    """What deltatune knows about one family of causal decoders (Llama, Gemma 2, GPT-2, ...).
+
+    A family serves the configs whose ``model_type`` is in :attr:`model_types` and for which
+    :meth:`unhandled` finds nothing; for those, :meth:`logit_transform` turns the LM head's output into
+    the model's logits inside the chunked loss. A model no family serves trains on the generic path,
+    exact for every causal LM. Optional member: ``fast_forward`` (see :func:`optional_members`).
+    """
+
+    name: ClassVar[str]
+    Config: ClassVar[type[BaseModel]]
+    model_types: ClassVar[tuple[str, ...]]
+
+    def unhandled(self, config: Any) -> str | None:
+        """Why this family does not compute a model of ``config`` (a transformers config) exactly — a
+        feature it does not implement, such as an unknown rope type — or ``None`` when it does."""
+        ...
+
+    def logit_transform(self, config: Any) -> Any:
+        """The :class:`deltatune.api.LogitTransform` from the LM head's output to the logits of a model
+        of ``config`` (soft-capping, scaling), or ``None`` when the head's output is the logits."""
+        ...
+
+
 # -- the table of plugin kinds -----------------------------------------------------------------------
 @dataclass(frozen=True)
 class PluginKind:
@@ -334,8 +368,9 @@ class PluginKind:
     """The ``deltatune.testing`` contract class every plugin of this kind passes."""
     tested_name: str
     """The contract's class attribute naming the plugin under test (``method_name``)."""
-    run_option: str
-    """Where a run configuration names plugins of this kind (``model.delta``)."""
+    run_option: str | None
+    """Where a run configuration names plugins of this kind (``model.delta``); ``None`` when the core
+    chooses the plugin itself (a model family: the one serving the model's ``config.model_type``)."""
     listed: bool
     """Whether :attr:`run_option` takes a list of plugin references (``model.delta: [lora]``)."""
 
@@ -358,6 +393,8 @@ PLUGIN_KINDS: dict[str, PluginKind] = {
                    "EvaluatorContract", "evaluator_name", "model.evaluators", True),
         PluginKind("optimizer", "optimizer", "deltatune_register_optimizers", OptimizerFactory,
                    "OptimizerContract", "optimizer_name", "model.optimizer", False),
+        PluginKind("model_family", "model family", "deltatune_register_model_families", ModelFamily,
+                   "ModelFamilyContract", "family_name", None, False),
     )
 }
 """Plugin kind name → :class:`PluginKind`, in the order of the hook specifications."""

@@ -29,7 +29,8 @@ A plugin's test suite subclasses it, says which plugin to test, and inherits the
         compose_with = {"name": "lora", "config": {"targets": ["q_proj", "o_proj"]}}
 
 The contracts are :class:`DeltaMethodContract`, :class:`DatasetBuilderContract`,
-:class:`EvaluatorContract`, :class:`QuantizerContract` and :class:`OptimizerContract`
+:class:`EvaluatorContract`, :class:`QuantizerContract`, :class:`OptimizerContract` and
+:class:`ModelFamilyContract`
 (:data:`CONTRACTS` maps each plugin kind to its contract), one module each
 (:mod:`~deltatune.testing.delta_methods`, …, built on :mod:`~deltatune.testing.contract` and
 :mod:`~deltatune.testing.helpers`; the fixtures live in :mod:`~deltatune.testing.fixtures`). Each
@@ -69,6 +70,7 @@ from deltatune.testing.fixtures import (  # noqa: F401 (pytest finds fixtures an
     tiny_model,
     tiny_tokenizer,
 )
+from deltatune.testing.model_families import ModelFamilyContract
 from deltatune.testing.helpers import (
     fast_forward_runs,
     isolated_manager,
@@ -88,6 +90,7 @@ __all__ = [
     "DatasetBuilderContract",
     "DeltaMethodContract",
     "EvaluatorContract",
+    "ModelFamilyContract",
     "OptimizerContract",
     "PluginContract",
     "QuantizerContract",

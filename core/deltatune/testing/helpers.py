@@ -146,15 +146,16 @@ def token_batches(count: int, seed: int = 0, shape: tuple[int, int] = (2, 16), v
 @contextlib.contextmanager
 def fast_forward_runs() -> Iterator[list[str]]:
     """Within the block, the model type of every batch a fast training forward computed
-    (:mod:`deltatune.train.fast`) is appended to the yielded list, so a test comparing the fast and
-    the plain path can assert that the fast one really ran rather than silently falling back."""
-    from deltatune.train import fast
+    (a model family's, :func:`deltatune.model.families.family_fast_forward`) is appended to the
+    yielded list, so a test comparing the fast and the plain path can assert that the fast one really
+    ran rather than silently falling back."""
+    from deltatune.model import families as fast
 
     runs: list[str] = []
-    find = fast.fast_forward
+    find = fast.family_fast_forward
 
-    def counting(model: nn.Module) -> Callable[[dict[str, torch.Tensor]], Any] | None:
-        forward = find(model)
+    def counting(model: nn.Module, family: Any) -> Callable[[dict[str, torch.Tensor]], Any] | None:
+        forward = find(model, family)
         if forward is None:
             return None
 
@@ -166,11 +167,11 @@ def fast_forward_runs() -> Iterator[list[str]]:
 
         return run
 
-    fast.fast_forward = counting
+    fast.family_fast_forward = counting
     try:
         yield runs
     finally:
-        fast.fast_forward = find
+        fast.family_fast_forward = find
 
 
 def through_bytes(state: Any) -> Any:

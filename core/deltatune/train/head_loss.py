@@ -1,7 +1,7 @@
 """The LM head's loss, chunked: summed cross-entropy of ``head(hidden)`` without ever holding more than
 one chunk of logits (:class:`LinearCrossEntropy`), in forward or backward. Every path to the loss
 ends here — the plain forward of :mod:`deltatune.train.loss` and every fast training forward of
-:mod:`deltatune.train.fast` — and ``deltatune estimate`` sizes a chunk with :func:`loss_chunk_rows`.
+a model family's fast training forward — and ``deltatune estimate`` sizes a chunk with :func:`loss_chunk_rows`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,11 @@ which keeps it after it is freed. Measured on SmolLM2-135M, LOMO, fp32, 1 x 256 
 
 HEAD_ROW_STEP = 16
 """The LM head's rows (labelled positions) are padded to a multiple of this, and its chunks are one."""
+
+SHAPE_STEPS = (32, 16)
+"""Steps to which a fast training forward rounds up the token rows and the attention width of a batch
+(so that its matrix products come in few shapes): at most 31 filler rows per batch, and 15 positions
+per attention example. ``deltatune estimate`` rounds the same way."""
 
 
 def round_up(value: int, step: int) -> int:
@@ -171,7 +176,7 @@ def head_loss(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
     the end of backward, where the tied embedding is reached.
 
     The rows are padded with ignored ones to a multiple of :data:`HEAD_ROW_STEP`, so the head's
-    products come in a few shapes only (see :class:`deltatune.train.fast.tokens.TokenLayout`)."""
+    products come in a few shapes only (see :data:`SHAPE_STEPS`)."""
     filler = round_up(len(targets), HEAD_ROW_STEP) - len(targets)
     if filler:
         hidden = F.pad(hidden, (0, 0, 0, filler))

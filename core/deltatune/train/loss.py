@@ -10,7 +10,7 @@ that once per model and supplies the family's logit transform (soft-capping, sca
 the chunks. A model for which it is not exact gets its loss from its own logits at the labelled
 positions (:func:`deltatune.model.logits.own_logits`), and no fast training forward.
 
-:func:`token_loss` first asks :mod:`deltatune.train.fast` for a fast training forward of the model
+:func:`token_loss` first asks the model-family plugin serving the model for a fast training forward
 (one computing the same loss faster, such as the Llama family's on unpadded tokens); ``fast=False``,
 a model without one, or a batch it does not take uses the plain Hugging Face decoder forward below.
 """
@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from deltatune.data.packing import IGNORE_INDEX
+from deltatune.model import families
 from deltatune.model.forward import hidden_states
 from deltatune.model.logits import head_plan, own_logits
-from deltatune.train import fast as fast_forwards
 from deltatune.train.head_loss import head_loss
 from deltatune.train.update_in_backward import deferred_lookup, deferred_tied_head
 
@@ -32,11 +32,12 @@ from deltatune.train.update_in_backward import deferred_lookup, deferred_tied_he
 def token_loss(model: nn.Module, batch: dict[str, torch.Tensor], fast: bool = True) -> tuple[torch.Tensor, int]:
     """``(sum of token cross-entropies, number of labelled tokens)`` of next-token prediction.
 
-    ``fast`` allows the model's fast training forward (:func:`deltatune.train.fast.fast_forward`: same
-    result, computed faster) where it has one and it takes the batch.
+    ``fast`` allows the fast training forward of the model's family
+    (:func:`deltatune.model.families.family_fast_forward`: same result, computed faster) where it has
+    one and it takes the batch.
     """
     plan = head_plan(model)
-    forward = fast_forwards.fast_forward(model) if fast and plan.exact and plan.transform is None else None
+    forward = families.family_fast_forward(model, plan.family) if fast and plan.exact and plan.transform is None else None
     result = forward(batch) if forward is not None else None
     if result is not None:
         return result

@@ -125,7 +125,7 @@ class DeltaTuneModule(L.LightningModule):
             base_dtype: dtype of the frozen weights (``auto``: bf16 where the hardware supports it).
             trainable_dtype: dtype of the trained weights (``fp32`` or ``bf16``).
             gradient_checkpointing: recompute activations in backward to save memory.
-            fast_path: compute the loss with :mod:`deltatune.train.fast.llama` where it applies (Llama-family
+            fast_path: compute the loss with the model family's fast forward where it applies (Llama-family
                 decoders: unpadded tokens, fused LoRA; same loss and gradients); ``false`` always runs
                 the plain Hugging Face forward.
             compile: compile every decoder layer with ``torch.compile`` (dynamic shapes) and train
@@ -218,7 +218,7 @@ class DeltaTuneModule(L.LightningModule):
 
     @property
     def uses_fast_path(self) -> bool:
-        """Whether the loss may take :mod:`deltatune.train.fast.llama` (``compile`` runs the compiled plain forward)."""
+        """Whether the loss may take the model family's fast forward (``compile`` runs the compiled plain forward)."""
         return self.hparams.get("fast_path", True) and not self.hparams.get("compile", False)
 
     # -- steps --------------------------------------------------------------------------------

@@ -46,6 +46,18 @@ FILL_IN = {
         ('        raise NotImplementedError("plain_sgd: write PlainSgd.create")',
          "        return torch.optim.SGD([p for _, p in named_params], lr=cfg.lr), None"),
     ],
+    # a family for a model type no first-party family claims, whose head output is its logits
+    ("model_family", "olmo_like"): [
+        ("    model_types: ClassVar[tuple[str, ...]] = ()", '    model_types: ClassVar[tuple[str, ...]] = ("olmo2",)'),
+        ('        raise NotImplementedError("olmo_like: write OlmoLike.unhandled")', "        return None"),
+    ],
+}
+FILL_IN_CONTRACT = {
+    "olmo_like": [
+        ("from deltatune.testing import ModelFamilyContract",
+         "from deltatune.testing import ModelFamilyContract\nfrom deltatune.testing.families import TINY_FAMILIES"),
+        ("    tiny_models: dict = {}", '    tiny_models = {"olmo2": TINY_FAMILIES["olmo2"]}'),
+    ],
 }
 
 
@@ -82,6 +94,12 @@ def test_every_kind_scaffolds_a_package_whose_contract_fails_until_written_and_p
             assert old in source, f"the {kind} template changed: {old!r} is gone"
             source = source.replace(old, new)
         module.write_text(source)
+        contract = folder / "tests" / "test_contract.py"
+        text = contract.read_text()
+        for old, new in FILL_IN_CONTRACT.get(name, []):
+            assert old in text, f"the {kind} contract template changed: {old!r} is gone"
+            text = text.replace(old, new)
+        contract.write_text(text)
         done.append(folder)
 
     # what an author sees: `cd deltatune-NAME && pytest` before installing anything

@@ -217,7 +217,7 @@ def test_one_table_of_kinds_drives_the_manager_registry_scaffold_and_contract_ki
     from deltatune.testing import CONTRACTS
 
     kinds = tuple(PLUGIN_KINDS)
-    assert kinds == ("dataset_builder", "delta_method", "quantizer", "evaluator", "optimizer")
+    assert kinds == ("dataset_builder", "delta_method", "quantizer", "evaluator", "optimizer", "model_family")
     assert get_args(RegistryEntry.model_fields["kind"].annotation) == kinds
     assert SCAFFOLD_KINDS == kinds
     assert {kind: contract.__name__ for kind, contract in CONTRACTS.items()} == {

@@ -1,7 +1,7 @@
 """The fast paths compute what the plain path computes.
 
 Speed is measured by ``benchmarks/speed.py``, never asserted here. These tests check that every fast
-path — the chunked LM-head cross-entropy, the unpadded Llama forward of :mod:`deltatune.train.fast.llama`
+path — the chunked LM-head cross-entropy, the unpadded Llama forward of :mod:`deltatune_families.fast.llama`
 with LoRA's grouped low-rank products, its gradient checkpointing and the layers it leaves to their own
 forward — gives the plain path's loss and gradients: to 1e-5 in fp32, and close (bf16 rounding) in bf16.
 Every comparison asserts that the fast forward really computed its side (:func:`fast_forward_runs`),
@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from deltatune.deltas.grouped import Projection, ProjectionGroup, grouped_product_class
 from deltatune.model import loading as models
 from deltatune.testing import fast_forward_runs
-from deltatune.train.fast.llama import fast_forward_for
-from deltatune.train.fast.tokens import SHAPE_STEPS, TokenLayout
+from deltatune_families.fast.llama import fast_forward_for
+from deltatune_families.fast.tokens import TokenLayout
+from deltatune.train.head_loss import SHAPE_STEPS
 from deltatune.train.head_loss import LOSS_CHUNK_BYTES, LinearCrossEntropy, loss_chunk_rows
 from deltatune.train.loss import token_loss
 from deltatune.data.packing import collate, collate_packed, pack_rows
@@ -350,8 +351,8 @@ def test_plain_loss_imports_no_fast_forward_and_the_fast_forward_no_global_hook(
         "import sys\n"
         "from torch.optim import optimizer\n"
         "import deltatune.train.loss\n"
-        "assert 'deltatune.train.fast.llama' not in sys.modules\n"
-        "import deltatune.train.fast.llama, deltatune_lora\n"
+        "assert 'deltatune_families.fast.llama' not in sys.modules\n"
+        "import deltatune_families.fast.llama, deltatune_lora\n"
         "assert not optimizer._global_optimizer_pre_hooks and not optimizer._global_optimizer_post_hooks\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

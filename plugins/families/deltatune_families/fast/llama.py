@@ -5,10 +5,10 @@ step outside the matrix products that do the work: on padding rows, on skinny lo
 (``x Aᵀ`` has 16 columns), on autocast re-casting the fp32 adapters at every op, on a chain of
 small element-wise kernels per norm and per rotary embedding, and on a CPU bf16 attention kernel
 that is slower than three plain batched products for sequences this short. This module computes
-the *same function* (``tests/unit/train/test_fast_paths.py`` checks loss and gradients against the plain
+the *same function* (``plugins/families/tests/test_fast_forward.py`` checks loss and gradients against the plain
 path) with these changes:
 
-1. **Unpadded tokens** (:class:`~deltatune.train.fast.tokens.TokenLayout`). The real tokens of a
+1. **Unpadded tokens** (:class:`~deltatune_families.fast.tokens.TokenLayout`). The real tokens of a
    batch — ``attention_mask == 1``, or every token of packed rows — are gathered into one
    ``(tokens x hidden)`` matrix, and every linear layer, norm and activation runs on those rows
    only. Examples are told apart as Hugging Face does (a new row, or ``position_ids`` not increasing
@@ -24,7 +24,7 @@ path) with these changes:
    :func:`deltatune.model.assembly.compute_dtype`); products run in bf16, norms and softmax accumulate in
    fp32 exactly where Hugging Face does.
 4. **Hand-written backward** for RMSNorm, rotary embedding + attention and the SiLU gate
-   (:mod:`deltatune.train.fast.kernels`): fewer saved tensors and fewer passes over memory than
+   (:mod:`deltatune_families.fast.kernels`): fewer saved tensors and fewer passes over memory than
    autograd's chain of small ops.
 
 Anything not recognised is left to the module itself: a linear layer whose deltas provide no grouped
@@ -43,12 +43,18 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from deltatune.data.packing import IGNORE_INDEX
-from deltatune.deltas.grouped import ProjectionGroup, hooked, refresh_groups
-from deltatune.train.fast.kernels import Attention, RMSNorm, SiluGate
-from deltatune.train.fast.tokens import TokenLayout
-from deltatune.train.head_loss import HEAD_ROW_STEP, head_loss, round_up
-from deltatune.train.update_in_backward import deferred_tied_head
+from deltatune.api import (
+    HEAD_ROW_STEP,
+    IGNORE_INDEX,
+    ProjectionGroup,
+    deferred_tied_head,
+    head_loss,
+    hooked,
+    refresh_groups,
+    round_up,
+)
+from deltatune_families.fast.kernels import Attention, RMSNorm, SiluGate
+from deltatune_families.fast.tokens import TokenLayout
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 
@@ -214,7 +220,7 @@ _FORWARDS: weakref.WeakKeyDictionary[nn.Module, LlamaFastForward] = weakref.Weak
 
 def fast_forward_for(model: nn.Module) -> LlamaFastForward | None:
     """The fast forward of ``model`` (made once, re-checked at every call), or ``None`` when this module
-    does not compute it exactly. Registered in :mod:`deltatune.train.fast` for ``llama`` models."""
+    does not compute it exactly (the ``llama`` family's ``fast_forward``)."""
     forward = _FORWARDS.get(model)
     if forward is not None and forward.current() and LlamaFastForward.supports(model):
         return forward

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from deltatune.deltas.grouped import no_autocast
-from deltatune.train.fast.tokens import TokenLayout
+from deltatune.api import no_autocast
+from deltatune_families.fast.tokens import TokenLayout
 
 
 class RMSNorm(torch.autograd.Function):

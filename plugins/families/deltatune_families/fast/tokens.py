@@ -7,14 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from deltatune.data.packing import IGNORE_INDEX
-from deltatune.train.head_loss import round_up
-
-SHAPE_STEPS = (32, 16)
-"""Steps to which :class:`TokenLayout` rounds up the token rows and the attention width of a batch
-(see there): at most 31 filler rows per batch, and 15 positions per attention example. The number of
-examples is not rounded: an extra example costs a whole ``width²`` of attention."""
-
+from deltatune.api import IGNORE_INDEX, SHAPE_STEPS, round_up
 
 @dataclass
 class TokenLayout:
