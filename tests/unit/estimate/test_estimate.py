@@ -201,11 +201,17 @@ def measured_peaks(tmp_path_factory):
     models.resolve_base(models.DEFAULT_MODEL)  # convert the default model once, outside the measured runs
     folder = tmp_path_factory.mktemp("measured")
     with ThreadPoolExecutor(max_workers=2) as pool:
-        peaks = pool.map(lambda item: measure(item[1], folder / f"run{item[0]}"), enumerate(VALIDATION_RUNS))
-        return {run.name: peak for run, peak in zip(VALIDATION_RUNS, peaks)}
+        peaks = pool.map(lambda item: measure(item[1], folder / f"run{item[0]}"), enumerate(MEASURED_RUNS))
+        return {run.name: peak for run, peak in zip(MEASURED_RUNS, peaks)}
 
 
-@pytest.mark.parametrize("run", VALIDATION_RUNS, ids=["lora-bf16", "qlora-nf4", "full-adamw", "full-lomo"])
+MEASURED_RUNS = VALIDATION_RUNS[1], VALIDATION_RUNS[3]
+"""The two runs the suite measures (one round of two processes): QLoRA (quantized base, adapter, AdamW
+state) and a full LOMO fine-tune (every weight trainable, updated inside backward); all four are in
+``python -m benchmarks.estimate_accuracy`` and docs/scale-out.md."""
+
+
+@pytest.mark.parametrize("run", MEASURED_RUNS, ids=["qlora-nf4", "full-lomo"])
 def test_predicts_the_measured_peak_of_a_real_run_within_15_percent(run, measured_peaks):
     """MEASURED on this machine: the peak resident memory (VmHWM) of a real ``deltatune fit`` of
     SmolLM2-135M (2 steps, then Lightning's last checkpoint and the tuned evaluation) in a fresh

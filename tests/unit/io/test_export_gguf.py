@@ -76,9 +76,8 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-@pytest.mark.parametrize("family,type", [  # every tensor type once, every family at least once
-    ("llama", "f32"), ("mistral", "f16"), ("qwen2", "f16"), ("llama", "bf16"), ("qwen2", "q8_0"),
-    ("mistral", "q5_1"), ("llama", "q4_0"),
+@pytest.mark.parametrize("family,type", [  # a float, a bf16 and three block types; every family at least once
+    ("qwen2", "f16"), ("llama", "bf16"), ("qwen2", "q8_0"), ("mistral", "q5_1"), ("llama", "q4_0"),
 ])
 def test_gguf_round_trips_through_the_transformers_gguf_loader(tmp_path, bases, smollm2_tokenizer, family, type):
     model, _ = trained_adapter(tmp_path / "adapter", [LORA_ATTN], base=bases[family])
