@@ -182,7 +182,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         from deltatune.io.gguf import export_gguf
 
         print(export_gguf(Path(args.adapter), Path(args.out), type=args.gguf_type, overwrite=args.overwrite,
-                          trust_remote_code=args.trust_remote_code))
+                          trust_remote_code=args.trust_remote_code, verify=args.verify))
     elif args.format == "merged":
         from deltatune.io.merged import export_merged
 
@@ -244,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
                      "gguf: a merged GGUF file")
     exp.add_argument("--gguf_type", "--gguf-type", default="f16", help="GGUF tensor type (gguf format): f16 (default), "
                      "bf16, f32, q8_0, q5_1, q5_0, q4_1 or q4_0")
+    exp.add_argument("--no_verify", "--no-verify", dest="verify", action="store_false",
+                     help="gguf format: do not read the written file back with transformers to compare its logits "
+                     "and token ids with the adapter model's (the read-back loads the whole model again)")
     merge = sub.add_parser("merge", help="alias of `export --format merged`")
     add_export_options(merge)
     merge.set_defaults(format="merged")

@@ -285,23 +285,27 @@ class GgufExport:
     out: Path
     type: str
     methods: list[str]
-    max_abs_logit_diff: float
-    max_abs_logit: float
-    prompts: int
-    tokens: int
-    same_token_ids: bool
+    max_abs_logit_diff: float | None
+    """``None`` (and so the next four fields) when the file was not read back (``verify=False``)."""
+    max_abs_logit: float | None
+    prompts: int | None
+    tokens: int | None
+    same_token_ids: bool | None
     dequantized_layers: int = 0
     f16_fallbacks: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         methods = " + ".join(self.methods) or "full fine-tune"
-        lines = [
-            f"GGUF ({self.type}) of the merged model ({methods}) written to {self.out}",
-            f"read back by transformers: largest |logit difference| vs the adapter model {self.max_abs_logit_diff:.3g} "
-            f"(logits up to {self.max_abs_logit:.3g}; {self.prompts} prompts, {self.tokens} tokens)",
-            "embedded tokenizer: " + ("same token ids as the adapter's" if self.same_token_ids else
-                                      "DIFFERENT token ids from the adapter's tokenizer"),
-        ]
+        lines = [f"GGUF ({self.type}) of the merged model ({methods}) written to {self.out}"]
+        if self.max_abs_logit_diff is None:
+            lines.append("not read back (verification skipped)")
+        else:
+            lines += [
+                f"read back by transformers: largest |logit difference| vs the adapter model {self.max_abs_logit_diff:.3g} "
+                f"(logits up to {self.max_abs_logit:.3g}; {self.prompts} prompts, {self.tokens} tokens)",
+                "embedded tokenizer: " + ("same token ids as the adapter's" if self.same_token_ids else
+                                          "DIFFERENT token ids from the adapter's tokenizer"),
+            ]
         if self.dequantized_layers:
             lines.append(f"dequantized {self.dequantized_layers} quantized layers")
         if self.f16_fallbacks:
@@ -322,13 +326,16 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32) -> tuple[nn.Module
 def export_gguf(
     adapter_dir: str | Path, out: str | Path, *, type: str = "f16", overwrite: bool = False,
     prompts: tuple[str, ...] | list[str] = PROMPTS, manager: PluginManager | None = None,
-    trust_remote_code: bool = False,
+    trust_remote_code: bool = False, verify: bool = True,
 ) -> GgufExport:
     """Write the adapter at ``adapter_dir`` merged into its base as the GGUF file ``out``.
 
     ``type`` is the tensor type of the matrices (:data:`GGUF_TYPES`). An existing ``out`` is replaced
     only if deltatune wrote it or ``overwrite`` is set; the file appears complete or not at all.
     ``trust_remote_code``: the user allows the base model's own code (needed when the adapter says so).
+    ``verify``: read the written file back with ``transformers`` (the whole model, dequantized) and
+    compare its logits on ``prompts`` and its tokenizer's ids with the adapter model's; without it the
+    report's comparison fields are ``None``.
     """
     from deltatune.model.loading import load_tokenizer
 
@@ -338,13 +345,18 @@ def export_gguf(
     model, resolved = load_for_export(adapter_dir, manager, trust_remote_code)
     architecture(model.config)
     tokenizer = load_tokenizer(resolved.spec.base, trust_remote_code)
-    batch = prompt_batch(tokenizer, prompts)
-    reference = model_logits(model, batch)
+    batch = prompt_batch(tokenizer, prompts) if verify else []
+    reference = model_logits(model, batch) if verify else []
     dequantized = merge_into_base(model, resolved)
     enable_bias_flags(model)
     with atomic_file(out) as tmp:
         fallbacks = write_gguf(model, tokenizer, tmp, qtype, name=adapter_dir.name, source=str(adapter_dir))
     del model
+    methods = [d.name for d in resolved.deltas]
+    if not verify:
+        return GgufExport(out=out, type=type.lower(), methods=methods, max_abs_logit_diff=None, max_abs_logit=None,
+                          prompts=None, tokens=None, same_token_ids=None, dequantized_layers=dequantized,
+                          f16_fallbacks=fallbacks)
     written, written_tokenizer = load_gguf(out)
     same_ids = all(
         written_tokenizer(p, add_special_tokens=False)["input_ids"] == ids[0].tolist() for p, ids in zip(prompts, batch)
@@ -353,7 +365,7 @@ def export_gguf(
     return GgufExport(
         out=out,
         type=type.lower(),
-        methods=[d.name for d in resolved.deltas],
+        methods=methods,
         max_abs_logit_diff=max(float((a - b).abs().max()) for a, b in zip(reference, merged)),
         max_abs_logit=max(float(a.abs().max()) for a in reference),
         prompts=len(batch),

@@ -82,7 +82,8 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_gguf_round_trips_through_the_transformers_gguf_loader(tmp_path, bases, smollm2_tokenizer, family, type):
     model, _ = trained_adapter(tmp_path / "adapter", [LORA_ATTN], base=bases[family])
     out = tmp_path / "model.gguf"
-    report = export_gguf(tmp_path / "adapter", out, type=type)
+    verify = type == "q8_0"  # export's own read-back check (it reads what this test reads) once
+    report = export_gguf(tmp_path / "adapter", out, type=type, verify=verify)
     ids = ids_of(smollm2_tokenizer)
     written = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32).eval()
     export_merged(tmp_path / "adapter", tmp_path / "merged")
@@ -99,7 +100,10 @@ def test_gguf_round_trips_through_the_transformers_gguf_loader(tmp_path, bases, 
     assert relative(logits, exact) <= 1e-5, "the file holds other weights than the rounded merged model's"
     error = relative(logits, reference)
     assert error <= TOLERANCE[type], f"{family} {type}: relative logit error {error:.3g}"
-    assert report.max_abs_logit_diff <= TOLERANCE[type] * report.max_abs_logit and report.same_token_ids
+    if verify:
+        assert report.max_abs_logit_diff <= TOLERANCE[type] * report.max_abs_logit and report.same_token_ids
+    else:
+        assert report.max_abs_logit_diff is None and report.same_token_ids is None
     if type != "f32":  # rounding is lossy: the exact check above is not vacuous
         assert error > 1e-5
     assert tensor_type(out, "blk.0.attn_q.weight") == type.upper()
@@ -112,7 +116,7 @@ def test_gguf_round_trips_through_the_transformers_gguf_loader(tmp_path, bases, 
 
 def test_the_embedded_tokenizer_and_chat_template_round_trip(tmp_path, bases, smollm2_tokenizer):
     trained_adapter(tmp_path / "adapter", [LORA_ATTN], base=bases["llama"])
-    export_gguf(tmp_path / "adapter", tmp_path / "model.gguf")
+    export_gguf(tmp_path / "adapter", tmp_path / "model.gguf", verify=False)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path, gguf_file="model.gguf")
     for text in TEXTS:
         assert tokenizer(text)["input_ids"] == smollm2_tokenizer(text)["input_ids"], text
@@ -133,7 +137,7 @@ def test_deltatune_loads_the_exported_gguf_as_a_base(tmp_path, bases, smollm2_to
     is read) and gives the merged model's logits and the adapter's token ids."""
     monkeypatch.setenv("DELTATUNE_HOME", str(tmp_path / "home"))
     model, _ = trained_adapter(tmp_path / "adapter", [DORA_MLP, LORA_ATTN], base=bases["llama"])
-    export_gguf(tmp_path / "adapter", tmp_path / "model.gguf", type="f32")
+    export_gguf(tmp_path / "adapter", tmp_path / "model.gguf", type="f32", verify=False)
     base, tokenizer = load_base(str(tmp_path / "model.gguf"))
     ids = ids_of(smollm2_tokenizer)
     assert ids_of(tokenizer).tolist() == ids.tolist()
@@ -196,7 +200,8 @@ def test_a_file_deltatune_did_not_write_is_never_replaced(tmp_path, bases, capsy
     assert MARK in gguf.GGUFReader(out).fields
     assert main([*export, "--out", str(out)]) == 1  # an earlier export is replaced only when asked
     assert "is an earlier export; pass --overwrite" in capsys.readouterr().err
-    assert main([*export, "--out", str(out), "--overwrite"]) == 0
+    assert main([*export, "--out", str(out), "--overwrite", "--no_verify"]) == 0
+    assert "not read back" in capsys.readouterr().out
     assert tensor_type(out, "blk.0.attn_q.weight") == "F16"
     assert main([*export, "--out", str(out), "--gguf_type", "q4_k_m"]) == 1
     assert "deltatune writes f16, bf16" in capsys.readouterr().err
