@@ -1,10 +1,17 @@
 """Base vs tuned exact match of every delta method under one budget, written to docs/benchmarks.md.
 
-Each method trains SmolLM2-135M-Instruct on the bundled task suite with the demo's data, batch size,
-steps and evaluation (examples/lora-smollm2.yaml), changing only the method (and its learning rate,
-taken from the method's own example). Run it on an otherwise idle machine::
+Each method (and each useful combination of methods) trains SmolLM2-135M-Instruct on the bundled task
+suite with the demo's data, batch size, steps and evaluation (examples/lora-smollm2.yaml), changing only
+the method and its learning rate. ``--sweep`` first runs every method at its three sweep learning rates
+(short runs measuring the validation loss only) and trains the full run at the best of them; without a
+saved sweep a method uses the middle value. Run it on an otherwise idle machine::
 
-    flock -x /tmp/deltatune-cpu.lock python benchmarks/methods.py --write
+    flock -x /tmp/deltatune-cpu.lock python benchmarks/methods.py --sweep --write
+
+The table reports trainable parameters (share of the base), the chosen learning rate, peak RSS, seconds
+per step against LoRA's, validation loss, exact match (test and held-out families) and HumanEval, with
+Spearman's rank correlation between validation loss and exact match over the rows, and the sweep's
+losses per method with the methods whose loss is sensitive to the learning rate.
 
 A method whose plugin is not installed is listed as missing. ``--steps`` shortens every run alike.
 With the ``humaneval`` plugin installed, every run also measures HumanEval pass@1 (greedy, chat mode,
@@ -31,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -47,18 +55,63 @@ HUMANEVAL = {"name": "humaneval", "splits": ["test"],  # its problems are its ow
              "config": {"allow_code_execution": True, "mode": "chat", "max_new_tokens": 300, "per_problem": True}}
 HUMANEVAL_METRIC = "humaneval/pass@1.chat"
 
+def lora(**extra) -> dict:
+    """LoRA r16 on every linear layer, with ``extra`` options (rsLoRA, LoRA+, PiSSA/OLoRA init)."""
+    return {"name": "lora", "config": {"r": 16, "alpha": 32, "targets": "all-linear", **extra}}
+
+
+ADAPTER_SIZE = {"reduction_factor": 16}
+"""Bottleneck width hidden / 16 (36 for SmolLM2's 576): about LoRA r16's trainable parameters."""
+LOW_LR, MID_LR, HIGH_LR = (3.0e-4, 1.0e-3, 3.0e-3), (1.0e-3, 3.0e-3, 1.0e-2), (3.0e-3, 1.0e-2, 3.0e-2)
+"""The three-value learning-rate sweeps: one per scale of the methods' usual learning rates."""
+
 METHODS: dict[str, dict] = {
-    "LoRA": {"delta": [LORA], "lr": 1.0e-3, "needs": ["lora"]},
+    "LoRA": {"delta": [LORA], "lrs": LOW_LR, "needs": ["lora"]},
+    "rsLoRA": {"base_from": "LoRA", "delta": [lora(rslora=True)], "lrs": LOW_LR, "needs": ["lora"]},
+    "LoRA+": {"base_from": "LoRA", "delta": [lora(loraplus_lr_ratio=16)], "lrs": (1.0e-4, 3.0e-4, 1.0e-3),
+              "needs": ["lora"]},
+    "PiSSA": {"base_from": "LoRA", "delta": [lora(init="pissa")], "lrs": LOW_LR, "needs": ["lora"]},
+    "OLoRA": {"base_from": "LoRA", "delta": [lora(init="olora")], "lrs": LOW_LR, "needs": ["lora"]},
     "DoRA": {"base_from": "LoRA", "delta": [{"name": "dora", "config": {"r": 16, "alpha": 32, "targets": "all-linear"}}],
-             "lr": 1.0e-3, "needs": ["dora"]},
-    "VeRA": {"base_from": "LoRA", "delta": [{"name": "vera", "config": {"r": 256, "targets": "all-linear"}}], "lr": 1.0e-2,
-             "needs": ["vera"]},
+             "lrs": LOW_LR, "needs": ["dora"]},
+    "VeRA": {"base_from": "LoRA", "delta": [{"name": "vera", "config": {"r": 256, "targets": "all-linear"}}],
+             "lrs": HIGH_LR, "needs": ["vera"]},
+    "(IA)³": {"base_from": "LoRA", "delta": [{"name": "ia3", "config": {}}], "lrs": HIGH_LR, "needs": ["ia3"]},
     "BitFit": {"base_from": "LoRA", "delta": [{"name": "bitfit", "config": {"targets": "all-linear", "add_missing": "auto"}}],
-               "lr": 3.0e-3, "needs": ["bitfit"]},
-    "QLoRA": {"delta": [LORA], "quantizer": {"name": "nf4"}, "lr": 1.0e-3, "needs": ["lora", "nf4"]},
-    "LOMO": {"base_from": "LoRA", "delta": [], "optimizer": {"name": "lomo", "config": {"lr": 1.0e-2, "clip_grad_norm": 1.0,
-                                                                    "warmup_steps": 10}}, "needs": ["lomo"]},
+               "lrs": MID_LR, "needs": ["bitfit"]},
+    "AdapterH": {"base_from": "LoRA", "delta": [{"name": "adapter", "config": {"placement": "houlsby", **ADAPTER_SIZE}}],
+                 "lrs": LOW_LR, "needs": ["adapter"]},
+    "AdapterP": {"base_from": "LoRA", "delta": [{"name": "adapter", "config": {"placement": "pfeiffer", **ADAPTER_SIZE}}],
+                 "lrs": LOW_LR, "needs": ["adapter"]},
+    "Parallel adapter": {"base_from": "LoRA",
+                         "delta": [{"name": "adapter", "config": {"placement": "parallel", **ADAPTER_SIZE}}],
+                         "lrs": LOW_LR, "needs": ["adapter"]},
+    "Prefix-tuning": {"base_from": "LoRA", "delta": [{"name": "prefix_tuning", "config": {"num_virtual_tokens": 20}}],
+                      "lrs": HIGH_LR, "needs": ["prefix_tuning"]},
+    "Prompt tuning": {"base_from": "LoRA", "delta": [{"name": "prompt_tuning", "config": {"num_virtual_tokens": 20}}],
+                      "lrs": HIGH_LR, "needs": ["prompt_tuning"]},
+    "P-tuning": {"base_from": "LoRA", "delta": [{"name": "p_tuning", "config": {"num_virtual_tokens": 20}}],
+                 "lrs": MID_LR, "needs": ["prompt_tuning"]},
+    "LoRA + BitFit": {"base_from": "LoRA", "delta": [LORA, {"name": "bitfit", "config": {"targets": "all-linear",
+                                                                                          "add_missing": "auto"}}],
+                      "lrs": LOW_LR, "needs": ["lora", "bitfit"]},
+    "Prefix + LoRA": {"base_from": "LoRA", "delta": [{"name": "prefix_tuning", "config": {"num_virtual_tokens": 20}}, LORA],
+                      "lrs": LOW_LR, "needs": ["lora", "prefix_tuning"]},
+    "AdapterH + BitFit": {"base_from": "LoRA",
+                          "delta": [{"name": "adapter", "config": {"placement": "houlsby", **ADAPTER_SIZE}},
+                                    {"name": "bitfit", "config": {"targets": "all-linear", "add_missing": "auto"}}],
+                          "lrs": LOW_LR, "needs": ["adapter", "bitfit"]},
+    "QLoRA": {"delta": [LORA], "quantizer": {"name": "nf4"}, "lrs": LOW_LR, "needs": ["lora", "nf4"]},
+    "LOMO": {"base_from": "LoRA", "delta": [], "optimizer": {"name": "lomo", "config": {"clip_grad_norm": 1.0,
+                                                                                          "warmup_steps": 10}},
+             "lrs": HIGH_LR, "needs": ["lomo"]},
+    "AdaLomo": {"base_from": "LoRA", "delta": [], "optimizer": {"name": "adalomo", "config": {"warmup_steps": 10}},
+                "lrs": (1.0e-4, 3.0e-4, 1.0e-3), "needs": ["adalomo"]},
 }
+"""Every method and useful combination, each with its three-value learning-rate sweep; the full run
+uses the middle value until a sweep (``--sweep``) has chosen the best on the validation split."""
+SWEEP_STEPS = 50
+"""Steps of each sweep run (a short run of the same data, batch size and schedule)."""
 
 
 def installed() -> set[str]:
@@ -68,38 +121,122 @@ def installed() -> set[str]:
     return {p["name"] for p in json.loads(out)["installed"]}
 
 
-def method_config(method: dict, steps: int | None, root: Path, humaneval: bool = False) -> dict:
-    """The demo configuration with ``method`` in place of LoRA (a whole file: jsonargparse does not merge
-    a plugin reference across two --config files reliably), and with HumanEval when asked."""
+def method_config(method: dict, lr: float, steps: int | None, root: Path, humaneval: bool = False,
+                  sweep: bool = False) -> dict:
+    """The demo configuration with ``method`` in place of LoRA at learning rate ``lr`` (a whole file:
+    jsonargparse does not merge a plugin reference across two --config files reliably), with HumanEval
+    when asked; a ``sweep`` run measures only the validation loss of the tuned model."""
     config = yaml.safe_load(DEMO.read_text())
     model = config["model"]
     if humaneval:
         model["evaluators"].append(HUMANEVAL)
+    if sweep:
+        model["evaluators"] = [e for e in model["evaluators"] if e["name"] == "perplexity"]
     model.update(delta=method["delta"], quantizer=method.get("quantizer"), samples=0,
-                 compare_base="base_from" not in method)
-    model["optimizer"] = method.get("optimizer") or {"name": "adamw", "config": {"lr": method["lr"], "warmup_steps": 10}}
+                 compare_base="base_from" not in method and not sweep)
+    optimizer = json.loads(json.dumps(method.get("optimizer") or {"name": "adamw", "config": {"warmup_steps": 10}}))
+    optimizer["config"]["lr"] = lr
+    model["optimizer"] = optimizer
     config["trainer"]["default_root_dir"] = str(root)
     if steps:
         config["trainer"]["max_steps"] = steps
     return config
 
 
-def run(name: str, method: dict, steps: int | None, out: Path, humaneval: bool = False) -> dict:
-    """Train one method; its report (``report.json``) as a dict, plus the wall time."""
-    root = out / name.lower()
-    config = out / f"{name.lower()}.yaml"
-    config.write_text(yaml.safe_dump(method_config(method, steps, root, humaneval), sort_keys=False))
+def fit(config: dict, stem: str, out: Path) -> dict:
+    """Run ``deltatune fit`` on ``config`` (written to ``<out>/<stem>.yaml``); its report as a dict with
+    the wall time and the process's peak RSS, or ``{"error": ...}``."""
+    path = out / f"{stem}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    log = out / f"{stem}.log"
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "deltatune.cli.main", "fit", "--config", str(config)],
-                          cwd=ROOT, capture_output=True, text=True)
+    with log.open("w") as sink:
+        child = subprocess.Popen([sys.executable, "-m", "deltatune.cli.main", "fit", "--config", str(path)],
+                                 cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT, text=True)
+        _, status, usage = os.wait4(child.pid, 0)
     wall = time.perf_counter() - start
-    (out / f"{name.lower()}.log").write_text(done.stdout + done.stderr)
-    if done.returncode != 0:
-        return {"error": (done.stdout + done.stderr).strip().splitlines()[-1][:200], "wall": wall}
-    report = json.loads((root / "report.json").read_text())
-    report["wall"] = wall
-    (out / f"{name.lower()}.result.json").write_text(json.dumps(report))
+    if os.waitstatus_to_exitcode(status) != 0:
+        return {"error": log.read_text().strip().splitlines()[-1][:200], "wall": wall}
+    report = json.loads((Path(config["trainer"]["default_root_dir"]) / "report.json").read_text())
+    report.update(wall=wall, peak_rss_kib=usage.ru_maxrss)
     return report
+
+
+def run(name: str, method: dict, steps: int | None, out: Path, humaneval: bool = False) -> dict:
+    """Train one method at its chosen learning rate (:func:`chosen_lr`); its report plus the wall time."""
+    stem = slug(name)
+    lr = chosen_lr(name, out)
+    report = fit(method_config(method, lr, steps, out / stem, humaneval), stem, out)
+    report["lr"] = lr
+    if "error" not in report:
+        (out / f"{stem}.result.json").write_text(json.dumps(report))
+    return report
+
+
+def slug(name: str) -> str:
+    """The file-name stem of method ``name`` (``"LoRA + BitFit"`` → ``lora-plus-bitfit``)."""
+    name = name.lower().replace("³", "3").replace("+", " plus ")
+    return "-".join("".join(c if c.isalnum() else " " for c in name).split())
+
+
+def sweep(name: str, method: dict, out: Path, steps: int = SWEEP_STEPS) -> list[dict]:
+    """Short runs of ``name`` at each of its learning rates (``method["lrs"]``), measuring the tuned
+    model's validation loss; each result saved as ``<out>/sweep/<slug>-<lr>.json``."""
+    folder = out / "sweep"
+    folder.mkdir(parents=True, exist_ok=True)
+    results = []
+    for lr in method["lrs"]:
+        stem = f"{slug(name)}-{lr:g}"
+        report = fit(method_config(method, lr, steps, folder / stem, sweep=True), stem, folder)
+        entry = {"lr": lr, "steps": steps, "wall": report["wall"]}
+        if "error" in report:
+            entry["error"] = report["error"]
+        else:
+            entry.update(val_loss=report["tuned_metrics"]["validation"]["perplexity/loss"],
+                         train_s=report["timings"].get("train_s"), peak_rss_kib=report["peak_rss_kib"],
+                         parameters=report.get("parameters", {}))
+        (folder / f"{stem}.json").write_text(json.dumps(entry))
+        results.append(entry)
+        print(json.dumps({"method": name, **entry}), flush=True)
+    return results
+
+
+def sweep_results(name: str, out: Path) -> list[dict]:
+    """The saved sweep runs of ``name`` (one per learning rate measured), by learning rate."""
+    method = METHODS[name]
+    paths = [out / "sweep" / f"{slug(name)}-{lr:g}.json" for lr in method["lrs"]]
+    return [json.loads(p.read_text()) for p in paths if p.is_file()]
+
+
+def chosen_lr(name: str, out: Path) -> float:
+    """The learning rate of ``name`` with the lowest validation loss in its sweep, or the middle one of
+    its sweep values when no sweep ran."""
+    measured = [r for r in sweep_results(name, out) if "val_loss" in r and math.isfinite(r["val_loss"])]
+    if measured:
+        return min(measured, key=lambda r: r["val_loss"])["lr"]
+    return METHODS[name]["lrs"][1]
+
+
+def spearman(xs: list[float], ys: list[float]) -> float:
+    """Spearman's rank correlation of paired ``xs`` and ``ys`` (average ranks for ties)."""
+    def ranks(values: list[float]) -> list[float]:
+        order = sorted(range(len(values)), key=values.__getitem__)
+        result = [0.0] * len(values)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                result[order[k]] = (i + j) / 2
+            i = j + 1
+        return result
+
+    rx, ry = ranks(xs), ranks(ys)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    cov = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    spread = math.sqrt(sum((a - mx) ** 2 for a in rx) * sum((b - my) ** 2 for b in ry))
+    return cov / spread if spread else float("nan")
 
 
 def reevaluate(name: str, out: Path) -> dict:
@@ -112,7 +249,7 @@ def reevaluate(name: str, out: Path) -> dict:
     from deltatune.evaluation.helpers import EvaluatorRef
     from deltatune.model.assembly import build_model, resolve_spec
 
-    stem = name.lower()
+    stem = slug(name)
     adapter, config_file, result_file = out / stem / "adapter", out / f"{stem}.yaml", out / f"{stem}.result.json"
     if not (adapter.is_dir() and config_file.is_file() and result_file.is_file()):
         return {"error": f"no saved run to re-evaluate ({out.name}/{stem}/adapter, .yaml or .result.json missing)",
@@ -159,7 +296,7 @@ def reevaluate(name: str, out: Path) -> dict:
 
 def previous(name: str, out: Path) -> dict | None:
     """The result of an earlier run of ``name`` in ``out`` (kept by ``--only`` runs of other methods)."""
-    path = out / f"{name.lower()}.result.json"
+    path = out / f"{slug(name)}.result.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -205,22 +342,9 @@ def share_base(results: dict[str, dict]) -> None:
             report["base_metrics"] = source["base_metrics"]
 
 
-NOTES = {
-    "LOMO": "LOMO's times are not comparable: its run shared the 2 cores with other jobs (an earlier, interrupted "
-            "run trained at about 3.7 s per step, 2.6x LoRA's 1.4 s); the other rows ran while the machine was "
-            "otherwise idle. LOMO trains every weight with SGD at lr 1e-2 (its example's setting, not tuned here).",
-    "QLoRA": "QLoRA's held-out drop is within the churn of its answers: a one-off per-row look at the 128 `uppercase` "
-             "rows, generated on their own (so batched and padded differently), found the 4-bit base right on 26 and "
-             "the tuned model on 22, with 16 rows gained and 20 lost (a sign test on 16 against 20: p = 0.62), where "
-             "the evaluation above counted 29 and 23. "
-             "Under NF4 with bf16 compute the batch a prompt is padded into moves a few answers either way.",
-}
-#: What the held-out families measure (from a per-row look at the answers, 2026-11-28).
-HELDOUT_NOTE = ("What the held-out figures measure: `exact_match` compares answers case-folded, so an `uppercase` row "
-                "counts when the phrase comes back in any case. In the per-row look at QLoRA no `uppercase` answer that "
-                "counted, base or tuned, was in upper case (47 of 48 were in lower case, one in title case): the gains "
-                "there are for giving back the words in order, not for upper-casing. LoRA's tuned model answers `count` rows with a number or a "
-                "list of the words, never the right number.")
+HELDOUT_NOTE = ("What the held-out figures measure: `exact_match` compares answers case-folded, so an `uppercase` "
+                "row counts when the phrase comes back in any case: a gain there is for giving back the words in "
+                "order, not necessarily for upper-casing.")
 
 
 def heldout_families(results: dict[str, dict]) -> tuple[int, list[str]]:
@@ -287,16 +411,69 @@ def reproduction(results: dict[str, dict]) -> str:
             f"within {loss:.1e} of it (bf16 compute){'' if differ else ': the saved runs load back faithfully'}.")
 
 
-def table(results: dict[str, dict], missing: list[str], steps: int | None) -> str:
+def step_seconds(report: dict) -> float | None:
+    """Training-loop seconds per step of a run's report."""
+    train, steps = report.get("timings", {}).get("train_s"), report.get("steps")
+    return train / steps if train and steps else None
+
+
+def peak_rss(name: str, report: dict, out: Path) -> int | None:
+    """Peak RSS (KiB) of ``name``'s sweep run at its chosen learning rate, else of its full run."""
+    peaks = [r["peak_rss_kib"] for r in sweep_results(name, out) if r["lr"] == report.get("lr") and "peak_rss_kib" in r]
+    return peaks[0] if peaks else report.get("peak_rss_kib")
+
+
+def ranking(results: dict[str, dict]) -> list[str]:
+    """Whether validation loss ranks the methods as exact match does (Spearman's ρ over the rows)."""
+    text = []
+    for split in ("test", "heldout"):
+        pairs = [(-r["tuned_metrics"]["validation"]["perplexity/loss"], r["tuned_metrics"][split]["exact_match/accuracy"])
+                 for r in results.values() if "error" not in r
+                 and "perplexity/loss" in r["tuned_metrics"].get("validation", {})
+                 and "exact_match/accuracy" in r["tuned_metrics"].get(split, {})]
+        if len(pairs) >= 3:
+            rho = spearman([a for a, _ in pairs], [b for _, b in pairs])
+            text.append(f"Spearman's ρ between lower validation loss and higher exact match on `{split}`, over the "
+                        f"{len(pairs)} rows: **{rho:+.2f}**.")
+    return [" ".join(text)] if text else []
+
+
+def sweep_table(results: dict[str, dict], out: Path) -> list[str]:
+    """Each method's validation loss at its sweep learning rates, and which methods are sensitive to it."""
+    lines, sensitive, steps = [], [], None
+    for name in results:
+        runs = [r for r in sweep_results(name, out) if "val_loss" in r]
+        if len(runs) < 2:
+            continue
+        steps = runs[0]["steps"]
+        losses = [r["val_loss"] for r in runs]
+        best = min(losses)
+        spread = (max(losses) - best) / best
+        if spread > 0.1:
+            sensitive.append(name)
+        cells = " · ".join(f"{r['lr']:g}: " + (f"**{r['val_loss']:.3f}**" if r["val_loss"] == best else f"{r['val_loss']:.3f}")
+                           for r in runs)
+        lines.append(f"| {name} | {cells} | {100 * spread:.0f}% |")
+    if not lines:
+        return []
+    return [f"Learning-rate sweep ({steps} steps per run, same data, batch size and schedule; validation loss of the "
+            "tuned model, the lowest in bold and used above; spread: (worst − best) / best):", "",
+            "| method | lr: validation loss | spread |", "|---|---|---:|", *lines, "",
+            ("Sensitive to the learning rate (spread over 10%): " + ", ".join(sensitive) + "." if sensitive else
+             "No method's validation loss moves by more than 10% across its learning rates.")]
+
+
+def table(results: dict[str, dict], missing: list[str], steps: int | None, out: Path) -> str:
     """The markdown section for docs/benchmarks.md."""
     share_base(results)
     rows, families = heldout_families(results)
     reevaluated = [r["reevaluated"] for r in results.values() if "reevaluated" in r]
-    lines = [BEGIN, "## Delta methods on the task suite: base vs tuned exact match (SmolLM2-135M-Instruct)", "",
-             f"Command: `flock -x /tmp/deltatune-cpu.lock python benchmarks/methods.py --write"
+    lines = [BEGIN, "## Delta methods and combinations on the task suite (SmolLM2-135M-Instruct)", "",
+             f"Command: `flock -x /tmp/deltatune-cpu.lock python benchmarks/methods.py --sweep --write"
              f"{f' --steps {steps}' if steps else ''}` (CPU, 2 cores). Every method gets the demo's budget "
              "(`examples/lora-smollm2.yaml`: same data, batch size 8, same steps, same evaluation); only the "
-             "method and its learning rate (from the method's own example) change. `test`: the six trained "
+             "method and its learning rate change, the learning rate chosen per method by a three-value sweep "
+             "on the validation split (`--sweep`, below), never on test. `test`: the six trained "
              "task families on problems never seen (96 rows); `heldout`: two task families never trained on"
              + (f" ({rows} rows: {', '.join(f'`{f}`' for f in families)}, {rows // max(len(families), 1)} each)"
                 if rows else "")
@@ -307,22 +484,34 @@ def table(results: dict[str, dict], missing: list[str], steps: int | None) -> st
                   "benchmarks/methods.py --reevaluate --only METHOD… --write` loads each run's saved adapter "
                   "(LOMO: its saved full model) and runs the run's own evaluators again on the current splits, "
                   "base and tuned, last on " + max(r["at"] for r in reevaluated) + ". " + reproduction(results)]
-    lines += ["", "| method | trainable params | steps | exact match, test | exact match, heldout | HumanEval pass@1 (chat) "
-              "| val loss (tuned) | train time | wall time |",
-              "|---|---:|---:|---|---|---|---:|---:|---:|"]
+    lines += ["", "| method | trainable (% of base) | lr | peak RSS | s/step (× LoRA) | val loss | exact match, test "
+              "| exact match, heldout | HumanEval pass@1 (chat) |",
+              "|---|---:|---:|---:|---:|---:|---|---|---|"]
+    lora_step = step_seconds(results.get("LoRA", {}))
     for name, report in results.items():
         if "error" in report:
-            wall = f"{report['wall']:.0f} s" if "wall" in report else ""
-            lines.append(f"| {name} | — | — | {'not measured' if report.get('missing') else 'failed'}: {report['error']} "
-                         f"| | | | | {wall} |")
+            lines.append(f"| {name} | {'not measured' if report.get('missing') else 'failed'}: {report['error']} "
+                         "| | | | | | | |")
             continue
-        loss = report["tuned_metrics"].get("validation", {}).get("perplexity/loss")
-        lines.append(f"| {name} | {report.get('parameters', {}).get('trainable', 0):,} | {report['steps']} | {cell(report, 'test')} | "
-                     f"{cell(report, 'heldout')} | {humaneval_cell(report)} | {loss:.3f} | {report['timings'].get('train_s', 0):.0f} s | "
-                     f"{report['wall']:.0f} s |")
+        loss = report["tuned_metrics"].get("validation", {}).get("perplexity/loss", float("nan"))
+        params = report.get("parameters", {})
+        share = f"{params['trainable']:,} ({100 * params['trainable'] / params['total']:.2f}%)" if params.get("total") else "—"
+        step = step_seconds(report)
+        ratio = f"{step:.2f} ({step / lora_step:.2f}×)" if step and lora_step else "—"
+        peak = peak_rss(name, report, out)
+        lines.append(f"| {name} | {share} | {report.get('lr', float('nan')):g} | "
+                     f"{f'{peak / 2**20:.2f} GiB' if peak else '—'} | {ratio} | {loss:.3f} | {cell(report, 'test')} | "
+                     f"{cell(report, 'heldout')} | {humaneval_cell(report)} |")
+    lines += ["", *ranking(results)]
+    if (sweeps := sweep_table(results, out)):
+        lines += ["", *sweeps]
     lines += ["", "QLoRA's base is the 4-bit (NF4) model, measured on its own; every other method starts from the "
-              "same dense model, whose figures the LoRA run measured once. Train time is the training loop alone; "
-              "wall time is the whole `deltatune fit` process (model loading, evaluations, adapter).",
+              "same dense model, whose figures the LoRA run measured once. Trainable: the parameters the method "
+              "trains, as a share of the base model's. lr: the learning rate of the sweep with the lowest "
+              "validation loss. Peak RSS: the whole process of that sweep run (model loading, training and "
+              "the validation loss; the full runs also generate, which can be higher). s/step: the full run's "
+              "training loop time per step, and its ratio to LoRA's; every run ran alone on the machine, one "
+              "after the other.",
               "", "HumanEval: greedy pass@1 on OpenAI's 164 problems, chat mode (the model is asked for the completed "
               "function; docs/data-and-evaluation.md), `—` where a run did not measure it; +gained −lost counts "
               "the problems the tuned model solves and its base did not, and the reverse, with the two-sided exact "
@@ -341,7 +530,6 @@ def table(results: dict[str, dict], missing: list[str], steps: int | None) -> st
             lines[-1] += (f" In the re-evaluation, exact match on the {rows} held-out rows took "
                           f"{seconds['base']['heldout']:.0f} s on the base and {seconds['tuned']['heldout']:.0f} s "
                           "on the tuned model; the demo runs both.")
-    lines += [f"\n{NOTES[name]}" for name in results if name in NOTES]
     if {"uppercase", "count"} <= set(families):
         lines += ["", HELDOUT_NOTE]
     if missing:
@@ -371,6 +559,10 @@ def main() -> None:
     parser.add_argument("--rewrite", action="store_true", help="run nothing: rebuild the table from the last results")
     parser.add_argument("--reevaluate", action="store_true",
                         help="train nothing: evaluate the saved runs again on the current splits, base and tuned")
+    parser.add_argument("--sweep", action="store_true", help=f"first run each method's learning-rate sweep "
+                        f"({SWEEP_STEPS}-step runs, validation loss only), then the full run at the best rate")
+    parser.add_argument("--sweep-only", action="store_true", help="run the sweeps only")
+    parser.add_argument("--sweep-steps", type=int, default=SWEEP_STEPS, help="steps of each sweep run")
     args = parser.parse_args()
     have = installed()
     out = Path(args.out)
@@ -385,12 +577,16 @@ def main() -> None:
             missing.append(f"{name} (needs {', '.join(sorted(set(method['needs']) - have))})")
             continue
         print(f"{name} …", flush=True)
+        if args.sweep or args.sweep_only:
+            sweep(name, method, out, args.sweep_steps)
+            if args.sweep_only:
+                continue
         humaneval = "humaneval" in have and not args.no_humaneval
         results[name] = reevaluate(name, out) if args.reevaluate else run(name, method, args.steps, out, humaneval)
         print(json.dumps({k: results[name].get(k) for k in ("tuned_metrics", "timings", "wall", "error")}), flush=True)
         if args.write:  # after every method, so an interrupted run keeps what it measured
-            write_section(table(results, missing, args.steps))
-    text = table(results, missing, args.steps)
+            write_section(table(results, missing, args.steps, out))
+    text = table(results, missing, args.steps, out)
     print(text)
     if args.write:
         write_section(text)
