@@ -30,7 +30,7 @@ from deltatune.model.families import installed_families
 from deltatune.model.loading import load_model, tiny_tokenizer
 from deltatune.model.logits import head_plan
 from deltatune.testing import max_relative_difference as rel
-from deltatune.testing.families import TINY_FAMILIES, assert_family_conformance, conformance_rows, family_conformance
+from deltatune.testing.families import TINY_FAMILIES, assert_bf16_conformance, assert_family_conformance, conformance_rows, family_conformance
 from deltatune.train.head_loss import LinearCrossEntropy, head_weight_grad
 
 LORA = {"name": "lora", "config": {"targets": "all-linear", "r": 4, "alpha": 8}}
@@ -66,6 +66,12 @@ def test_training_loss_and_gradients_equal_the_hugging_face_loss(family, method)
 @pytest.mark.parametrize("family", GENERIC)
 def test_packed_rows_train_on_the_loss_of_the_same_examples_unpacked(family) -> None:
     assert_family_conformance(TINY_FAMILIES[family], METHODS["lora"], packed=True)
+
+
+@pytest.mark.parametrize("family, packed", [("mixtral", False), ("olmo2", True)])
+def test_bf16_training_on_the_generic_path_is_as_close_to_fp32_as_the_hugging_face_forward(family, packed) -> None:
+    result = assert_bf16_conformance(TINY_FAMILIES[family], METHODS["lora"], packed)
+    assert result.loss > 0 and result.hf_gradient > 0  # bf16 really rounded: the comparison is not vacuous
 
 
 def test_bitfit_trains_gpt2_on_its_own_loss() -> None:

@@ -14,6 +14,12 @@ and the gradients of every trainable parameter of the two. :func:`assert_family_
 the bounds (fp32: loss ≤ 1e-5 relative, gradients ≤ 1e-4 of each gradient's largest entry). A
 third-party family gets the check by passing its own factory; :data:`TINY_FAMILIES` are tiny configs
 of the families transformers ships.
+
+In bf16 the two paths round differently, so they are compared with what is exact instead:
+:func:`bf16_conformance` measures deltatune's bf16 training and Hugging Face's own bf16 forward against
+the fp32 forward of the same weights, and :func:`assert_bf16_conformance` asserts that deltatune's loss
+is within :data:`BF16_LOSS_BOUND` of it and its gradients no further from it than Hugging Face's own
+bf16 gradients (:data:`BF16_GRADIENT_FACTOR` times theirs, plus :data:`BF16_GRADIENT_SLACK`).
 """
 
 from __future__ import annotations
@@ -124,13 +130,14 @@ def _gradients(model: nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor]:
     return grads
 
 
-def family_conformance(factory: Callable[[], nn.Module], spec: dict[str, Any] | None = None, packed: bool = False,
-                       manager: PluginManager | None = None, seed: int = 0) -> Conformance:
-    """Measure deltatune's training loss and gradients against the model's own Hugging Face loss (see
-    the module docstring). ``spec`` holds :class:`~deltatune.model.assembly.ModelSpec` fields
-    (``quantizer``, ``delta``); none means full fine-tuning."""
-    resolved = resolve_spec({**(spec or {}), "base_dtype": "fp32"}, manager)
-    model = build_model(resolved, factory())
+def _conformance_model(factory: Callable[[], nn.Module], spec: dict[str, Any] | None, base_dtype: str,
+                       manager: PluginManager | None, seed: int) -> nn.Module:
+    """The model of ``spec`` as ``fit`` builds it, without dropout, its trainable parameters moved off
+    their initial values."""
+    resolved = resolve_spec({**(spec or {}), "base_dtype": base_dtype}, manager)
+    with torch.random.fork_rng():  # the deltas' random initialisation, the same at every call
+        torch.manual_seed(seed)
+        model = build_model(resolved, factory())
     for module in model.modules():  # two forwards must compute the same function
         if isinstance(module, nn.Dropout):
             module.p = 0.0
@@ -140,29 +147,96 @@ def family_conformance(factory: Callable[[], nn.Module], spec: dict[str, Any] | 
         for param in model.parameters():
             if param.requires_grad:
                 param.add_(torch.randn(param.shape, generator=generator).to(param) * 0.05)
+    return model
+
+
+def _batches(seed: int, packed: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(padded, ours)``: the conformance batch padded, and as deltatune trains on it (packed or not)."""
     rows = conformance_rows(seed)
     padded = collate(rows, pad_id=0)
-    ours_batch = collate_packed(pack_rows(rows, 64), pad_id=0) if packed else padded
+    return padded, collate_packed(pack_rows(rows, 64), pad_id=0) if packed else padded
+
+
+def _ours(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """deltatune's training loss of ``batch`` and its gradients."""
     with compute_context(model):
-        ours = mean_loss(model, ours_batch)
-    ours_grads = _gradients(model, ours)
+        loss = mean_loss(model, batch)
+    return loss.detach(), _gradients(model, loss)
+
+
+def _hugging_face(model: nn.Module, padded: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The model's own Hugging Face loss of ``padded`` and its gradients."""
     with compute_context(model):
-        theirs = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"],
-                       labels=padded["labels"], use_cache=False).loss
-    theirs_grads = _gradients(model, theirs)
-    if set(ours_grads) != set(theirs_grads):
-        raise AssertionError(f"different parameters got gradients: {sorted(set(ours_grads) ^ set(theirs_grads))[:5]}")
-    if not ours_grads:
+        loss = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"],
+                     labels=padded["labels"], use_cache=False).loss
+    return loss.detach(), _gradients(model, loss)
+
+
+def _worst_gradient(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> tuple[float, str]:
+    """The largest ``max|g - g_ref| / max|g_ref|`` over the parameters, and its parameter."""
+    if set(grads) != set(reference):
+        raise AssertionError(f"different parameters got gradients: {sorted(set(grads) ^ set(reference))[:5]}")
+    if not grads:
         raise AssertionError("no trainable parameter got a gradient")
     worst, name = 0.0, ""
-    for key, grad in ours_grads.items():
-        reference = theirs_grads[key].float()
-        difference = float((grad.float() - reference).abs().max() / reference.abs().max().clamp_min(1e-12))
+    for key, grad in grads.items():
+        ref = reference[key].float()
+        difference = float((grad.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
         if difference >= worst:
             worst, name = difference, key
+    return worst, name
+
+
+def _relative(loss: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((loss.float() - reference.float()).abs() / reference.float().abs())
+
+
+def family_conformance(factory: Callable[[], nn.Module], spec: dict[str, Any] | None = None, packed: bool = False,
+                       manager: PluginManager | None = None, seed: int = 0) -> Conformance:
+    """Measure deltatune's training loss and gradients against the model's own Hugging Face loss (see
+    the module docstring). ``spec`` holds :class:`~deltatune.model.assembly.ModelSpec` fields
+    (``quantizer``, ``delta``); none means full fine-tuning."""
+    model = _conformance_model(factory, spec, "fp32", manager, seed)
+    padded, ours_batch = _batches(seed, packed)
+    ours, ours_grads = _ours(model, ours_batch)
+    theirs, theirs_grads = _hugging_face(model, padded)
+    worst, name = _worst_gradient(ours_grads, theirs_grads)
     plan = head_plan(model)
     head = ("head" + (f" + {plan.transform.name}" if plan.transform else "")) if plan.exact else f"own logits ({plan.reason})"
-    return Conformance(float((ours.detach() - theirs.detach()).abs() / theirs.detach().abs()), worst, name, head)
+    return Conformance(_relative(ours, theirs), worst, name, head)
+
+
+BF16_LOSS_BOUND = 1e-3
+"""Largest relative difference of deltatune's bf16 training loss from the fp32 loss of the same weights."""
+BF16_GRADIENT_FACTOR, BF16_GRADIENT_SLACK = 2.0, 2e-3
+"""deltatune's bf16 gradients may be this many times as far from the fp32 ones as Hugging Face's own
+bf16 gradients are, plus this much (both as :class:`Conformance` measures gradients)."""
+
+
+@dataclass
+class Bf16Conformance:
+    """How far bf16 training moves deltatune's loss and gradients, and Hugging Face's own bf16 forward's,
+    from the fp32 forward of the same weights (relative, as :class:`Conformance`)."""
+
+    loss: float
+    hf_loss: float
+    gradient: float
+    hf_gradient: float
+
+
+def bf16_conformance(factory: Callable[[], nn.Module], spec: dict[str, Any] | None = None, packed: bool = False,
+                     manager: PluginManager | None = None, seed: int = 0) -> Bf16Conformance:
+    """deltatune's bf16 training (base held in bf16, trainable weights fp32, bf16 autocast: what ``fit``
+    does on bf16 hardware) and the Hugging Face forward under the same autocast, each against the fp32
+    Hugging Face forward of the same weights (the bf16 base upcast exactly). A dense base only: a
+    quantized base has no fp32 forward to compare with."""
+    model = _conformance_model(factory, spec, "bf16", manager, seed)
+    padded, ours_batch = _batches(seed, packed)
+    ours, ours_grads = _ours(model, ours_batch)
+    hf, hf_grads = _hugging_face(model, padded)
+    exact, exact_grads = _hugging_face(model.float(), padded)
+    return Bf16Conformance(_relative(ours, exact), _relative(hf, exact), _worst_gradient(ours_grads, exact_grads)[0],
+                           _worst_gradient(hf_grads, exact_grads)[0])
 
 
 def assert_family_conformance(factory: Callable[[], nn.Module], spec: dict[str, Any] | None = None,
@@ -173,4 +247,24 @@ def assert_family_conformance(factory: Callable[[], nn.Module], spec: dict[str, 
     assert result.loss <= loss_bound, f"loss differs from the Hugging Face loss by {result.loss:.3g} ({result.head})"
     assert result.gradient <= gradient_bound, (
         f"gradient of {result.worst_parameter} differs from the Hugging Face one by {result.gradient:.3g} ({result.head})")
+    return result
+
+
+def bf16_failure(result: Bf16Conformance) -> str | None:
+    """What exceeds the bf16 bounds in ``result`` (see the module docstring), or ``None``."""
+    problems = []
+    if result.loss > BF16_LOSS_BOUND:
+        problems.append(f"loss {result.loss:.3g} from the fp32 loss (bound {BF16_LOSS_BOUND:g})")
+    if result.gradient > BF16_GRADIENT_FACTOR * result.hf_gradient + BF16_GRADIENT_SLACK:
+        problems.append(f"gradients {result.gradient:.3g} from the fp32 ones, Hugging Face's bf16 forward's "
+                        f"{result.hf_gradient:.3g}")
+    return "; ".join(problems) or None
+
+
+def assert_bf16_conformance(factory: Callable[[], nn.Module], spec: dict[str, Any] | None = None,
+                            packed: bool = False, manager: PluginManager | None = None) -> Bf16Conformance:
+    """:func:`bf16_conformance`, asserting the bf16 bounds; returns the measurement."""
+    result = bf16_conformance(factory, spec, packed, manager)
+    failure = bf16_failure(result)
+    assert failure is None, failure
     return result

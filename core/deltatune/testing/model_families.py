@@ -11,7 +11,7 @@ from deltatune.model.families import installed_families, serving_family
 from deltatune.model.logits import LogitTransform
 from deltatune.plugin.manager import PluginManager
 from deltatune.testing.contract import PluginContract
-from deltatune.testing.families import family_conformance
+from deltatune.testing.families import bf16_conformance, bf16_failure, family_conformance
 from deltatune.testing.helpers import fast_forward_runs
 
 
@@ -27,7 +27,10 @@ class ModelFamilyContract(PluginContract):
     own Hugging Face loss (:func:`deltatune.testing.families.family_conformance`; fp32: loss ≤ 1e-5
     relative, gradients ≤ 1e-4 of each gradient's largest entry) for every spec of :attr:`specs`, on
     padded and on packed rows; on the models of :attr:`fast_models` the family's fast training forward
-    really ran. The family's logit transform and fast forward are what make or break it.
+    really ran; and in bf16, for the specs of :attr:`bf16_specs`, the loss and gradients stay as close
+    to the fp32 ones as Hugging Face's own bf16 forward's
+    (:func:`deltatune.testing.families.bf16_failure`). The family's logit transform and fast forward
+    are what make or break it.
     """
 
     kind: ClassVar[str] = "model_family"
@@ -40,6 +43,9 @@ class ModelFamilyContract(PluginContract):
     fast_models: ClassVar[tuple[str, ...]] = ()
     """Names of :attr:`tiny_models` on which the family's fast training forward must really run
     during the conformance check (so its equality is the fast forward's, not the plain path's)."""
+    bf16_specs: ClassVar[tuple[str, ...] | None] = None
+    """Names of :attr:`specs` also checked in bf16 (on padded rows); ``None``: every spec that trains a
+    delta on a dense base (a quantized base has no fp32 forward to compare with)."""
     loss_bound: ClassVar[float] = 1e-5
     gradient_bound: ClassVar[float] = 1e-4
 
@@ -79,3 +85,16 @@ class ModelFamilyContract(PluginContract):
             if name in self.fast_models and not runs:
                 failures.append(f"{name}: the family's fast training forward never ran")
         assert not failures, "differs from the Hugging Face loss:\n" + "\n".join(failures)
+
+    def test_bf16_training_is_as_close_to_fp32_as_the_hugging_face_forward(self, manager: PluginManager) -> None:
+        """Every tiny model × every spec of :attr:`bf16_specs`, base in bf16, padded rows."""
+        assert self.tiny_models, NO_TINY_MODELS.format(type(self).__name__)
+        names = self.bf16_specs if self.bf16_specs is not None else [
+            name for name, spec in self.specs.items() if spec and spec.get("delta") and not spec.get("quantizer")]
+        failures = []
+        for name, factory in self.tiny_models.items():
+            for spec_name in names:
+                failure = bf16_failure(bf16_conformance(factory, self.specs[spec_name], False, manager))
+                if failure:
+                    failures.append(f"{name}, {spec_name}: {failure}")
+        assert not failures, "bf16 training strays from fp32 further than Hugging Face's:\n" + "\n".join(failures)

@@ -29,6 +29,7 @@ FAST = {"llama": ("llama",)}
 
 class TestFirstPartyFamily(ModelFamilyContract):
     specs = SPECS
+    bf16_specs = ("lora",)
 
     @pytest.fixture(autouse=True, params=list(SERVED))
     def family(self, request: pytest.FixtureRequest) -> None:
