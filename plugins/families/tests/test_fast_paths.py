@@ -41,11 +41,13 @@ TINY_CONFIG = Path(__file__).resolve().parents[3] / "tests" / "configs" / "tiny-
 LORA_ALL = {"name": "lora", "config": {"r": 4, "alpha": 8, "targets": "all-linear"}}
 
 
-def make_model(base: str = "tiny-llama", delta: list | None = None, dtype: str = "fp32", seed: int = 0):
-    """A tiny model with its deltas, every LoRA ``B`` random (so the deltas change the output)."""
+def make_model(base: str = "tiny-llama", delta: list | None = None, dtype: str = "fp32", seed: int = 0,
+               family: str | None = None):
+    """A tiny model (of ``base``, or ``TINY_FAMILIES[family]``) with its deltas, every LoRA ``B``
+    random (so the deltas change the output)."""
     spec = resolve_spec({"base": base, "delta": [LORA_ALL] if delta is None else delta, "base_dtype": dtype})
     torch.manual_seed(seed)
-    model = build_model(spec)
+    model = build_model(spec, TINY_FAMILIES[family](seed) if family else None)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -69,7 +71,7 @@ def loss_and_grads(model, batch, fast: bool):
     model.zero_grad(set_to_none=True)
     with compute_context(model), fast_forward_runs() as runs:
         total, count = token_loss(model, batch, fast=fast)
-    assert runs == (["llama"] if fast else []), "the fast forward did not compute this loss"
+    assert runs == ([model.config.model_type] if fast else []), "the fast forward did not compute this loss"
     (total / count).backward()
     grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
     return float(total), count, grads
@@ -191,11 +193,12 @@ def test_fast_path_equals_plain_when_a_group_mixes_scalings():
     assert_close_grads(plain[2], fast[2], 1e-5)
 
 
-def test_bf16_path_close_to_fp32():
+@pytest.mark.parametrize("family", [None, "qwen3"], ids=["llama", "qwen3 (QK-norm)"])
+def test_bf16_path_close_to_fp32(family: str | None):
     batch = collate(make_rows(), pad_id=0)
-    reference = loss_and_grads(make_model(dtype="fp32"), batch, fast=False)
+    reference = loss_and_grads(make_model(dtype="fp32", family=family), batch, fast=False)
     for fast in (False, True):
-        loss, count, grads = loss_and_grads(make_model(dtype="bf16"), batch, fast=fast)
+        loss, count, grads = loss_and_grads(make_model(dtype="bf16", family=family), batch, fast=fast)
         assert count == reference[1]
         assert abs(loss - reference[0]) < 1e-2 * abs(reference[0])
         for name, grad in grads.items():
