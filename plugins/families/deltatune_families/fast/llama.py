@@ -160,14 +160,15 @@ def _static_rotary(decoder: nn.Module, rotary_cls: type) -> bool:
 def _recognised_layer(layer: nn.Module, classes: DecoderClasses) -> bool:
     """Whether ``layer`` is its family's decoder layer, made of its family's modules, none hooked."""
     attention = layer.self_attn
+    if type(layer) is not classes.layer or type(attention) is not classes.attention or type(layer.mlp) is not classes.mlp:
+        return False
     norms = [layer.input_layernorm, layer.post_attention_layernorm]
     if classes.qk_norm:
         norms += [attention.q_norm, attention.k_norm]
         if attention.q_norm.variance_epsilon != attention.k_norm.variance_epsilon:
             return False
-    parts = (layer, attention, layer.mlp, *norms)
-    return (type(layer) is classes.layer and type(attention) is classes.attention and type(layer.mlp) is classes.mlp
-            and all(type(norm) is classes.norm for norm in norms) and not any(hooked(p) for p in parts))
+    return (all(type(norm) is classes.norm for norm in norms)
+            and not any(hooked(part) for part in (layer, attention, layer.mlp, *norms)))
 
 
 class DecoderFastForward:
@@ -206,8 +207,6 @@ class DecoderFastForward:
         classes = decoder_classes(config.model_type)
         if type(decoder) is not classes.model or config.hidden_act != "silu" or attention_windows(config) is None:
             return False
-        if not _static_rotary(decoder, classes.rotary):
-            return False
         if type(decoder.embed_tokens) is not nn.Embedding or type(decoder.norm) is not classes.norm:
             return False
         if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
@@ -217,7 +216,8 @@ class DecoderFastForward:
                 return False
         if hooked(decoder.embed_tokens) and not _only_input_grad_hooks(model, decoder.embed_tokens):
             return False
-        return all(_recognised_layer(layer, classes) for layer in decoder.layers)
+        return (all(_recognised_layer(layer, classes) for layer in decoder.layers)
+                and _static_rotary(decoder, classes.rotary))
 
     def current(self) -> bool:
         """Whether the model still has the modules this forward was made for."""
