@@ -216,9 +216,10 @@ def test_bf16_fast_path_keeps_fp32_masters_and_no_fp32_base():
     assert all(p.grad.dtype == torch.float32 for p in trained.values())  # fp32 gradients reach the masters
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+@pytest.mark.parametrize("family", [None, "qwen3"], ids=["llama", "qwen3 (QK-norm)"])
+def test_gradient_checkpointing_gives_the_same_gradients(family: str | None):
     batch = collate(make_rows(), pad_id=0)
-    model = make_model()
+    model = make_model(family=family)
     expected = loss_and_grads(model, batch, fast=True)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # Hugging Face hooks the embedding when checkpointing is enabled; the fast path must still apply
