@@ -84,6 +84,9 @@ def assert_close_grads(a: dict, b: dict, rtol: float) -> None:
         assert float((a[name] - b[name]).abs().max() / scale) < rtol, name
 
 
+ALSO_QWEN3 = pytest.mark.parametrize("family", [None, "qwen3"], ids=["llama", "qwen3 (QK-norm)"])
+"""Runs a test on the tiny Llama and on a tiny Qwen 3, whose QK-norm the fast forward computes itself."""
+
 BATCHES = {
     "padded": lambda: collate(make_rows(), pad_id=0),
     "packed": lambda: collate_packed(pack_rows(make_rows(), 24), pad_id=0),
@@ -193,7 +196,7 @@ def test_fast_path_equals_plain_when_a_group_mixes_scalings():
     assert_close_grads(plain[2], fast[2], 1e-5)
 
 
-@pytest.mark.parametrize("family", [None, "qwen3"], ids=["llama", "qwen3 (QK-norm)"])
+@ALSO_QWEN3
 def test_bf16_path_close_to_fp32(family: str | None):
     batch = collate(make_rows(), pad_id=0)
     reference = loss_and_grads(make_model(dtype="fp32", family=family), batch, fast=False)
@@ -216,7 +219,7 @@ def test_bf16_fast_path_keeps_fp32_masters_and_no_fp32_base():
     assert all(p.grad.dtype == torch.float32 for p in trained.values())  # fp32 gradients reach the masters
 
 
-@pytest.mark.parametrize("family", [None, "qwen3"], ids=["llama", "qwen3 (QK-norm)"])
+@ALSO_QWEN3
 def test_gradient_checkpointing_gives_the_same_gradients(family: str | None):
     batch = collate(make_rows(), pad_id=0)
     model = make_model(family=family)
