@@ -15,6 +15,9 @@ a constant learning rate, gradient norm clipped to 1.0, in every configuration.
 * DoRA, QLoRA (NF4 base) and LOMO (full fine-tuning, update fused into backward) rows, each beside
   its PEFT/Trainer peer where one is installed.
 
+With ``--family`` the model is instead a random-weight model of that family's config with SmolLM2-135M's
+sizes (:func:`family_base`; same tokenizer and data): the same step on another family's layers.
+
 Each configuration runs in its own subprocess (peak memory is that process's ``VmHWM``: over the
 whole process, and over training alone after a reset before the first step), alternating between
 configurations over ``--rounds``; the table shows the median over rounds. Timing starts after the
@@ -29,15 +32,18 @@ Usage::
 
     python -m benchmarks.speed                 # print the table (about 15 minutes on 2 cores)
     python -m benchmarks.speed --write         # and update the speed section of docs/benchmarks.md
+    python -m benchmarks.speed --family qwen2  # a random-weight Qwen 2 of SmolLM2-135M's sizes instead
     make bench                                 # the same, with --write
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -56,6 +62,20 @@ MODEL = "smollm2-135m-instruct"
 TRAIN = ROOT / "examples" / "data" / "tasks-train.jsonl"
 VALIDATION = ROOT / "examples" / "data" / "tasks-validation.jsonl"
 LORA = {"r": 16, "alpha": 32, "targets": "all-linear"}
+FAMILY_CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "llama3": ("LlamaConfig", "LlamaForCausalLM", {"rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 100000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 2048}}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 4096}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+}
+"""``--family`` → transformers config and model classes, and the settings that make the family's model
+what it is (Llama 3 rope, Mistral's window); sizes are SmolLM2-135M's."""
+SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+         "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "rope_parameters",
+         "bos_token_id", "eos_token_id", "pad_token_id")
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "deltatune": {"kind": "ours", "delta": [{"name": "lora", "config": LORA}]},
@@ -132,6 +152,25 @@ NOTES = """Reading the table:
 
 
 # -- the batches every configuration trains on ------------------------------------------------------------------
+def family_base(family: str, folder: Path) -> Path:
+    """A seeded random-weight model of ``family`` (:data:`FAMILY_CONFIGS`) with SmolLM2-135M's sizes and
+    head size, in bf16 as SmolLM2's weights are, written with SmolLM2's tokenizer to ``folder``."""
+    import torch
+    import transformers
+
+    from deltatune.model.loading import load_tokenizer, resolve_base
+
+    smol = transformers.AutoConfig.from_pretrained(resolve_base(MODEL), local_files_only=True)
+    config_name, model_name, settings = FAMILY_CONFIGS[family]
+    sizes = {key: getattr(smol, key) for key in SIZES}
+    config = getattr(transformers, config_name)(**{**sizes, "head_dim": smol.hidden_size // smol.num_attention_heads,
+                                                   **settings})
+    torch.manual_seed(0)
+    getattr(transformers, model_name)(config).to(torch.bfloat16).save_pretrained(folder)
+    load_tokenizer(MODEL).save_pretrained(folder)
+    return folder
+
+
 def batch_plan(steps: int, batch_size: int, seed: int) -> list[list[int]]:
     """The same batches for every configuration: a seeded order of the training rows, cut up."""
     rows = sum(1 for line in TRAIN.read_text().splitlines() if line.strip())
@@ -188,8 +227,9 @@ def run_ours(cfg: dict, plan: list[list[int]], args: argparse.Namespace) -> dict
     from deltatune.train.module import DeltaTuneModule
     from deltatune.data.packing import collate
     from deltatune.model.assembly import compute_context
+    from deltatune.testing import fast_forward_runs
 
-    tokenizer = load_tokenizer(MODEL)
+    tokenizer = load_tokenizer(args.base)
     rows = suite_rows(tokenizer, TRAIN)
     batches = [collate([rows[i] for i in b], tokenizer.pad_token_id) for b in plan]
     lomo = cfg.get("optimizer") == "lomo"
@@ -205,7 +245,7 @@ def run_ours(cfg: dict, plan: list[list[int]], args: argparse.Namespace) -> dict
         def on_fit_end(self) -> None:
             pass
 
-    module = Module(base=MODEL, delta=cfg["delta"], quantizer=cfg.get("quantizer"), optimizer=optimizer,
+    module = Module(base=args.base, delta=cfg["delta"], quantizer=cfg.get("quantizer"), optimizer=optimizer,
                     trainable_dtype="bf16" if lomo else "fp32", fast_path=cfg.get("fast_path", True),
                     compile=cfg.get("compile", False), compare_base=False, samples=0)
     clock = StepClock()
@@ -224,7 +264,8 @@ def run_ours(cfg: dict, plan: list[list[int]], args: argparse.Namespace) -> dict
                         default_root_dir=tempfile.mkdtemp(prefix="speed-"))
     loader = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False)
     load_rss = status_kib()["VmRSS"]
-    trainer.fit(module, train_dataloaders=loader)
+    with fast_forward_runs() as fast:
+        trainer.fit(module, train_dataloaders=loader)
     train_peak = status_kib()["VmHWM"]
     losses = [loss for _, loss in module.report.history["train"]]
     model = module.model
@@ -237,7 +278,8 @@ def run_ours(cfg: dict, plan: list[list[int]], args: argparse.Namespace) -> dict
             total, count = total + float(t), count + c
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"step_ends": clock.ends, "losses": losses, "val_loss": total / count, "train_peak_kib": train_peak,
-            "load_rss_kib": load_rss, "trainable": trainable, "full": not cfg["delta"], "rows": rows}
+            "load_rss_kib": load_rss, "trainable": trainable, "full": not cfg["delta"], "rows": rows,
+            "fast_share": len(fast) / len(plan)}
 
 
 def run_peft(cfg: dict, plan: list[list[int]], args: argparse.Namespace) -> dict:
@@ -248,7 +290,7 @@ def run_peft(cfg: dict, plan: list[list[int]], args: argparse.Namespace) -> dict
     from deltatune.model.loading import load_model, load_tokenizer, resolve_base
     from deltatune.data.packing import collate
 
-    tokenizer = load_tokenizer(MODEL)
+    tokenizer = load_tokenizer(args.base)
     rows = suite_rows(tokenizer, TRAIN)
     ordered = [{"input_ids": rows[i]["input_ids"], "labels": rows[i]["labels"]} for b in plan for i in b]
     if cfg.get("nf4"):
@@ -256,10 +298,10 @@ def run_peft(cfg: dict, plan: list[list[int]], args: argparse.Namespace) -> dict
 
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                    bnb_4bit_compute_dtype=torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(resolve_base(MODEL), quantization_config=quant,
+        model = AutoModelForCausalLM.from_pretrained(resolve_base(args.base), quantization_config=quant,
                                                      dtype=torch.float32, local_files_only=True)
     else:
-        model = load_model(MODEL, torch.float32)
+        model = load_model(args.base, torch.float32)
     if not cfg.get("lomo"):
         from peft import LoraConfig, get_peft_model
 
@@ -343,7 +385,7 @@ def child(name: str, args: argparse.Namespace) -> dict:
     from deltatune.model.loading import resolve_base
 
     rows = result.pop("rows")
-    config = AutoConfig.from_pretrained(resolve_base(MODEL), local_files_only=True)
+    config = AutoConfig.from_pretrained(resolve_base(args.base), local_files_only=True)
     lora = 0 if result["full"] else result["trainable"]
     flops = [step_flops(config, [rows[i] for i in b], lora, result["full"]) for b in plan]
     ends = result.pop("step_ends")
@@ -360,6 +402,7 @@ def child(name: str, args: argparse.Namespace) -> dict:
         "final_loss": statistics.fmean(tail) if tail else float("nan"), "val_loss": result["val_loss"],
         "peak_mib": status_kib()["VmHWM"] / 1024, "train_peak_mib": result["train_peak_kib"] / 1024,
         "load_rss_mib": result["load_rss_kib"] / 1024,
+        **({"fast_share": result["fast_share"]} if "fast_share" in result else {}),
     }
 
 
@@ -374,7 +417,7 @@ def available(name: str) -> bool:
 def run_child(name: str, args: argparse.Namespace) -> dict | None:
     cmd = [sys.executable, "-m", "benchmarks.speed", "--child", name, "--steps", str(args.steps),
            "--batch-size", str(args.batch_size), "--warmup", str(args.warmup), "--threads", str(args.threads),
-           "--seed", str(args.seed), "--lr", str(args.lr), "--lomo-lr", str(args.lomo_lr)]
+           "--seed", str(args.seed), "--lr", str(args.lr), "--lomo-lr", str(args.lomo_lr), "--base", str(args.base)]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false"}
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
@@ -438,11 +481,18 @@ def main() -> None:
     parser.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, choices=list(CONFIGS))
     parser.add_argument("--write", action="store_true", help="update the speed section of docs/benchmarks.md")
     parser.add_argument("--check", action="store_true", help="exit 1 unless the targets are met")
+    parser.add_argument("--family", choices=list(FAMILY_CONFIGS),
+                        help="train a random-weight model of this family with SmolLM2-135M's sizes instead")
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--base", default=MODEL, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print("RESULT " + json.dumps(child(args.child, args)), flush=True)
         return
+    if args.family:
+        folder = tempfile.mkdtemp(prefix=f"speed-{args.family}-")
+        atexit.register(shutil.rmtree, folder, True)
+        args.base = str(family_base(args.family, Path(folder)))
 
     names = [n for n in args.configs if available(n)]
     skipped = [n for n in args.configs if n not in names]
@@ -470,7 +520,8 @@ def main() -> None:
             f" --configs {' '.join(args.configs)}" if args.configs != DEFAULT_CONFIGS else "") + (
             f" --steps {args.steps}" if args.steps != 40 else "") + (
             f" --rounds {args.rounds}" if args.rounds != 2 else "") + (
-            f" --batch-size {args.batch_size}" if args.batch_size != 8 else "")
+            f" --batch-size {args.batch_size}" if args.batch_size != 8 else "") + (
+            f" --family {args.family}" if args.family else "")
         notes = [
             "## Training speed: deltatune against PEFT + Trainer (CPU)",
             "",

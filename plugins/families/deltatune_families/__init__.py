@@ -51,36 +51,43 @@ class Family:
         return None
 
 
-class Llama(Family):
-    """Llama 1/2/3 (every rope type: the model's own rotary embedding runs), with a fast training
-    forward on unpadded tokens (:mod:`deltatune_families.fast.llama`) for default rope."""
-
-    name = "llama"
-    model_types = ("llama",)
+class FastDecoderFamily(Family):
+    """A Llama-like family with the fast training forward on unpadded tokens
+    (:mod:`deltatune_families.fast.llama`) for the models and batches it computes exactly."""
 
     def fast_forward(self, model: nn.Module) -> Any:
-        """The Llama fast training forward of ``model`` (imported on first use), or ``None``."""
+        """The fast training forward of ``model`` (imported on first use), or ``None``."""
         from deltatune_families.fast.llama import fast_forward_for
 
         return fast_forward_for(model)
 
 
-class Mistral(Family):
-    """Mistral (sliding-window attention, run by the model itself)."""
+class Llama(FastDecoderFamily):
+    """Llama 1/2/3 (every rope type: the model's own rotary embedding runs; the fast forward takes those
+    fixed when the model is built: default, linear, llama3, yarn)."""
+
+    name = "llama"
+    model_types = ("llama",)
+
+
+class Mistral(FastDecoderFamily):
+    """Mistral (sliding-window attention: the fast forward declines a batch with an example longer than
+    the window)."""
 
     name = "mistral"
     model_types = ("mistral",)
 
 
-class Qwen2(Family):
-    """Qwen 2 / 2.5 (biased q/k/v projections)."""
+class Qwen2(FastDecoderFamily):
+    """Qwen 2 / 2.5 (biased q/k/v projections; the fast forward declines a batch with an example longer
+    than a sliding-attention layer's window)."""
 
     name = "qwen2"
     model_types = ("qwen2",)
 
 
-class Qwen3(Family):
-    """Qwen 3 dense (QK-norm)."""
+class Qwen3(FastDecoderFamily):
+    """Qwen 3 dense (QK-norm; head size set apart from hidden size / heads)."""
 
     name = "qwen3"
     model_types = ("qwen3",)

@@ -1,6 +1,6 @@
 """LoRA's grouped product computes what the layers' own forwards compute, and its compute-dtype copies
-follow every update of the LoRA weights (the end-to-end check through the Llama fast forward is
-``tests/unit/train/test_fast_paths.py``)."""
+follow every update of the LoRA weights (the end-to-end check through the families' fast forward is
+``plugins/families/tests/test_fast_paths.py``)."""
 
 from __future__ import annotations
 

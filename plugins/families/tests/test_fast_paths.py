@@ -1,11 +1,13 @@
 """The fast paths compute what the plain path computes.
 
 Speed is measured by ``benchmarks/speed.py``, never asserted here. These tests check that every fast
-path — the chunked LM-head cross-entropy, the unpadded Llama forward of :mod:`deltatune_families.fast.llama`
-with LoRA's grouped low-rank products, its gradient checkpointing and the layers it leaves to their own
-forward — gives the plain path's loss and gradients: to 1e-5 in fp32, and close (bf16 rounding) in bf16.
-Every comparison asserts that the fast forward really computed its side (:func:`fast_forward_runs`),
-so a silent fall-back to the plain path fails it.
+path — the chunked LM-head cross-entropy, the unpadded decoder forward of
+:mod:`deltatune_families.fast.llama` (Llama, Mistral, Qwen 2, Qwen 3) with LoRA's grouped low-rank
+products, its gradient checkpointing and the layers it leaves to their own forward — gives the plain
+path's loss and gradients (and the model's own Hugging Face loss): to 1e-5 in fp32, and close (bf16
+rounding) in bf16. Every comparison asserts that the fast forward really computed its side
+(:func:`fast_forward_runs`), so a silent fall-back to the plain path fails it; the batches it must
+decline are checked to fall back, with the same loss.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from deltatune.deltas.grouped import Projection, ProjectionGroup, grouped_product_class
 from deltatune.model import loading as models
 from deltatune.testing import fast_forward_runs
+from deltatune.testing.families import TINY_FAMILIES, conformance_rows, family_conformance
 from deltatune_families.fast.llama import fast_forward_for
 from deltatune_families.fast.tokens import TokenLayout
 from deltatune.train.head_loss import SHAPE_STEPS
@@ -38,11 +41,13 @@ TINY_CONFIG = Path(__file__).resolve().parents[3] / "tests" / "configs" / "tiny-
 LORA_ALL = {"name": "lora", "config": {"r": 4, "alpha": 8, "targets": "all-linear"}}
 
 
-def make_model(base: str = "tiny-llama", delta: list | None = None, dtype: str = "fp32", seed: int = 0):
-    """A tiny model with its deltas, every LoRA ``B`` random (so the deltas change the output)."""
+def make_model(base: str = "tiny-llama", delta: list | None = None, dtype: str = "fp32", seed: int = 0,
+               family: str | None = None):
+    """A tiny model (of ``base``, or ``TINY_FAMILIES[family]``) with its deltas, every LoRA ``B``
+    random (so the deltas change the output)."""
     spec = resolve_spec({"base": base, "delta": [LORA_ALL] if delta is None else delta, "base_dtype": dtype})
     torch.manual_seed(seed)
-    model = build_model(spec)
+    model = build_model(spec, TINY_FAMILIES[family](seed) if family else None)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -66,7 +71,7 @@ def loss_and_grads(model, batch, fast: bool):
     model.zero_grad(set_to_none=True)
     with compute_context(model), fast_forward_runs() as runs:
         total, count = token_loss(model, batch, fast=fast)
-    assert runs == (["llama"] if fast else []), "the fast forward did not compute this loss"
+    assert runs == ([model.config.model_type] if fast else []), "the fast forward did not compute this loss"
     (total / count).backward()
     grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
     return float(total), count, grads
@@ -78,6 +83,9 @@ def assert_close_grads(a: dict, b: dict, rtol: float) -> None:
         scale = a[name].abs().max().clamp_min(1e-12)
         assert float((a[name] - b[name]).abs().max() / scale) < rtol, name
 
+
+ALSO_QWEN3 = pytest.mark.parametrize("family", [None, "qwen3"], ids=["llama", "qwen3 (QK-norm)"])
+"""Runs a test on the tiny Llama and on a tiny Qwen 3, whose QK-norm the fast forward computes itself."""
 
 BATCHES = {
     "padded": lambda: collate(make_rows(), pad_id=0),
@@ -149,15 +157,22 @@ def test_fast_path_equals_plain_for_other_setups(setup: dict):
     assert_close_grads(plain[2], fast[2], 1e-5)
 
 
+def randomize_biases(model: torch.nn.Module, seed: int = 2) -> torch.nn.Module:
+    """Every bias of ``model`` drawn from U(-0.5, 0.5) (transformers initializes them to zero, which
+    would hide a bias left out)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.copy_(torch.rand(param.shape, generator=generator) - 0.5)
+    return model
+
+
 def test_fast_path_equals_plain_with_biased_base_layers():
     """Frozen biases on q/k/v, o and the MLP (``attention_bias``/``mlp_bias``): each product of a group
     is written into its columns of the group's output with its bias."""
     spec = resolve_spec({"base": "tiny-llama", "delta": [LORA_ALL], "base_dtype": "fp32"})
-    base = models.tiny_llama(attention_bias=True, mlp_bias=True)
-    with torch.no_grad():
-        for name, param in base.named_parameters():
-            if name.endswith(".bias"):
-                param.uniform_(-0.5, 0.5)
+    base = randomize_biases(models.tiny_llama(attention_bias=True, mlp_bias=True))
     model = build_model(spec, base).train()
     assert model.model.layers[0].self_attn.k_proj.base_layer.bias is not None
     batch = collate(make_rows(), pad_id=0)
@@ -181,11 +196,12 @@ def test_fast_path_equals_plain_when_a_group_mixes_scalings():
     assert_close_grads(plain[2], fast[2], 1e-5)
 
 
-def test_bf16_path_close_to_fp32():
+@ALSO_QWEN3
+def test_bf16_path_close_to_fp32(family: str | None):
     batch = collate(make_rows(), pad_id=0)
-    reference = loss_and_grads(make_model(dtype="fp32"), batch, fast=False)
+    reference = loss_and_grads(make_model(dtype="fp32", family=family), batch, fast=False)
     for fast in (False, True):
-        loss, count, grads = loss_and_grads(make_model(dtype="bf16"), batch, fast=fast)
+        loss, count, grads = loss_and_grads(make_model(dtype="bf16", family=family), batch, fast=fast)
         assert count == reference[1]
         assert abs(loss - reference[0]) < 1e-2 * abs(reference[0])
         for name, grad in grads.items():
@@ -203,9 +219,10 @@ def test_bf16_fast_path_keeps_fp32_masters_and_no_fp32_base():
     assert all(p.grad.dtype == torch.float32 for p in trained.values())  # fp32 gradients reach the masters
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+@ALSO_QWEN3
+def test_gradient_checkpointing_gives_the_same_gradients(family: str | None):
     batch = collate(make_rows(), pad_id=0)
-    model = make_model()
+    model = make_model(family=family)
     expected = loss_and_grads(model, batch, fast=True)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     # Hugging Face hooks the embedding when checkpointing is enabled; the fast path must still apply
@@ -230,6 +247,78 @@ def test_no_grad_evaluation_matches():
             fast, _ = token_loss(model, batch, fast=True)
     assert runs == ["llama"]
     assert abs(float(plain) - float(fast)) <= 1e-5 * abs(float(plain))
+
+
+# -- the families: Llama's rope types, Mistral, Qwen 2, Qwen 3 ----------------------------------------------
+def family_variant(name: str, **settings):
+    """A factory of ``TINY_FAMILIES[name]`` with config ``settings`` changed (the same seeded weights
+    where the shapes agree)."""
+    base = TINY_FAMILIES[name]()
+
+    def factory(seed: int = 0) -> torch.nn.Module:
+        config = type(base.config)(**{**base.config.to_dict(), **settings})
+        with torch.random.fork_rng():
+            torch.manual_seed(seed)
+            return type(base)(config).float()
+
+    return factory
+
+
+def biased(factory):
+    """``factory`` with every bias of its models random (:func:`randomize_biases`)."""
+    return lambda seed=0: randomize_biases(factory(seed))
+
+
+WIDE_WINDOW = max(len(row["input_ids"]) for row in conformance_rows())
+"""A sliding window exactly as wide as the longest conformance example: it masks nothing (a query
+attends to keys less than a window behind it)."""
+
+FAST_FAMILIES = {
+    "llama": TINY_FAMILIES["llama"],
+    "llama3 rope": TINY_FAMILIES["llama3"],
+    "yarn rope": family_variant("llama", rope_parameters={
+        "rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64}),
+    "mistral, window wider than the examples": family_variant("mistral", sliding_window=WIDE_WINDOW),
+    "qwen2 (random q/k/v biases)": biased(TINY_FAMILIES["qwen2"]),
+    "qwen3": TINY_FAMILIES["qwen3"],
+}
+"""Tiny models (hidden 64, 2 layers, 4 query / 2 key-value heads) the fast forward computes."""
+
+DECLINING_FAMILIES = {
+    "mistral, window narrower than the examples": TINY_FAMILIES["mistral"],
+    "qwen2 with a sliding layer": family_variant("qwen2", use_sliding_window=True, sliding_window=16,
+                                                 layer_types=["full_attention", "sliding_attention"]),
+}
+"""Tiny models whose sliding window is narrower than the conformance examples: their batches are declined."""
+
+
+@pytest.mark.parametrize(("name", "packed"), [*((name, False) for name in FAST_FAMILIES),
+                                              ("mistral, window wider than the examples", True), ("qwen3", True)])
+def test_family_fast_forward_equals_the_hugging_face_loss(name: str, packed: bool):
+    """LoRA on every linear layer, fp32: deltatune's loss through the fast forward (on padded or packed
+    rows) and every trainable gradient equal ``model(**batch, labels=...)``'s on the padded rows."""
+    with fast_forward_runs() as runs:
+        result = family_conformance(FAST_FAMILIES[name], {"delta": [LORA_ALL]}, packed)
+    assert runs, "the fast forward did not compute this loss"
+    assert result.loss <= 1e-5 and result.gradient <= 1e-5, result
+
+
+@pytest.mark.parametrize("name", DECLINING_FAMILIES)
+def test_a_batch_longer_than_a_sliding_window_is_declined(name: str):
+    factory = DECLINING_FAMILIES[name]
+    assert fast_forward_for(build_model(resolve_spec({"delta": [LORA_ALL]}), factory())) is not None
+    with fast_forward_runs() as runs:
+        result = family_conformance(factory, {"delta": [LORA_ALL]})
+    assert runs == []  # the plain path computed it, the window applied
+    assert result.loss <= 1e-5 and result.gradient <= 1e-5, result
+
+
+@pytest.mark.parametrize(("family", "settings"), [
+    ("llama", {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0}}),
+    ("qwen2", {"layer_types": ["full_attention", "chunked_attention"]}),
+], ids=["dynamic rope", "unknown layer type"])
+def test_a_model_the_forward_does_not_compute_is_declined(family: str, settings: dict):
+    assert fast_forward_for(family_variant(family, **settings)()) is None
 
 
 # -- what the fast path leaves alone --------------------------------------------------------------------------
