@@ -21,7 +21,9 @@ quantized) and holds named ``Delta`` modules (``WeightUpdateDelta`` when the mer
 update ``ΔW``); ``LayerDeltaMethod`` implements the whole ``DeltaMethod`` protocol for methods made of
 such deltas (a subclass writes ``make_delta``). ``base_weight`` reads the dense weight of any
 (quantized, wrapped) linear layer. Target selection, as PEFT does it: ``find_targets``,
-``target_matches``, ``get_submodule_parent``, ``delta_layers``. The low-rank pair LoRA-style methods
+``target_matches``, ``get_submodule_parent``, ``delta_layers``; besides PEFT's forms, ``targets`` takes the
+role words ``TARGET_ROLES`` (``attention``, ``mlp``: the layers a model family places there, by default
+``generic_target_roles``), and ``TARGETS_HELP`` describes the whole option for a method's ``Config``. The low-rank pair LoRA-style methods
 share: ``LowRankConfig``, ``LowRankDelta``, ``LOW_RANK_PEFT_FIELDS``. PEFT checkpoint names:
 ``PEFT_PREFIX``, ``copy_named_tensors``.
 
@@ -111,7 +113,7 @@ from deltatune.deltas.layer import Delta, DeltaLinear, WeightUpdateDelta, base_w
 from deltatune.deltas.lowrank import LOW_RANK_PEFT_FIELDS, LowRankConfig, LowRankDelta
 from deltatune.deltas.method import LayerDeltaMethod
 from deltatune.deltas.peft_names import PEFT_PREFIX, copy_named_tensors
-from deltatune.deltas.targets import find_targets, target_matches
+from deltatune.deltas.targets import TARGET_ROLES, TARGETS_HELP, find_targets, generic_target_roles, target_matches
 from deltatune.deltas.virtual import VirtualTokenMethod, VirtualTokens, add_virtual_tokens, virtual_tokens
 from deltatune.errors import ConfigError, DataError, DeltaTuneError
 from deltatune.io.atomic import atomic_file
@@ -187,6 +189,9 @@ __all__ = [
     "find_targets",
     "get_submodule_parent",
     "target_matches",
+    "TARGETS_HELP",
+    "TARGET_ROLES",
+    "generic_target_roles",
     # delta methods: the virtual-token seam
     "VirtualTokenMethod",
     "VirtualTokens",

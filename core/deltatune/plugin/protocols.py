@@ -325,6 +325,13 @@ class OptimizerFactory(Protocol):
         "this model exactly (a hooked module, say); the forward returns None for a batch it does not take. "
         "Absent: the plain path.",
     ),
+    OptionalMember(
+        "target_roles", None, "method",
+        "target_roles(model) -> dict[str, list[str]]: the names (as model.named_modules() gives them) of "
+        "model's linear layers that a delta method's targets `attention` and `mlp` select, by "
+        "role (keys: those two; a layer in neither is `other`). Absent: the core places each linear layer by "
+        "the names of the modules above it (deltatune.api.generic_target_roles).",
+    ),
 )
 @runtime_checkable
 class ModelFamily(Protocol):
@@ -333,7 +340,8 @@ class ModelFamily(Protocol):
     A family serves the configs whose ``model_type`` is in :attr:`model_types` and for which
     :meth:`unhandled` finds nothing; for those, :meth:`logit_transform` turns the LM head's output into
     the model's logits inside the chunked loss. A model no family serves trains on the generic path,
-    exact for every causal LM. Optional member: ``fast_forward`` (see :func:`optional_members`).
+    exact for every causal LM. Optional members: ``fast_forward``, ``target_roles`` (see
+    :func:`optional_members`).
     """
 
     name: ClassVar[str]
