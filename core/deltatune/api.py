@@ -55,6 +55,13 @@ takes the generic exact path.
 ``refresh_groups`` (linear layers reading one input computed as one grouped product);
 ``deferred_tied_head`` (a tied head trained by an optimizer that updates inside backward).
 
+**Model families: estimate terms** — what a family's ``activation_terms`` returns and builds on, for
+``deltatune estimate``: ``ActivationTerms`` (the protocol of the returned object), ``INPUT_GROUPS``
+(the linear layers of a Llama-style decoder layer reading one input), ``grouped_product_class`` (the
+``GroupedProduct`` that would compute a group's ``Projection``\ s as one, or ``None``), ``delta_keeps`` and
+``has_dropout`` (what a delta makes autograd keep), ``decoder_widths`` (a config's hidden, intermediate,
+head and key/value widths) and ``plain_activation_bytes`` (the plain forward's terms, the fallback).
+
 **Quantizers and evaluators: precision** — ``compute_dtype`` (the dtype an ``auto``/``bf16``/``fp32``
 choice means on this machine), ``compute_context`` (the autocast a model of that dtype runs under).
 
@@ -105,6 +112,7 @@ from deltatune.deltas.grouped import (
     ProjectionGroup,
     base_input_grad,
     base_products,
+    grouped_product_class,
     hooked,
     no_autocast,
     refresh_groups,
@@ -125,6 +133,14 @@ from deltatune.evaluation.helpers import (
     normalize_answer,
     sequence_logprobs,
     summarize,
+)
+from deltatune.estimate.activations import (
+    INPUT_GROUPS,
+    ActivationTerms,
+    decoder_widths,
+    delta_keeps,
+    has_dropout,
+    plain_activation_bytes,
 )
 from deltatune.model.assembly import compute_context, compute_dtype
 from deltatune.model.generation import chat_prompt
@@ -215,6 +231,14 @@ __all__ = [
     "head_loss",
     "refresh_groups",
     "round_up",
+    # model families: estimate terms
+    "ActivationTerms",
+    "INPUT_GROUPS",
+    "decoder_widths",
+    "delta_keeps",
+    "grouped_product_class",
+    "has_dropout",
+    "plain_activation_bytes",
     # precision
     "compute_context",
     "compute_dtype",

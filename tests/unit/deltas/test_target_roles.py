@@ -84,13 +84,9 @@ class Olmo2Wrong(Olmo2ByDepth):
 
 
 def _installing(family: type) -> types.ModuleType:
+    """A plugin module registering ``family``."""
     module = types.ModuleType(f"deltatune_test_{family.__name__.lower()}")
-
-    @hookimpl
-    def deltatune_register_model_families(register) -> None:
-        register(family)
-
-    module.deltatune_register_model_families = deltatune_register_model_families
+    module.deltatune_register_model_families = hookimpl(lambda register: register(family))
     return module
 
 
