@@ -58,7 +58,7 @@ takes the generic exact path.
 **Model families: estimate terms** — what a family's ``activation_terms`` returns and builds on, for
 ``deltatune estimate``: ``ActivationTerms`` (the protocol of the returned object), ``INPUT_GROUPS``
 (the linear layers of a Llama-style decoder layer reading one input), ``grouped_product_class`` (the
-``GroupedProduct`` that would compute a group's ``Projection``\ s as one, or ``None``), ``delta_keeps`` and
+``GroupedProduct`` that would compute a group's projections (``Projection``) as one, or ``None``), ``delta_keeps`` and
 ``has_dropout`` (what a delta makes autograd keep), ``decoder_widths`` (a config's hidden, intermediate,
 head and key/value widths) and ``plain_activation_bytes`` (the plain forward's terms, the fallback).
 
