@@ -109,8 +109,9 @@ def target_roles(model: nn.Module, families: list[Any] | None = None) -> dict[st
         raise ConfigError(f"model family '{family.name}': target_roles names "
                           + (f"{', '.join(wrong)}, neither a role ({', '.join(TARGET_ROLES)}) nor a linear layer of "
                              "the model" if wrong else f"{', '.join(twice)} in two roles"))
-    roles = {role: [name for name in linear if name in set(placed.get(role, ()))] for role in TARGET_ROLES}
-    return {**roles, OTHER_ROLE: [name for name in linear if name not in set(named)]}
+    members = {role: set(placed.get(role, ())) for role in TARGET_ROLES}
+    roles = {role: [name for name in linear if name in names] for role, names in members.items()}
+    return {**roles, OTHER_ROLE: [name for name in linear if name not in named]}
 
 
 def describe_roles(roles: dict[str, list[str]]) -> str:
