@@ -21,7 +21,9 @@ quantized) and holds named ``Delta`` modules (``WeightUpdateDelta`` when the mer
 update ``ΔW``); ``LayerDeltaMethod`` implements the whole ``DeltaMethod`` protocol for methods made of
 such deltas (a subclass writes ``make_delta``). ``base_weight`` reads the dense weight of any
 (quantized, wrapped) linear layer. Target selection, as PEFT does it: ``find_targets``,
-``target_matches``, ``get_submodule_parent``, ``delta_layers``. The low-rank pair LoRA-style methods
+``target_matches``, ``get_submodule_parent``, ``delta_layers``; besides PEFT's forms, ``targets`` takes the
+role words ``TARGET_ROLES`` (``attention``, ``mlp``: the layers a model family places there, by default
+``generic_target_roles``), and ``TARGETS_HELP`` describes the whole option for a method's ``Config``. The low-rank pair LoRA-style methods
 share: ``LowRankConfig``, ``LowRankDelta``, ``LOW_RANK_PEFT_FIELDS``. PEFT checkpoint names:
 ``PEFT_PREFIX``, ``copy_named_tensors``.
 
@@ -52,6 +54,13 @@ takes the generic exact path.
 ``SHAPE_STEPS`` (the steps to which it rounds its shapes) and ``round_up``; ``ProjectionGroup`` and
 ``refresh_groups`` (linear layers reading one input computed as one grouped product);
 ``deferred_tied_head`` (a tied head trained by an optimizer that updates inside backward).
+
+**Model families: estimate terms** — what a family's ``activation_terms`` returns and builds on, for
+``deltatune estimate``: ``ActivationTerms`` (the protocol of the returned object), ``INPUT_GROUPS``
+(the linear layers of a Llama-style decoder layer reading one input), ``grouped_product_class`` (the
+``GroupedProduct`` that would compute a group's projections (``Projection``) as one, or ``None``), ``delta_keeps`` and
+``has_dropout`` (what a delta makes autograd keep), ``decoder_widths`` (a config's hidden, intermediate,
+head and key/value widths) and ``plain_activation_bytes`` (the plain forward's terms, the fallback).
 
 **Quantizers and evaluators: precision** — ``compute_dtype`` (the dtype an ``auto``/``bf16``/``fp32``
 choice means on this machine), ``compute_context`` (the autocast a model of that dtype runs under).
@@ -103,6 +112,7 @@ from deltatune.deltas.grouped import (
     ProjectionGroup,
     base_input_grad,
     base_products,
+    grouped_product_class,
     hooked,
     no_autocast,
     refresh_groups,
@@ -111,7 +121,7 @@ from deltatune.deltas.layer import Delta, DeltaLinear, WeightUpdateDelta, base_w
 from deltatune.deltas.lowrank import LOW_RANK_PEFT_FIELDS, LowRankConfig, LowRankDelta
 from deltatune.deltas.method import LayerDeltaMethod
 from deltatune.deltas.peft_names import PEFT_PREFIX, copy_named_tensors
-from deltatune.deltas.targets import find_targets, target_matches
+from deltatune.deltas.targets import TARGET_ROLES, TARGETS_HELP, find_targets, generic_target_roles, target_matches
 from deltatune.deltas.virtual import VirtualTokenMethod, VirtualTokens, add_virtual_tokens, virtual_tokens
 from deltatune.errors import ConfigError, DataError, DeltaTuneError
 from deltatune.io.atomic import atomic_file
@@ -123,6 +133,14 @@ from deltatune.evaluation.helpers import (
     normalize_answer,
     sequence_logprobs,
     summarize,
+)
+from deltatune.estimate.activations import (
+    INPUT_GROUPS,
+    ActivationTerms,
+    decoder_widths,
+    delta_keeps,
+    has_dropout,
+    plain_activation_bytes,
 )
 from deltatune.model.assembly import compute_context, compute_dtype
 from deltatune.model.generation import chat_prompt
@@ -187,6 +205,9 @@ __all__ = [
     "find_targets",
     "get_submodule_parent",
     "target_matches",
+    "TARGETS_HELP",
+    "TARGET_ROLES",
+    "generic_target_roles",
     # delta methods: the virtual-token seam
     "VirtualTokenMethod",
     "VirtualTokens",
@@ -210,6 +231,14 @@ __all__ = [
     "head_loss",
     "refresh_groups",
     "round_up",
+    # model families: estimate terms
+    "ActivationTerms",
+    "INPUT_GROUPS",
+    "decoder_widths",
+    "delta_keeps",
+    "grouped_product_class",
+    "has_dropout",
+    "plain_activation_bytes",
     # precision
     "compute_context",
     "compute_dtype",

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from deltatune.deltas.layer import WeightUpdateDelta
+from deltatune.deltas.targets import TARGETS_HELP
 from deltatune.errors import ConfigError
 
 
@@ -26,7 +27,7 @@ class LowRankConfig(BaseModel):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout on the input of the low-rank pair")
     targets: list[str] | str = Field(
         default_factory=lambda: ["q_proj", "v_proj"],
-        description="module-name suffixes, 're:REGEX', or 'all-linear' (every linear layer but the LM head)",
+        description=TARGETS_HELP,
     )
     target_parameters: list[str] | str | None = Field(
         None, description="MoE expert parameters (3-D, transformers 5) to adapt too, as PEFT's target_parameters: "

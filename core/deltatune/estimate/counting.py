@@ -16,7 +16,7 @@ from typing import Any
 
 from deltatune.errors import ConfigError
 
-from deltatune.estimate.activations import Group, _delta_keeps, _groups, _has_dropout
+from deltatune.estimate.activations import ActivationTerms, delta_keeps, has_dropout
 
 
 def _llama(hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int | None = None,
@@ -111,8 +111,9 @@ class Layout:
     """Quantized linear layers of the first decoder layer: suffix → input width."""
     trainable_embeddings: bool = False
     trainable_head: bool = False
-    groups: dict[str, Group] | None = None
-    """The first decoder layer's linear-layer groups when the fast path runs the model."""
+    fast_terms: ActivationTerms | None = None
+    """What the fast training forward of the model's family keeps for backward, when it runs the model
+    and the family says (its optional ``activation_terms``); ``None``: the plain forward's terms."""
     compute_copies: int = 0
     """Elements of the compute-dtype copies of trained weights the fast path's grouped products keep."""
     trains_base: bool = False
@@ -205,22 +206,23 @@ def layout(config: Any, deltas: list[Any], quantizer: Any | None, fast_path: boo
             continue
         suffix = name[len(layer_prefix):]
         if isinstance(module, DeltaLinear) and module.deltas:
-            kept = [_delta_keeps(d, module.in_features, module.out_features, widths.get(key, 0))
+            kept = [delta_keeps(d, module.in_features, module.out_features, widths.get(key, 0))
                     for key, d in module.deltas.items()]
-            dropout = any(_has_dropout(d) for d in module.deltas.values())
+            dropout = any(has_dropout(d) for d in module.deltas.values())
             out.adapted[suffix] = {"in": module.in_features, "out": module.out_features,
                                    "r": sum(extra for _, extra in kept), "dropout": dropout,
                                    "input": any(saves for saves, _ in kept)}
         elif hasattr(module, "weight") and getattr(module.weight, "requires_grad", False) and module.weight.ndim == 2:
             out.adapted[suffix] = {"in": module.weight.shape[1], "out": module.weight.shape[0], "r": 0,
                                    "dropout": False, "input": True}
-    from deltatune.model.families import family_fast_forward, installed_families, serving_family
+    from deltatune.model.families import KIND, family_fast_forward, installed_families, serving_family
+    from deltatune.plugin.protocols import optional_member
 
-    if fast_path and family_fast_forward(model, serving_family(config, installed_families())[0]) is not None:
-        out.groups = _groups(model, quantized, widths)
-        if out.groups is not None:
-            per_layer = sum(g.compute_copies for g in out.groups.values() if g.fused)
-            out.compute_copies = per_layer * config.num_hidden_layers
+    family = serving_family(config, installed_families())[0]
+    terms = optional_member(KIND, family, "activation_terms") if family is not None else None
+    if fast_path and terms is not None and family_fast_forward(model, family) is not None:
+        out.fast_terms = terms(model, quantized, widths)
+        out.compute_copies = out.fast_terms.compute_copies if out.fast_terms is not None else 0
     return out
 
 

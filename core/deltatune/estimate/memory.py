@@ -26,11 +26,12 @@ configurations stored here, nothing is downloaded), a local Hugging Face folder 
 * gradients of the trained weights (one parameter's worth for optimizers that update inside backward);
 * optimizer state: what the optimizer declares per trained tensor (``state_bytes_per_param``; two
   moments per element in the parameter dtype when it declares nothing, with a note);
-* activations kept for backward (:func:`activation_bytes`: a per-layer, per-token model of a
-  Llama-style decoder as deltatune runs it — its fast path with grouped low-rank products, hand-written norm,
-  attention and SiLU backward, and a chunked cross-entropy that keeps no logits — checked against
-  the tensors autograd really keeps in ``tests/unit/estimate/test_estimate.py``); with gradient checkpointing
-  the layer inputs plus one recomputed layer;
+* activations kept for backward (:func:`activation_bytes`: a per-layer, per-token model of the decoder
+  as deltatune runs it — where the fast training forward of the model's family runs it, the terms the
+  family declares (``activation_terms``: the Llama family's grouped low-rank products, hand-written norm,
+  attention and SiLU backward, and a chunked cross-entropy that keeps no logits), else the plain
+  forward's — checked against the tensors autograd really keeps in ``tests/unit/estimate/test_estimate.py``);
+  with gradient checkpointing the layer inputs plus one recomputed layer;
 * transients: the largest of one chunk of logits, one layer's attention backward and a dequantized
   weight (for a MoE layer: all the expert weights one experts module computes with, dequantized or
   changed by a delta; they are computed again in backward, not kept), plus one layer's backward working set;

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,6 +44,7 @@ from torch import nn
 
 from deltatune.deltas.experts import delta_experts
 from deltatune.deltas.layer import delta_layers
+from deltatune.deltas.targets import TARGET_ROLES
 from deltatune.errors import ConfigError
 from deltatune.io.adapter import load_for_export
 from deltatune.io.atomic import atomic_folder, check_target
@@ -118,8 +120,12 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _targets_from_peft(value: Any) -> list[str] | str:
-    """PEFT ``target_modules`` as a deltatune ``targets`` option (a string is a full-match regex)."""
-    return f"re:{value}" if isinstance(value, str) else sorted(value)
+    """PEFT ``target_modules`` as a deltatune ``targets`` option (a string is a full-match regex; a
+    name that is a deltatune role word, :data:`~deltatune.deltas.targets.TARGET_ROLES`, is a module
+    name there, so it becomes the regular expression matching that name)."""
+    if isinstance(value, str):
+        return f"re:{value}"
+    return sorted(rf"re:(.*\.)?{re.escape(name)}" if name in TARGET_ROLES else name for name in value)
 
 
 def check_peft_config(method: Any, cfg: Any, config: dict[str, Any], folder: str | Path,

@@ -17,17 +17,10 @@ import torch
 from torch import nn
 
 from deltatune.deltas.virtual import virtual_tokens
-from deltatune.errors import ConfigError
-from deltatune.plugin.manager import PluginManager, get_plugin_manager
+from deltatune.plugin.families import KIND, claiming_family, installed_families
 from deltatune.plugin.protocols import optional_member
 
-KIND = "model_family"
-
-
-def installed_families(manager: PluginManager | None = None) -> list[Any]:
-    """An instance of every model family ``manager`` (default: the installed plugins) holds, by name."""
-    manager = manager or get_plugin_manager()
-    return [manager.get(KIND, name).cls() for name in manager.names(KIND)]
+__all__ = ["KIND", "FastForward", "family_fast_forward", "installed_families", "serving_family"]
 
 
 def serving_family(config: Any, families: list[Any]) -> tuple[Any | None, str]:
@@ -35,14 +28,9 @@ def serving_family(config: Any, families: list[Any]) -> tuple[Any | None, str]:
     family claiming its model type does not handle it exactly; ``(None, "")`` when none claims it.
 
     Raises :class:`ConfigError` when two families claim the model type (naming both)."""
-    model_type = getattr(config, "model_type", None)
-    claiming = [family for family in families if model_type in family.model_types]
-    if len(claiming) > 1:
-        raise ConfigError(f"model families {' and '.join(f.name for f in claiming)} both serve model type "
-                          f"'{model_type}'; uninstall one")
-    if not claiming:
+    family = claiming_family(config, families)
+    if family is None:
         return None, ""
-    family = claiming[0]
     reason = family.unhandled(config)
     if reason:
         return None, f"the {family.name} model family does not handle it exactly ({reason})"

@@ -325,6 +325,23 @@ class OptimizerFactory(Protocol):
         "this model exactly (a hooked module, say); the forward returns None for a batch it does not take. "
         "Absent: the plain path.",
     ),
+    OptionalMember(
+        "target_roles", None, "method",
+        "target_roles(model) -> dict[str, list[str]]: the names (as model.named_modules() gives them) of "
+        "model's linear layers that a delta method's targets `attention` and `mlp` select, by "
+        "role (keys: those two; a layer in neither is `other`). Absent: the core places each linear layer by "
+        "the names of the modules above it (deltatune.api.generic_target_roles).",
+    ),
+    OptionalMember(
+        "activation_terms", None, "method",
+        "activation_terms(model, quantized, inner_widths) -> ActivationTerms | None: for `deltatune estimate`, what "
+        "the family's fast_forward keeps for backward when it runs model (a meta-device model with the run's deltas "
+        "applied; quantized: the names of the modules the quantizer replaces; inner_widths: delta method name -> its "
+        "inner_width): an object with `compute_copies` (elements of trained weights the fast forward holds in the "
+        "compute dtype, whole model) and `activation_bytes(config, lay, batch, seq, compute, checkpointing, "
+        "labelled, quantized_saves_input) -> dict` (deltatune.api.ActivationTerms); None when it cannot say for "
+        "this model. Absent: the estimate uses the plain forward's terms (deltatune.api.plain_activation_bytes).",
+    ),
 )
 @runtime_checkable
 class ModelFamily(Protocol):
@@ -333,7 +350,8 @@ class ModelFamily(Protocol):
     A family serves the configs whose ``model_type`` is in :attr:`model_types` and for which
     :meth:`unhandled` finds nothing; for those, :meth:`logit_transform` turns the LM head's output into
     the model's logits inside the chunked loss. A model no family serves trains on the generic path,
-    exact for every causal LM. Optional member: ``fast_forward`` (see :func:`optional_members`).
+    exact for every causal LM. Optional members: ``fast_forward``, ``target_roles``,
+    ``activation_terms`` (see :func:`optional_members`).
     """
 
     name: ClassVar[str]

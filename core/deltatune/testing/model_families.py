@@ -7,6 +7,8 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from deltatune.deltas.targets import target_roles
+from deltatune.errors import ConfigError
 from deltatune.model.families import installed_families, serving_family
 from deltatune.model.logits import LogitTransform
 from deltatune.plugin.manager import PluginManager
@@ -68,6 +70,17 @@ class ModelFamilyContract(PluginContract):
             assert family.unhandled(config) is None, f"{name}: {family.unhandled(config)}"
             transform = family.logit_transform(config)
             assert transform is None or isinstance(transform, LogitTransform), f"{name}: {transform!r}"
+
+    def test_target_roles_place_linear_layers(self, manager: PluginManager) -> None:
+        """The roles the targets ``attention`` and ``mlp`` select (the family's ``target_roles``, or the
+        generic placement) name linear layers of each tiny model, each in one role."""
+        assert self.tiny_models, NO_TINY_MODELS.format(type(self).__name__)
+        families = installed_families(manager)
+        for name, factory in self.tiny_models.items():
+            try:
+                target_roles(factory(), families)
+            except ConfigError as exc:
+                raise AssertionError(f"{name}: {exc}") from None
 
     def test_loss_and_gradients_equal_the_hugging_face_ones(self, manager: PluginManager) -> None:
         """Every tiny model × every spec × padded and packed rows."""

@@ -29,7 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from deltatune.api import PEFT_PREFIX, ConfigError, DeltaLinear, console, find_targets, hookimpl
+from deltatune.api import PEFT_PREFIX, TARGETS_HELP, ConfigError, DeltaLinear, console, find_targets, hookimpl
 
 logger = logging.getLogger("deltatune.bitfit")
 
@@ -44,8 +44,7 @@ class BitfitConfig(BaseModel):
 
     targets: list[str] | str = Field(
         "all-linear",
-        description="linear layers whose biases train: module-name suffixes, 're:REGEX', or 'all-linear' "
-        "(every linear layer but the LM head)",
+        description=f"linear layers whose biases train: {TARGETS_HELP}",
     )
     add_missing: Literal["auto", "always", "never"] = Field(
         "auto",

@@ -61,6 +61,13 @@ class FastDecoderFamily(Family):
 
         return fast_forward_for(model)
 
+    def activation_terms(self, model: nn.Module, quantized: set[str], inner_widths: dict[str, int]) -> Any:
+        """What the Llama fast forward keeps for backward on ``model``, for ``deltatune estimate``
+        (:class:`deltatune_families.estimate.LlamaActivations`), or ``None`` when it is not Llama-shaped."""
+        from deltatune_families.estimate import LlamaActivations
+
+        return LlamaActivations.of(model, quantized, inner_widths)
+
 
 class Llama(FastDecoderFamily):
     """Llama 1/2/3 (every rope type: the model's own rotary embedding runs; the fast forward takes those

@@ -50,7 +50,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from deltatune.api import ConfigError, Delta, DeltaLinear, LayerDeltaMethod, hookimpl, target_matches
+from deltatune.api import TARGETS_HELP, ConfigError, Delta, DeltaLinear, LayerDeltaMethod, hookimpl, target_matches
 
 __all__ = ["IA3", "IA3Config", "IA3Delta"]
 __version__ = "0.1.0"
@@ -73,7 +73,7 @@ class IA3Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     targets: list[str] | str | None = Field(
-        None, description="module-name suffixes, 're:REGEX', or 'all-linear'; unset: PEFT's default for the model family",
+        None, description=f"{TARGETS_HELP}; unset: PEFT's default for the model family",
     )
     feedforward: list[str] | None = Field(
         None, description="targets whose input (not output) is scaled: the feed-forward layers; unset: PEFT's "

@@ -69,7 +69,7 @@ import torch  # noqa: E402
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator  # noqa: E402
 from torch import nn  # noqa: E402
 
-from deltatune.api import (ConfigError, base_weight, compute_dtype, find_targets, get_submodule_parent, hookimpl,
+from deltatune.api import (TARGETS_HELP, ConfigError, base_weight, compute_dtype, find_targets, get_submodule_parent, hookimpl,
                            iter_expert_parameters, target_matches, wrap_experts)
 
 __all__ = [
@@ -105,9 +105,9 @@ class NF4Config(BaseModel):
     compute_dtype: Literal["auto", "bf16", "fp32"] = Field(
         "auto", description="dtype of the dequantized matmul; auto: bf16 where the hardware has it, else fp32"
     )
-    targets: list[str] | Literal["all-linear"] = Field(
+    targets: list[str] | Literal["all-linear", "attention", "mlp"] = Field(
         "all-linear",
-        description="module-name suffixes, 're:REGEX', or 'all-linear' (every nn.Linear but the LM head)",
+        description=TARGETS_HELP,
     )
     skip: list[str] = Field(
         default_factory=lambda: ["lm_head"],

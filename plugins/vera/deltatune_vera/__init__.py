@@ -28,6 +28,7 @@ from torch import nn
 
 from deltatune.api import (
     PEFT_PREFIX,
+    TARGETS_HELP,
     ConfigError,
     DeltaLinear,
     LayerDeltaMethod,
@@ -46,7 +47,7 @@ class VeraConfig(BaseModel):
     r: int = Field(256, gt=0, description="rank of the shared random projections")
     targets: list[str] | str = Field(
         default_factory=lambda: ["q_proj", "v_proj"],
-        description="module-name suffixes, 're:REGEX', or 'all-linear' (every linear layer but the LM head)",
+        description=TARGETS_HELP,
     )
     projection_prng_key: int = Field(0, ge=0, description="seed of the shared random projections A and B")
     d_initial: float = Field(0.1, description="initial value of every entry of the vector d")

@@ -47,7 +47,7 @@ def test_explicit_targets_keep_their_order_without_duplicates():
 
 
 def test_a_target_matching_nothing_names_the_method_and_the_modules_there():
-    with pytest.raises(ConfigError, match=r"^dora: target 'v_proj' matches no linear module.*k_proj, lm_head, q_proj, up_proj"):
+    with pytest.raises(ConfigError, match=r"^dora: target 'v_proj' matches no linear module.*other: q_proj, k_proj, up_proj, lm_head"):
         find_targets(Tiny(), ["v_proj"], "dora")
     with pytest.raises(ConfigError, match="not a valid regular expression"):
         find_targets(Tiny(), ["re:("], "lora")
