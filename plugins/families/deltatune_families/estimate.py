@@ -95,8 +95,10 @@ def first_layer_groups(model: nn.Module, quantized: set[str], widths: dict[str, 
 class LlamaActivations:
     """The activation terms of the Llama fast forward for one model (its first layer's groups)."""
 
-    def __init__(self, groups: dict[str, Group], layers: int) -> None:
+    def __init__(self, groups: dict[str, Group], layers: int, qk_norm: bool = False) -> None:
         self.groups = groups
+        self.qk_norm = qk_norm
+        """Whether attention normalizes each query and key head (Qwen 3's QK-norm)."""
         self.compute_copies = sum(g.compute_copies for g in groups.values() if g.fused) * layers
         """Elements of the compute-dtype copies of trained weights the grouped products keep, over all layers."""
 
@@ -104,7 +106,10 @@ class LlamaActivations:
     def of(cls, model: nn.Module, quantized: set[str], widths: dict[str, int]) -> LlamaActivations | None:
         """The terms of ``model`` (see :func:`first_layer_groups`), or ``None`` when it is not Llama-shaped."""
         groups = first_layer_groups(model, quantized, widths)
-        return cls(groups, model.config.num_hidden_layers) if groups is not None else None
+        if groups is None:
+            return None
+        attention = getattr(model.get_decoder().layers[0], "self_attn", None)
+        return cls(groups, model.config.num_hidden_layers, qk_norm=hasattr(attention, "q_norm"))
 
     def activation_bytes(self, config: Any, lay: Any, batch: int, seq: int, compute: int,
                          checkpointing: bool = False, labelled: float = 1.0,
@@ -121,6 +126,8 @@ class LlamaActivations:
           ``c q``, ``c h``, ``c i``) and its inner output (``c r``), frozen bases alone nothing;
         * attention keeps q, k, v and the softmax probabilities: ``c (q + 2 kv) + c H W`` per row of its
           ``(examples x width)`` layout (width rounded up, as the token rows are);
+        * with QK-norm, its RMSNorm keeps the q/k/v projections' output and 1/rms of every query and key
+          head: ``c (q + 2 kv) + 4 (H + KV)``;
         * the SiLU gate keeps gate and up: ``2 c i``.
 
         A group the fast path does not run as a grouped product (a quantized base, dropout, a delta
@@ -162,6 +169,8 @@ class LlamaActivations:
             for key in ("qkv", "attention", "o", "norm", "gate_up", "silu", "down"):
                 if key == "attention":
                     kept += compute * (q + 2 * kv + heads * width) * attention_rows / tokens if grad else 0
+                    if self.qk_norm and grad:
+                        kept += compute * (q + 2 * kv) + 4 * (q + kv) // head_dim
                 elif key == "norm":
                     kept += (compute * h + 4) if grad else 0
                 elif key == "silu":
