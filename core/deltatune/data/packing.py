@@ -7,7 +7,7 @@ restricted to its own example. The packed batch has *no* ``attention_mask``; Hug
 (``masking_utils.find_packed_sequence_indices``) and builds a block-diagonal causal mask for the
 sdpa, eager and flex attention kernels. The first label of every example is ignored, as it is when the
 example stands alone (nothing precedes it to predict it from), so the loss of each example is the
-same packed and unpacked — ``tests/unit/data/test_packing.py`` checks it to 1e-5, and :func:`deltatune.train.packing_check.packing_leak`
+same packed and unpacked — ``tests/unit/data/test_packing.py`` checks it to 1e-5, and :func:`deltatune.train.packing_check.packing_problem`
 lets a run check it on its own model before training.
 """
 

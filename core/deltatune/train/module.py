@@ -34,7 +34,7 @@ from deltatune.deltas.virtual import check_checkpointing
 from deltatune.model.assembly import (DType, ModelSpec, ResolvedSpec, check_on_skeleton, compile_decoder_layers, compute_context,
                                       eval_mode,
                                       trainable_summary)
-from deltatune.train.packing_check import packing_leak
+from deltatune.train.packing_check import packing_problem
 from deltatune.train import resume
 from deltatune.train.report import PLOT_FILE, REPORT_FILE, RunReport, plot_losses
 
@@ -421,9 +421,8 @@ class DeltaTuneModule(L.LightningModule):
         self.report.parameters = {"trainable": trainable, "total": total}
         self.report.batches = datamodule.batch_stats()
         console.print_batches(self.report.batches)
-        if datamodule.packing and (leak := packing_leak(self.model)) > 1e-4:
-            raise ConfigError(f"packing is unsafe with this model: examples packed together change each "
-                              f"other's loss (relative difference {leak:.2e}); set data.packing: false")
+        if datamodule.packing and (problem := packing_problem(self.model)):
+            raise ConfigError(f"packing is unsafe with this model: {problem}; set data.packing: false")
         if self._resumed is not None:  # measured before training began, never on restored weights
             resume.restore_report(self._resumed, self.report)
         elif self.hparams.compare_base and self.trainer.ckpt_path is None:
