@@ -221,3 +221,23 @@ def test_log_likelihoods_of_evaluators_are_those_of_the_models_own_logits() -> N
     labels = batch["labels"][:, 1:]
     picked = logprobs.gather(2, labels.clamp_min(0)[..., None]).squeeze(2) * (labels != -100)
     assert torch.allclose(torch.tensor(sequence_logprobs(model, rows, pad_id=0), dtype=torch.float64), picked.sum(1).double(), rtol=1e-5)
+
+
+def test_a_linear_subclass_with_its_own_forward_is_not_a_target() -> None:
+    """Llama 4's router subclasses ``nn.Linear`` but returns (scores, logits): ``all-linear`` leaves it
+    to the model (PEFT-style wrapping would add a delta to a tuple), and the model trains on its own loss."""
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    def factory(seed: int = 0) -> torch.nn.Module:
+        config = Llama4TextConfig(vocab_size=320, hidden_size=64, intermediate_size=96, intermediate_size_mlp=96,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                  num_local_experts=4, max_position_embeddings=256, pad_token_id=0)
+        torch.manual_seed(seed)
+        return Llama4ForCausalLM(config).float()
+
+    model = factory()
+    routers = [name for name, module in model.named_modules() if type(module).__name__ == "Llama4Router"]
+    assert routers and isinstance(model.get_submodule(routers[0]), torch.nn.Linear)
+    chosen = find_targets(model, "all-linear", "lora")
+    assert chosen and not set(routers) & set(chosen)
+    assert_family_conformance(factory, METHODS["qlora"])

@@ -167,8 +167,15 @@ def is_quantized(module: nn.Module) -> bool:
 
 
 def is_linear(module: nn.Module) -> bool:
-    """Whether ``module`` is a plain linear layer: ``nn.Linear``, or a ``Conv1D`` (its weight transposed)."""
-    return isinstance(module, (nn.Linear, Conv1D))
+    """Whether ``module`` is a linear layer a delta can wrap: an ``nn.Linear`` (quantized layers such as
+    bitsandbytes' subclass it), or a ``Conv1D`` (its weight transposed) — but not a model's own
+    ``nn.Linear`` subclass with a forward of its own (Llama 4's router returns scores and logits, not
+    ``x Wᵀ + b``)."""
+    if not isinstance(module, (nn.Linear, Conv1D)):
+        return False
+    forward = type(module).forward
+    model_code = type(module).__module__.startswith("transformers.models.")
+    return not model_code or forward in (nn.Linear.forward, Conv1D.forward)
 
 
 def linear_features(module: nn.Module) -> tuple[int, int]:

@@ -334,7 +334,7 @@ def test_bad_options_name_the_field_and_the_allowed_values():
     cases = {
         "compute_dtype": ("fp16", r"compute_dtype\n.*'auto', 'bf16' or 'fp32'"),
         "blocksize": (100, r"blocksize\n.*32, 64, 128, 256, 512, 1024, 2048 or 4096"),
-        "targets": ("all", r"targets\.literal\['all-linear'\]"),
+        "targets": ("all", r"targets\.literal\['all-linear','attention','mlp'\]"),
         "double_quant": ("maybe", r"double_quant\n.*valid boolean"),
     }
     for field, (value, pattern) in cases.items():
