@@ -69,10 +69,11 @@ class LowRankDelta(WeightUpdateDelta):
 
     def __init__(self, in_features: int, out_features: int, r: int, scaling: float, dropout: float) -> None:
         super().__init__()
-        width = min(in_features, out_features)
-        if r > width:
-            raise ConfigError(f"rank r={r} exceeds the layer's width ({out_features}x{in_features}): a low-rank "
-                              f"update of it has rank at most {width}; choose r <= {width} or target other modules")
+        largest = max(in_features, out_features)
+        if r > largest:  # a rank between the two sizes only wastes parameters, as PEFT allows (a 1-wide gate)
+            raise ConfigError(f"rank r={r} exceeds both sizes of the layer ({out_features}x{in_features}): a low-rank "
+                              f"update of it has rank at most {min(in_features, out_features)}; choose r <= {largest} "
+                              "or target other modules")
         self.lora_A = nn.Linear(in_features, r, bias=False)
         self.lora_B = nn.Linear(r, out_features, bias=False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()

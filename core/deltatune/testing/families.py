@@ -69,6 +69,8 @@ TINY_FAMILIES: dict[str, Callable[..., nn.Module]] = {
     "qwen3": _build("Qwen3Config", "Qwen3ForCausalLM", **_COMMON, head_dim=16),
     "qwen3_moe": _build("Qwen3MoeConfig", "Qwen3MoeForCausalLM", **_COMMON, head_dim=16, num_experts=4,
                         num_experts_per_tok=2, moe_intermediate_size=32),
+    "qwen2_moe": _build("Qwen2MoeConfig", "Qwen2MoeForCausalLM", **_COMMON, num_experts=4, num_experts_per_tok=2,
+                        moe_intermediate_size=32, shared_expert_intermediate_size=32),
     "gemma": _build("GemmaConfig", "GemmaForCausalLM", **_COMMON, head_dim=16),
     "gemma2": _build("Gemma2Config", "Gemma2ForCausalLM", **_COMMON, head_dim=16, sliding_window=8,
                      final_logit_softcapping=3.0, initializer_range=0.3),

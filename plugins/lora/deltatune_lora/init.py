@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deltatune.api import DeltaLinear, base_weight
+from deltatune.api import ConfigError, DeltaLinear, base_weight
 
 INIT_PATTERN = r"^(kaiming|gaussian|pissa|pissa_niter_[0-9]+|olora)$"
 """The values of ``lora``'s ``init`` option."""
@@ -63,6 +63,11 @@ def start_from_base(layer: DeltaLinear, delta: nn.Module, init: str) -> None:
     """Set ``delta``'s pair and its kept starting point from ``layer``'s base weight by ``init`` and
     leave the residual ``W - s · B₀ A₀`` in the base. On the meta device (the skeleton a run is
     checked on before weights load) there are no values to decompose: nothing happens."""
+    rank, out_features, in_features = delta.lora_A.out_features, layer.out_features, layer.in_features
+    if rank > min(out_features, in_features):
+        raise ConfigError(f"init '{init}' takes r={rank} principal directions of a {out_features}x{in_features} weight, "
+                          f"which has {min(out_features, in_features)}; choose r <= {min(out_features, in_features)} "
+                          "or target other modules")
     if layer.weight.is_meta:
         return
     weight = base_weight(layer).detach().float()

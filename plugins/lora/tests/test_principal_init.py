@@ -188,3 +188,20 @@ def test_a_real_fit_with_fast_pissa_exports_to_peft_on_the_original_base(tmp_pat
     model, _ = load_adapter(tmp_path / "adapter", base_dtype="fp32")
     peft = PeftModel.from_pretrained(tiny_llama(), export_peft(tmp_path / "adapter", tmp_path / "peft")).eval()
     assert (logits(peft) - logits(model)).abs().max() <= 1e-4
+
+
+def test_a_rank_above_a_layers_smaller_size_is_allowed_but_not_for_principal_inits() -> None:
+    """Qwen2-MoE's shared-expert gate is 1 wide: ``all-linear`` with r = 4 adapts it as PEFT does
+    (the update has rank 1); PiSSA/OLoRA need r principal directions of every targeted weight and say
+    which layer lacks them, before any weight loads."""
+    from deltatune.api import ConfigError
+    from deltatune.model.assembly import build_model, resolve_spec
+    from deltatune.testing.families import TINY_FAMILIES
+
+    lora = {"name": "lora", "config": {"targets": "all-linear", "r": 4}}
+    model = build_model(resolve_spec({"delta": [lora], "base_dtype": "fp32"}), TINY_FAMILIES["qwen2_moe"]())
+    gate = model.get_submodule("model.layers.0.mlp.shared_expert_gate")
+    assert gate.out_features == 1 and gate.deltas["lora"].lora_A.out_features == 4
+    pissa = {"name": "lora", "config": {"targets": "all-linear", "r": 4, "init": "pissa"}}
+    with pytest.raises(ConfigError, match=r"init 'pissa' takes r=4 principal directions of a 1x64 weight"):
+        build_model(resolve_spec({"delta": [pissa], "base_dtype": "fp32"}), TINY_FAMILIES["qwen2_moe"]())
