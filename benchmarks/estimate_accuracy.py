@@ -58,8 +58,8 @@ the estimator with (``python -m benchmarks.estimate_accuracy`` prints the table)
 
 
 def random_mixtral(folder: Path) -> str:
-    """A seeded random-weight Mixtral (8 experts, 2 per token, 4 layers, hidden 512: about 0.1B
-    parameters, most of them experts) with SmolLM2's tokenizer, saved in ``folder`` (once)."""
+    """A seeded random-weight Mixtral (8 experts, 2 per token, 4 layers, hidden 512; half of its
+    parameters in the experts) with SmolLM2's tokenizer, saved in ``folder`` (once)."""
     import torch
     from transformers import MixtralConfig, MixtralForCausalLM
 
