@@ -152,9 +152,13 @@ def attention_times(threads: int) -> list[tuple[int, float, float]]:
     return times
 
 
+def command() -> str:
+    return " ".join(["python benchmarks/long_rows.py", *sys.argv[1:]])
+
+
 def table(results: list[dict], attention: list[tuple[int, float, float]], args: argparse.Namespace) -> str:
     lines = [BEGIN, "## Long rows: fast vs plain forward, by row length", "",
-             f"`{' '.join(['python benchmarks/long_rows.py', *sys.argv[1:]])}` (under `flock -x /tmp/deltatune-cpu.lock`) "
+             f"`{command()}` (under `flock -x /tmp/deltatune-cpu.lock`) "
              f"on {machine()}, {args.threads} threads. SmolLM2-135M-Instruct, LoRA r16 all-linear, AdamW, batch 1: "
              f"one multi-turn conversation of the chat suite cut at the length; {args.warmup} warm-up + "
              f"{args.steps} timed steps, evaluation forward-only (the `perplexity` evaluator's `token_loss` "
@@ -178,20 +182,21 @@ def table(results: list[dict], attention: list[tuple[int, float, float]], args: 
     return "\n".join(lines)
 
 
-def plot(results: list[dict]) -> None:
-    """Tokens/s (training, evaluation) and peak RSS against the row length, one line per path."""
+def plot(results: list[dict], command: str) -> None:
+    """Tokens/s (training, evaluation) and peak RSS against the row length, one colour per path."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (speed, memory) = plt.subplots(1, 2, figsize=(10, 4))
-    for path in PATHS:
+    for path, colour in zip(PATHS, ("tab:blue", "tab:orange")):
         rows = [r for r in results if r["path"] == path]
         tokens = [r["tokens"] for r in rows]
-        speed.plot(tokens, [r["train_tok_s"] for r in rows], marker="o", label=f"{path}: training")
-        speed.plot(tokens, [r["eval_tok_s"] for r in rows], marker="s", linestyle="--", label=f"{path}: evaluation")
-        memory.plot(tokens, [r["peak_mib"] / 1024 for r in rows], marker="o", label=path)
+        speed.plot(tokens, [r["train_tok_s"] for r in rows], marker="o", color=colour, label=f"{path}: training")
+        speed.plot(tokens, [r["eval_tok_s"] for r in rows], marker="s", linestyle="--", color=colour,
+                   label=f"{path}: evaluation")
+        memory.plot(tokens, [r["peak_mib"] / 1024 for r in rows], marker="o", color=colour, label=path)
     for axis, label in ((speed, "tokens/s"), (memory, "peak RSS (GiB)")):
         axis.set_xscale("log", base=2)
         axis.set_xlabel("row length (tokens)")
@@ -199,7 +204,7 @@ def plot(results: list[dict]) -> None:
         axis.grid(alpha=0.3)
         axis.legend()
     speed.set_yscale("log")
-    fig.suptitle("SmolLM2-135M, LoRA r16, batch 1: `python benchmarks/long_rows.py --write`")
+    fig.suptitle(f"SmolLM2-135M, LoRA r16, batch 1: {command}", fontsize=9)
     fig.tight_layout()
     fig.savefig(PLOT, dpi=100)
 
@@ -232,7 +237,7 @@ def main() -> None:
     attention = attention_times(args.threads) if args.attention else []
     if args.write:
         try:
-            plot(results)
+            plot(results, command())
         except ImportError:
             print("matplotlib is not installed: no plot", file=sys.stderr)
     publish(table(results, attention, args), DOCS, args.write, BEGIN, END)
