@@ -93,8 +93,8 @@ def causal_bias(group: int, width: int, dtype: torch.dtype, device: torch.device
 
 
 FLASH_MIN_WIDTH = 256
-"""Attention examples at least this wide (:attr:`TokenLayout.width`) take the flash kernel of
-:class:`Attention`; narrower ones the score matrices. The crossover of the two on the CPU is measured
+"""Attention examples at least this wide (:attr:`TokenLayout.width`) on the CPU take the flash kernel of
+:class:`Attention`; narrower ones (and tensors on other devices) the score matrices. The crossover of the two on the CPU is measured
 by ``benchmarks/long_rows.py --attention`` (see docs/benchmarks.md); tests lower it so tiny rows take
 the flash branch."""
 
@@ -171,8 +171,9 @@ class Attention(torch.autograd.Function):
       backward in one fused pass. Query heads share key/value heads without copies: a key/value head's
       ``group`` query heads are stacked as one ``(group x width)`` query matrix. Its memory grows with
       the square of the width (the probabilities are kept for backward), and so does its time.
-    * wider: torch's CPU flash-attention kernel and its backward (the kernel of Hugging Face's
-      ``sdpa`` attention on the CPU), which keeps memory linear in the width.
+    * wider, on the CPU: torch's CPU flash-attention kernel and its backward (the kernel of Hugging
+      Face's ``sdpa`` attention on the CPU), which keeps memory linear in the width. On other devices
+      every width takes the score matrices.
 
     In fp32 both give the plain path's result to float rounding; in bf16 the flash kernel does not
     round the scores to bf16 before the softmax (the eager attention does; ``sdpa`` does not).
@@ -184,7 +185,7 @@ class Attention(torch.autograd.Function):
         tokens = qkv.shape[0]
         q_end, k_end = heads * head_dim, (heads + kv_heads) * head_dim
         S, W = layout.examples, layout.width
-        flash = W >= FLASH_MIN_WIDTH
+        flash = W >= FLASH_MIN_WIDTH and qkv.device.type == "cpu"
         with no_autocast(qkv):
             qk = rope(qkv[:, :k_end].view(tokens, heads + kv_heads, head_dim), cos, sin)
             qk = layout.to_examples(qk.view(tokens, k_end))
