@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -145,7 +144,8 @@ def attention_times(threads: int) -> list[tuple[int, float, float]]:
             seconds = []
             for _ in range(5):
                 start = time.perf_counter()
-                kernels.Attention.apply(qkv, cos, sin, layout, heads, kv_heads, head_dim, head_dim ** -0.5).backward(grad)
+                out = kernels.Attention.apply(qkv, cos, sin, layout, heads, kv_heads, head_dim, head_dim ** -0.5)
+                out.backward(grad)
                 seconds.append(time.perf_counter() - start)
             best.append(min(seconds))
         times.append((width, *best))
@@ -172,8 +172,9 @@ def table(results: list[dict], attention: list[tuple[int, float, float]], args: 
                      f"{r['eval_s'] / r['step_s']:.2f} | {r['train_peak_mib']:,.0f} MiB | {r['peak_mib']:,.0f} MiB | "
                      f"{r['load_mib']:,.0f} MiB |")
     if attention:
-        lines += ["", "The fast forward's attention alone (forward + backward, bf16, 9 query / 3 key-value heads of 64, "
-                  f"{ATTENTION_TOKENS:,} tokens of examples of each width, best of 5): score matrices vs flash kernel.",
+        lines += ["", "The fast forward's attention alone (forward + backward, bf16, 9 query / 3 key-value heads "
+                  f"of 64, {ATTENTION_TOKENS:,} tokens of examples of each width, best of 5): score matrices vs "
+                  "flash kernel.",
                   "", "| width | scores | flash | flash / scores |", "|---:|---:|---:|---:|"]
         lines += [f"| {w} | {a * 1e3:.1f} ms | {b * 1e3:.1f} ms | {b / a:.2f} |" for w, a, b in attention]
     if PLOT.exists():

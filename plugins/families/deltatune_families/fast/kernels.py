@@ -86,17 +86,17 @@ def causal_bias(group: int, width: int, dtype: torch.dtype, device: torch.device
     """The additive causal mask of one ``(group x width)`` stack of query rows against ``width`` keys:
     0 where a query may attend, ``-inf`` after it (broadcast over the batch of key/value heads).
     Built once per shape (every layer of a step, and most steps, share one); read, never written.
-    Only widths below :data:`FLASH_MIN_WIDTH` build one, so the cache stays small."""
+    On the CPU only widths below :data:`FLASH_MIN_WIDTH` build one."""
     future = torch.ones(width, width, dtype=torch.bool, device=device).triu_(1)
     bias = torch.zeros(width, width, dtype=dtype, device=device).masked_fill_(future, float("-inf"))
     return bias.repeat(group, 1)
 
 
 FLASH_MIN_WIDTH = 256
-"""Attention examples at least this wide (:attr:`TokenLayout.width`) on the CPU take the flash kernel of
-:class:`Attention`; narrower ones (and tensors on other devices) the score matrices. The crossover of the two on the CPU is measured
-by ``benchmarks/long_rows.py --attention`` (see docs/benchmarks.md); tests lower it so tiny rows take
-the flash branch."""
+"""Attention examples at least this wide (:attr:`TokenLayout.width`) on the CPU take the flash kernel
+of :class:`Attention`; narrower ones (and tensors on other devices) the score matrices. The crossover
+of the two on the CPU is measured by ``benchmarks/long_rows.py --attention`` (see docs/benchmarks.md);
+tests lower it so tiny rows take the flash branch."""
 
 
 def _scores_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scaling: float):
