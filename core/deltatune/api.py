@@ -75,8 +75,9 @@ masking and truncation, reported the same way by every builder through ``Truncat
 
 **Evaluators** — ``EvaluatorOptions`` (batch size and row limit: the base of an evaluator's ``Config``),
 ``GenerationOptions`` (the options of evaluators that generate), ``answer_rows``,
-``generate_answers``, ``normalize_answer``, ``sequence_logprobs``, ``summarize`` (per-family
-breakdowns), and ``token_loss`` (the training loss: summed token cross-entropy and token count).
+``generate_answers``, ``length_batches`` (rows batched by length), ``normalize_answer``,
+``sequence_logprobs``, ``summarize`` (per-family breakdowns), and ``token_loss`` (the training loss:
+summed token cross-entropy and token count).
 
 **Optimizers** — ``warmup_cosine`` (the shared learning-rate schedule), ``lr_groups`` (parameter
 groups with the learning-rate factors delta methods declare, for ``honours_lr_multipliers``); ``InBackwardOptimizer``,
@@ -130,6 +131,7 @@ from deltatune.evaluation.helpers import (
     GenerationOptions,
     answer_rows,
     generate_answers,
+    length_batches,
     normalize_answer,
     sequence_logprobs,
     summarize,
@@ -262,6 +264,7 @@ __all__ = [
     "GenerationOptions",
     "answer_rows",
     "generate_answers",
+    "length_batches",
     "normalize_answer",
     "sequence_logprobs",
     "summarize",

@@ -86,6 +86,14 @@ def summarize(rows: Sequence[Row], scores: Sequence[float], metric: str, by_fami
     return result
 
 
+def length_batches(rows: Sequence[Row], batch_size: int) -> list[list[int]]:
+    """The indices of ``rows`` in batches of ``batch_size``, by token count: a batch's rows have
+    similar lengths, so little of it is padding (a short row batched with a long one would be padded
+    to its length, and attention computed over the padding)."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    return [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
+
+
 @torch.no_grad()
 def sequence_logprobs(model: nn.Module, rows: Sequence[Row], pad_id: int, batch_size: int = 16) -> list[float]:
     """The summed log-probability of each row's labelled tokens given the tokens before them.
@@ -94,9 +102,9 @@ def sequence_logprobs(model: nn.Module, rows: Sequence[Row], pad_id: int, batch_
     pass plus ``labelled tokens x vocabulary``.
     """
     device = next(model.parameters()).device
-    sums: list[float] = []
-    for start in range(0, len(rows), batch_size):
-        batch = {k: v.to(device) for k, v in collate(list(rows[start:start + batch_size]), pad_id).items()}
+    sums = [0.0] * len(rows)
+    for indices in length_batches(rows, batch_size):
+        batch = {k: v.to(device) for k, v in collate([rows[i] for i in indices], pad_id).items()}
         labels = batch["labels"][:, 1:]
         mask = labels != IGNORE_INDEX
         with compute_context(model):
@@ -104,5 +112,6 @@ def sequence_logprobs(model: nn.Module, rows: Sequence[Row], pad_id: int, batch_
         picked = torch.log_softmax(logits, dim=-1).gather(1, labels[mask].unsqueeze(1)).squeeze(1)
         per_row = torch.zeros(labels.shape[0], dtype=torch.float64, device=device)
         per_row.index_add_(0, mask.nonzero()[:, 0], picked.double())
-        sums += per_row.tolist()
+        for i, value in zip(indices, per_row.tolist()):
+            sums[i] = value
     return sums

@@ -9,7 +9,7 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from deltatune.api import EvaluatorOptions, Row, collate, compute_context, hookimpl, token_loss
+from deltatune.api import EvaluatorOptions, Row, collate, compute_context, hookimpl, length_batches, token_loss
 
 
 class PerplexityConfig(EvaluatorOptions):
@@ -25,12 +25,13 @@ class Perplexity:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, tokenizer: Any, rows: list[Row], cfg: PerplexityConfig) -> dict[str, float]:
-        """Token-weighted loss over ``rows`` and its perplexity."""
+        """Token-weighted loss over ``rows`` and its perplexity; rows are batched by length
+        (:func:`~deltatune.api.length_batches`)."""
         rows = rows[: cfg.limit] if cfg.limit else rows
         device = next(model.parameters()).device
         total, count = 0.0, 0
-        for start in range(0, len(rows), cfg.batch_size):
-            batch = collate(rows[start:start + cfg.batch_size], tokenizer.pad_token_id)
+        for indices in length_batches(rows, cfg.batch_size):
+            batch = collate([rows[i] for i in indices], tokenizer.pad_token_id)
             with compute_context(model):
                 loss, n = token_loss(model, {k: v.to(device) for k, v in batch.items()})
             total, count = total + float(loss), count + n

@@ -79,9 +79,12 @@ def test_choice_picks_the_most_likely_option_and_normalises_by_length(parrot, to
 
 
 def test_sequence_logprobs_match_a_plain_forward_pass(tokenizer):
+    """Rows are batched by length (the longest here is batched with the middle one): each value still
+    belongs to its own row."""
     model = tiny_llama(seed=3)
-    rows = rows_for(tokenizer, [("first prompt", "one"), ("second, longer prompt", "two three")])
-    got = sequence_logprobs(model, rows, tokenizer.pad_token_id, batch_size=1)
+    rows = rows_for(tokenizer, [("the third and longest prompt of all", "four five six"), ("first prompt", "one"),
+                                ("second, longer prompt", "two three")])
+    got = sequence_logprobs(model, rows, tokenizer.pad_token_id, batch_size=2)
     for row, value in zip(rows, got):
         ids = torch.tensor([row["input_ids"]])
         with torch.no_grad():
