@@ -527,7 +527,7 @@ def main() -> None:
         notes = [
             heading,
             "",
-            f"Command: `{cmd}` (or `make bench`); {args.rounds} alternating rounds, "
+            f"Command: `{cmd}`{'' if args.family else ' (or `make bench`)'}; {args.rounds} alternating rounds, "
             f"{args.steps} steps of {args.batch_size} examples (the same batches for every configuration, "
             f"{rows.get('deltatune', next(iter(rows.values()), {})).get('supervised_tokens', 0):.0f} supervised "
             f"tokens), the first {args.warmup} steps untimed; medians over rounds; "

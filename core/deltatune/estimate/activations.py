@@ -73,14 +73,16 @@ class ActivationTerms(Protocol):
 
     def activation_bytes(self, config: Any, lay: Any, batch: int, seq: int, compute: int,
                          checkpointing: bool = False, labelled: float = 1.0,
-                         quantized_saves_input: bool = False) -> dict[str, float]:
-        """Bytes kept for backward for one micro-batch, as :func:`activation_bytes` returns them."""
+                         quantized_saves_input: bool = False, device: str = "cpu") -> dict[str, float]:
+        """Bytes kept for backward for one micro-batch on ``device`` (``cpu``, ``cuda``), as
+        :func:`activation_bytes` returns them, plus, optionally, ``attention_transient``: the bytes one
+        layer's attention backward holds besides them (default: the plain forward's score matrices)."""
         ...
 
 
 def activation_bytes(config: Any, lay: Any, batch: int, seq: int, compute: int,
                      checkpointing: bool = False, labelled: float = 1.0,
-                     quantized_saves_input: bool = False) -> dict[str, float]:
+                     quantized_saves_input: bool = False, device: str = "cpu") -> dict[str, float]:
     """Bytes autograd keeps for backward for one micro-batch of ``batch`` rows of ``seq`` tokens, in
     compute-dtype elements of ``compute`` bytes, ``labelled`` the share of labelled tokens:
     ``per_layer_per_token``, ``layers``, ``head`` and their ``total``.
@@ -90,13 +92,14 @@ def activation_bytes(config: Any, lay: Any, batch: int, seq: int, compute: int,
     kept the input of every 4-bit matmul); otherwise :func:`plain_activation_bytes` applies.
     """
     if lay.fast_terms is None:
-        return plain_activation_bytes(config, lay, batch, seq, compute, checkpointing, labelled)
+        return plain_activation_bytes(config, lay, batch, seq, compute, checkpointing, labelled, quantized_saves_input)
     return lay.fast_terms.activation_bytes(config, lay, batch, seq, compute, checkpointing, labelled,
-                                           quantized_saves_input)
+                                           quantized_saves_input, device=device)
 
 
 def plain_activation_bytes(config: Any, lay: Any, batch: int, seq: int, compute: int,
-                           checkpointing: bool = False, labelled: float = 1.0) -> dict[str, float]:
+                           checkpointing: bool = False, labelled: float = 1.0,
+                           quantized_saves_input: bool = False) -> dict[str, float]:
     """Activations of the plain Hugging Face forward (architectures the fast path does not know).
 
     Per layer and token: two fp32 RMSNorm inputs and 1/rms ``2 (4h + 4)``; SDPA attention's q, k, v,
@@ -105,7 +108,8 @@ def plain_activation_bytes(config: Any, lay: Any, batch: int, seq: int, compute:
     gate/up output, gated product and output, ``k c (2h + 3 i_e)``, and the router's fp32 logits and
     probabilities ``8 E``); the
     input of every group of linear layers (:data:`INPUT_GROUPS`, layers reading one input share it) in
-    which a delta or a weight trains, and each delta's inner ``r`` elements. The head keeps the
+    which a delta or a weight trains (with ``quantized_saves_input``, as older bitsandbytes did, the
+    input of every group), and each delta's inner ``r`` elements. The head keeps the
     final hidden state of every labelled token ``c h``; under bf16 autocast every trained tensor is
     cast once and its copy kept."""
     h, i, heads, head_dim, q, kv = decoder_widths(config)
@@ -117,10 +121,13 @@ def plain_activation_bytes(config: Any, lay: Any, batch: int, seq: int, compute:
         # per token and expert it visits: its input (gathered), gate/up output, the gated product and
         # the expert's output (before the routing weight); the router's fp32 logits and probabilities
         per_layer += top_k * compute * (2 * h + 3 * inner) + 2 * 4 * count - 3 * compute * i
-    for _, members in INPUT_GROUPS:
+    inputs = {"qkv": h, "o": q, "gate_up": h, "down": config.intermediate_size}
+    for group, members in INPUT_GROUPS:
         adapted = [lay.adapted[m] for m in lay.adapted if m.rsplit(".", 1)[-1] in members]
         if any(a["input"] for a in adapted):
             per_layer += compute * adapted[0]["in"]
+        elif quantized_saves_input:
+            per_layer += compute * inputs[group]
         per_layer += sum(compute * a["r"] for a in adapted)
     if checkpointing:
         kept = config.num_hidden_layers * compute * h * tokens + per_layer * tokens

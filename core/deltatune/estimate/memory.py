@@ -202,14 +202,15 @@ def estimate(
     gradients = (lay.largest_trainable if in_backward else lay.trainable) * trained
     ddp_buckets = lay.trainable * trained if devices > 1 and not in_backward else 0.0
     acts = activation_bytes(config, lay, batch, seq, compute, gradient_checkpointing, labelled,
-                            quantized_saves_input and resolved.quantizer is not None)
+                            quantized_saves_input and resolved.quantizer is not None, device=device)
     tokens = batch * seq
     heads = config.num_attention_heads
     # one chunk of logits of the chunked cross-entropy (fp32, its compute-dtype copy, its gradient)
     rows = loss_chunk_rows(config.vocab_size)
     logits = min(tokens * labelled, rows) * config.vocab_size * (4 + compute + 4)
-    # attention of one layer in backward: fp32 score gradients and probabilities, per example
-    attention = batch * heads * seq * seq * (4 + 4 + compute)
+    # attention of one layer in backward: fp32 score gradients and probabilities, per example (or what
+    # the family's fast forward says it holds instead)
+    attention = acts.get("attention_transient", batch * heads * seq * seq * (4 + 4 + compute))
     dequantized = math.prod(lay.largest_quantized) * compute if resolved.quantizer else 0
     # the MoE expert weights one experts module computes with (dequantized, or W + ΔW): all of one layer's
     dequantized = max(dequantized, lay.expert_weights * compute)

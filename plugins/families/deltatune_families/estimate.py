@@ -24,8 +24,10 @@ from deltatune.api import (
     delta_keeps,
     grouped_product_class,
     has_dropout,
+    plain_activation_bytes,
     round_up,
 )
+from deltatune_families.fast.kernels import FLASH_MIN_WIDTH
 
 ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
 """The linear layers of a Llama decoder layer under ``self_attn`` (the others are under ``mlp``)."""
@@ -113,7 +115,7 @@ class LlamaActivations:
 
     def activation_bytes(self, config: Any, lay: Any, batch: int, seq: int, compute: int,
                          checkpointing: bool = False, labelled: float = 1.0,
-                         quantized_saves_input: bool = False) -> dict[str, float]:
+                         quantized_saves_input: bool = False, device: str = "cpu") -> dict[str, float]:
         """Bytes autograd keeps for backward for one micro-batch of ``batch`` rows of ``seq`` tokens.
 
         Per decoder layer and token, with ``c`` the compute dtype's bytes (2 for bf16, 4 for fp32),
@@ -125,7 +127,11 @@ class LlamaActivations:
           product says (``GroupedProduct.kept_per_token``): a low-rank product keeps the input (``c h``,
           ``c q``, ``c h``, ``c i``) and its inner output (``c r``), frozen bases alone nothing;
         * attention keeps q, k, v and the softmax probabilities: ``c (q + 2 kv) + c H W`` per row of its
-          ``(examples x width)`` layout (width rounded up, as the token rows are);
+          ``(examples x width)`` layout (width rounded up, as the token rows are); from
+          ``FLASH_MIN_WIDTH`` on (the CPU's flash kernel) q, k, v, the output and the fp32 log-sum-exp
+          of every query head, ``c (2 q + 2 kv) + 4 H``, and one layer's backward holds no ``W x W``
+          scores (``attention_transient``: the fp32 gradients of q, k and v instead); off the CPU the
+          fast forward leaves such widths to the model's own forward, whose terms apply;
         * with QK-norm, its RMSNorm keeps the q/k/v projections' output and 1/rms of every query and key
           head: ``c (q + 2 kv) + 4 (H + KV)``;
         * the SiLU gate keeps gate and up: ``2 c i``.
@@ -144,6 +150,9 @@ class LlamaActivations:
         input (``c h``) and one layer is recomputed at a time. ``lay`` is the core's layout of the model
         (``trainable_embeddings``, ``trainable_head``).
         """
+        if round_up(seq, SHAPE_STEPS[1]) >= FLASH_MIN_WIDTH and device != "cpu":
+            return plain_activation_bytes(config, lay, batch, seq, compute, checkpointing, labelled,
+                                          quantized_saves_input)
         h, i, heads, head_dim, q, kv = decoder_widths(config)
         # the fast path rounds its shapes up (SHAPE_STEPS): token rows, attention
         # width (one example per row here), and the head's labelled rows
@@ -152,6 +161,7 @@ class LlamaActivations:
         width = round_up(seq, width_step)
         attention_rows = batch * width
         labelled_tokens = round_up(math.ceil(batch * seq * labelled), HEAD_ROW_STEP)
+        flash = width >= FLASH_MIN_WIDTH
 
         def group_bytes(group: Group, grad: bool) -> float:
             if group.fused:
@@ -168,7 +178,8 @@ class LlamaActivations:
             kept += (compute * h + 4) if grad else 0  # input norm
             for key in ("qkv", "attention", "o", "norm", "gate_up", "silu", "down"):
                 if key == "attention":
-                    kept += compute * (q + 2 * kv + heads * width) * attention_rows / tokens if grad else 0
+                    per_row = compute * (2 * q + 2 * kv) + 4 * heads if flash else compute * (q + 2 * kv + heads * width)
+                    kept += per_row * attention_rows / tokens if grad else 0
                     if self.qk_norm and grad:
                         kept += compute * (q + 2 * kv) + 4 * (q + kv) // head_dim
                 elif key == "norm":
@@ -195,5 +206,9 @@ class LlamaActivations:
         if lay.trainable_head:
             head += 4 * config.vocab_size * h
         rope = 2 * tokens * head_dim * compute
+        # one layer's attention backward: fp32 gradients of q, k, v (flash), or the fp32 score gradients
+        # and probabilities of every example
+        transient = (attention_rows * (q + 2 * kv) * 4 if flash
+                     else batch * heads * width * width * (4 + 4 + compute))
         return {"per_layer_per_token": steady, "layers": kept_layers, "head": head + rope,
-                "total": kept_layers + head + rope}
+                "total": kept_layers + head + rope, "attention_transient": transient}

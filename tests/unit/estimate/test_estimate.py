@@ -84,6 +84,23 @@ def test_activation_model_matches_what_autograd_keeps_on_the_fast_path(dtype, de
     assert abs(predicted - measured) <= 0.05 * measured, (predicted, measured)
 
 
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_activation_model_of_long_examples_on_the_fast_path(dtype):
+    """Examples 256 wide and more take the CPU flash kernel, which keeps no score matrices."""
+    seq = 320
+    spec = {"base": "tiny-llama", "base_dtype": dtype, "delta": [{"name": "lora", "config": {"r": 8, "targets": "all-linear"}}]}
+    measured, resolved = saved_bytes(spec, 1, seq, WIDE, fast=True)
+    config = models.tiny_llama(**WIDE).config
+    lay = layout(config, resolved.deltas, None)
+    compute = 2 if dtype == "bf16" else 4
+    acts = activation_bytes(config, lay, 1, seq, compute, labelled=(seq - 1) / seq)
+    assert abs(acts["total"] + lay.compute_copies * compute - measured) <= 0.05 * measured, (acts["total"], measured)
+    heads = config.num_attention_heads
+    assert acts["attention_transient"] < heads * seq * seq * 4  # not one fp32 score matrix per head
+    assert activation_bytes(config, lay, 1, seq, compute, device="cuda") == activation_bytes(
+        config, layout(config, resolved.deltas, None, fast_path=False), 1, seq, compute)  # declined off the CPU
+
+
 @pytest.mark.parametrize("delta", [{"name": "lora", "config": {"r": 8, "targets": "all-linear"}}, LORA_QV])
 def test_activation_model_of_the_plain_forward(delta):
     spec = {"base": "tiny-llama", "base_dtype": "bf16", "delta": [delta]}

@@ -67,7 +67,7 @@ from deltatune.api import (
     refresh_groups,
     round_up,
 )
-from deltatune_families.fast.kernels import Attention, RMSNorm, SiluGate
+from deltatune_families.fast.kernels import FLASH_MIN_WIDTH, Attention, RMSNorm, SiluGate
 from deltatune_families.fast.tokens import TokenLayout
 
 
@@ -283,6 +283,8 @@ class DecoderFastForward:
         window = narrowest_window(self.config)
         if layout is None or window is not None and longest_span(layout) > window:
             return None
+        if layout.width >= FLASH_MIN_WIDTH and embed.weight.device.type != "cpu":
+            return None  # the memory-efficient attention of long examples is the CPU's; elsewhere the model's own runs
         head = self.model.get_output_embeddings()
         if layout.count == 0:
             return embed.weight.new_zeros((), dtype=torch.float32), 0
