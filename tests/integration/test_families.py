@@ -241,3 +241,31 @@ def test_a_linear_subclass_with_its_own_forward_is_not_a_target() -> None:
     chosen = find_targets(model, "all-linear", "lora")
     assert chosen and not set(routers) & set(chosen)
     assert_family_conformance(factory, METHODS["qlora"])
+
+
+def test_a_moe_router_auxiliary_loss_is_trained_as_the_model_weighs_it() -> None:
+    """With ``output_router_logits`` a Mixtral's own loss is its cross-entropy plus
+    ``router_aux_loss_coef`` x the load-balancing loss: deltatune trains that sum (from the model's own
+    forward), not the cross-entropy alone."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    def factory(seed: int = 0) -> torch.nn.Module:
+        config = MixtralConfig(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                               num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                               max_position_embeddings=256, pad_token_id=0, output_router_logits=True,
+                               router_aux_loss_coef=0.5)
+        torch.manual_seed(seed)
+        return MixtralForCausalLM(config).float()
+
+    result = assert_family_conformance(factory, METHODS["lora"])
+    assert "auxiliary loss" in result.head
+    model = factory()
+    batch = collate(conformance_rows(), pad_id=0)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    with torch.no_grad():
+        out = model(**inputs)
+        mask = batch["labels"][:, 1:] != -100
+        cross_entropy = F.cross_entropy(out.logits[:, :-1][mask], batch["labels"][:, 1:][mask])
+        own = model(**inputs, labels=batch["labels"]).loss
+    assert float(out.aux_loss) > 0.1  # the auxiliary term is not negligible, so the conformance above sees it
+    assert abs(float(own) - float(cross_entropy + 0.5 * out.aux_loss)) < 1e-5

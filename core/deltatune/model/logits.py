@@ -68,6 +68,9 @@ class HeadPlan:
     exact: bool = True
     reason: str = ""
     family: Any = None
+    aux_loss_coef: float = 0.0
+    """The weight of the auxiliary loss the model's own forward adds to its loss (a MoE router's load
+    balancing, ``output_router_logits``); such a model's loss comes from its own forward."""
     """The model-family plugin serving the model (:mod:`deltatune.model.families`), or ``None``."""
 
 
@@ -155,7 +158,13 @@ def head_plan(model: nn.Module, families: list[Any] | None = None) -> HeadPlan:
         finally:
             for module, mode in training.items():
                 module.training = mode
-        plan = HeadPlan(head, transform, exact=not reason, reason=reason, family=family if not reason else None)
+        aux = float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0)
+        if getattr(model.config, "output_router_logits", False) and aux:
+            reason = f"its loss adds the router's auxiliary loss (output_router_logits, weight {aux:g})"
+        else:
+            aux = 0.0
+        plan = HeadPlan(head, transform, exact=not reason, reason=reason, family=family if not reason else None,
+                        aux_loss_coef=aux)
     _PLANS[model] = plan
     if not plan.exact:
         warnings.warn(f"{type(model).__name__}: the loss uses the model's own logits (slower) because {plan.reason}",
@@ -163,18 +172,27 @@ def head_plan(model: nn.Module, families: list[Any] | None = None) -> HeadPlan:
     return plan
 
 
-def own_logits(model: nn.Module, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-    """The model's own logits at the positions ``mask`` (``batch x length - 1``) selects, as rows in
-    ``mask``'s order. Where the forward takes ``logits_to_keep`` only the columns with a selected
-    position are projected."""
+def own_forward(model: nn.Module, batch: dict[str, torch.Tensor],
+                mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(logits, auxiliary loss)`` of the model's own forward: the logits at the positions ``mask``
+    (``batch x length - 1``) selects, as rows in ``mask``'s order (where the forward takes
+    ``logits_to_keep`` only the columns with a selected position are projected), and the auxiliary
+    loss it returns (``aux_loss``, a MoE router's; ``None`` without one)."""
     kwargs: dict[str, Any] = {"input_ids": batch["input_ids"], "attention_mask": batch.get("attention_mask"),
                               "use_cache": False}
     if "position_ids" in batch:
         kwargs["position_ids"] = batch["position_ids"]
     if "logits_to_keep" in inspect.signature(model.forward).parameters:
         columns = mask.any(0).nonzero().squeeze(1)
-        return model(**kwargs, logits_to_keep=columns).logits[mask[:, columns]]
-    return model(**kwargs).logits[:, :-1][mask]
+        out = model(**kwargs, logits_to_keep=columns)
+        return out.logits[mask[:, columns]], getattr(out, "aux_loss", None)
+    out = model(**kwargs)
+    return out.logits[:, :-1][mask], getattr(out, "aux_loss", None)
+
+
+def own_logits(model: nn.Module, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """The model's own logits at the positions ``mask`` selects (:func:`own_forward`)."""
+    return own_forward(model, batch, mask)[0]
 
 
 def labelled_logits(model: nn.Module, batch: dict[str, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,8 @@ gathers the hidden states of labelled positions first and projects only those, i
 The head computation must be the model's own logits: :func:`deltatune.model.logits.head_plan` checks
 that once per model and supplies the family's logit transform (soft-capping, scaling), applied inside
 the chunks. A model for which it is not exact gets its loss from its own logits at the labelled
-positions (:func:`deltatune.model.logits.own_logits`), and no fast training forward.
+positions (:func:`deltatune.model.logits.own_forward`, with the auxiliary loss its forward adds to its
+own loss, such as a MoE router's), and no fast training forward.
 
 :func:`token_loss` first asks the model-family plugin serving the model for a fast training forward
 (one computing the same loss faster, such as the Llama family's on unpadded tokens); ``fast=False``,
@@ -24,7 +25,7 @@ from torch import nn
 from deltatune.data.packing import IGNORE_INDEX
 from deltatune.model import families
 from deltatune.model.forward import hidden_states
-from deltatune.model.logits import head_plan, own_logits
+from deltatune.model.logits import head_plan, own_forward
 from deltatune.train.head_loss import head_loss
 from deltatune.train.update_in_backward import deferred_lookup, deferred_tied_head
 
@@ -47,8 +48,11 @@ def token_loss(model: nn.Module, batch: dict[str, torch.Tensor], fast: bool = Tr
     if count == 0:
         return next(model.parameters()).new_zeros((), dtype=torch.float32), 0
     if not plan.exact:
-        logits = own_logits(model, batch, mask).float()
-        return F.cross_entropy(logits, labels[mask], reduction="sum"), count
+        logits, aux = own_forward(model, batch, mask)
+        total = F.cross_entropy(logits.float(), labels[mask], reduction="sum")
+        if plan.aux_loss_coef and aux is not None:  # the model's loss is its mean plus the weighted auxiliary loss
+            total = total + plan.aux_loss_coef * aux.float() * count
+        return total, count
     deferred = deferred_tied_head(model)
     with deferred_lookup(model, deferred):
         hidden = hidden_states(model, batch)[:, :-1][mask]
