@@ -9,7 +9,9 @@ backward pass (computed without gradient, as the linear layer's), ``s`` is ``alp
 (PEFT's ``ParamWrapper`` layout, as LoRA's); ``magnitude`` (``experts x out``, the linear layer's
 name) holds ``m``. The weight is rescaled in its dtype, as the linear layer's output is. The norm is
 per output row of each expert whatever the stored layout: an ``in x out`` (``is_transposed``)
-weight is read through its transpose.
+weight is read through its transpose. The rescaling (:class:`RowRescale`) keeps only its result for
+backward, the effective weight the experts module computes again there, so what stays per MoE layer
+is the pairs, the magnitudes and the norms, as for LoRA.
 
 PEFT has no DoRA for expert parameters, so such an adapter has no PEFT form; merging writes
 ``W'_e`` into the (dequantized) expert weights and keeps ``n_e`` to unmerge.
@@ -17,11 +19,35 @@ PEFT has no DoRA for expert parameters, so such an adapter has no PEFT form; mer
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from deltatune.api import ConfigError, ExpertShape, LowRankExpertDelta
 from deltatune_dora.norm import direction_norm, rescaled, unscaled
+
+
+class RowRescale(torch.autograd.Function):
+    """``W' = combined ⊙ scale`` with ``scale`` one factor per output row (size 1 along dimension ``dim``),
+    saving ``W'`` rather than ``combined`` for backward: the scale's gradient is ``rowsum(g ⊙ W') / scale``.
+    ``W'`` is the effective expert weight, which the experts module computes again in backward instead
+    of keeping it (:class:`deltatune.api.DeltaExperts`), so no dense copy of the experts stays for it."""
+
+    @staticmethod
+    def forward(ctx: Any, combined: torch.Tensor, scale: torch.Tensor, dim: int) -> torch.Tensor:
+        rescaled = combined * scale
+        ctx.save_for_backward(rescaled, scale)
+        ctx.dim = dim
+        return rescaled
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        rescaled, scale = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_combined = grad * scale if needs[0] else None
+        grad_scale = (grad * rescaled).sum(dim=ctx.dim, keepdim=True).div_(scale) if needs[1] else None
+        return grad_combined, grad_scale, None
 
 
 class DoraExpertDelta(LowRankExpertDelta):
@@ -48,8 +74,9 @@ class DoraExpertDelta(LowRankExpertDelta):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         """``(m / n) ⊙ (W + s·B A)`` per expert and output, in ``W``'s dtype."""
-        scale = (self.magnitude / self.weight_norm(weight)).to(weight.dtype).unsqueeze(-1)
-        return self.rows(self.rows(self.updated(weight)) * scale)
+        scale = (self.magnitude / self.weight_norm(weight)).to(weight.dtype)
+        dim = -2 if self.shape.transposed else -1  # the stored layout's `in` dimension
+        return RowRescale.apply(self.updated(weight), scale.unsqueeze(dim), dim)
 
     @torch.no_grad()
     def merge_weight(self, weight: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from deltatune.api import ConfigError, DeltaExperts, DeltaLinear, ExpertShape
+from deltatune.deltas import experts as experts_module
 from deltatune.deltas.experts import delta_experts
 from deltatune.io.adapter import save_adapter
 from deltatune.io.merged import export_merged, merge_into_base
@@ -189,3 +190,27 @@ def test_dora_on_nf4_experts_trains_and_merges() -> None:
         merge_into_base(model, resolved)
         assert not any(isinstance(m, DeltaExperts) for m in model.modules())
         assert rel(model(input_ids=ids()).logits, logits) <= 1e-4
+
+
+def test_backward_keeps_no_dense_copy_of_the_expert_weights(monkeypatch) -> None:
+    """What the experts layer saves for backward as a tensor (not as a recipe computed again in
+    backward): never a tensor of an expert weight's size, DoRA's rescaled weight included."""
+    kept: list[tuple[int, ...]] = []
+    recipes: list[str] = []
+
+    class Recording(experts_module._RecomputedInBackward):
+        def unpack(self, packed):
+            recipe = packed.recipe if isinstance(packed, experts_module._Pending) else packed
+            if isinstance(recipe, experts_module._Recompute):
+                recipes.append(recipe.param_name)
+            tensor = super().unpack(packed)
+            if recipe is packed or recipe is None:
+                kept.append(tuple(tensor.shape))
+            return tensor
+
+    monkeypatch.setattr(experts_module, "_RecomputedInBackward", Recording)
+    model, _ = dora({"r": R, "alpha": ALPHA, "targets": [], "target_parameters": "all-experts"})
+    model(input_ids=ids(), labels=ids()).loss.backward()
+    shapes = {tuple(experts.base_weight(p).shape) for _, experts, per_param in delta_experts(model, "dora") for p in per_param}
+    assert kept and not shapes & set(kept)
+    assert set(recipes) == {"gate_up_proj", "down_proj"}
