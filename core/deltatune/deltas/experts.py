@@ -27,6 +27,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -56,7 +57,11 @@ class ExpertShape:
 
 class ExpertDelta(nn.Module):
     """One method's change of one 3-D expert parameter. Subclasses implement the three methods below,
-    on the weight in its stored layout (``experts x ...``, see :class:`ExpertShape`)."""
+    on the weight in its stored layout (``experts x ...``, see :class:`ExpertShape`). An *additive*
+    one adds to the weight (LoRA) and composes with other additive ones on the same parameter; a
+    non-additive one (DoRA rescales) must be its only delta, as on a linear layer."""
+
+    additive: ClassVar[bool] = True
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight the experts compute with after this delta (differentiable in the delta's parameters)."""
@@ -118,6 +123,11 @@ class DeltaExperts(nn.Module):
         per_param = self.deltas[key] if key in self.deltas else nn.ModuleDict()
         if param_name in per_param:
             raise ConfigError(f"delta method '{key}' is already applied to {layer_name or 'this module'}.{param_name}")
+        others = [k for k, on in self.deltas.items() if param_name in on]
+        if others and (not delta.additive or any(not self.deltas[k][param_name].additive for k in others)):
+            raise ConfigError(f"delta methods '{others[0]}' and '{key}' both change the expert parameter "
+                              f"'{layer_name or 'this module'}.{param_name}' and cannot be stacked; target different "
+                              "parameters")
         per_param[param_name] = delta
         self.deltas[key] = per_param
 

@@ -19,7 +19,7 @@ PEFT has no DoRA for expert parameters, so such an adapter has no PEFT form; mer
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -52,6 +52,8 @@ class RowRescale(torch.autograd.Function):
 
 class DoraExpertDelta(LowRankExpertDelta):
     """The LoRA pairs and magnitudes of every expert of one 3-D expert parameter."""
+
+    additive: ClassVar[bool] = False
 
     def __init__(self, shape: ExpertShape, weight: torch.Tensor, r: int, scaling: float) -> None:
         super().__init__(shape, r, scaling)

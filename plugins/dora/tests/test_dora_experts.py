@@ -218,3 +218,17 @@ def test_backward_keeps_no_dense_copy_of_the_expert_weights(monkeypatch) -> None
     shapes = {tuple(experts.base_weight(p).shape) for _, experts, per_param in delta_experts(model, "dora") for p in per_param}
     assert kept and not shapes & set(kept)
     assert set(recipes) == {"gate_up_proj", "down_proj"}
+
+
+def test_dora_and_lora_on_one_expert_parameter_is_an_error_naming_both() -> None:
+    def build(lora_parameters: list[str]):
+        spec = ModelSpec(base="tiny-llama", delta=[
+            {"name": "lora", "config": {"targets": [], "target_parameters": lora_parameters}},
+            {"name": "dora", "config": {"targets": [], "target_parameters": ["experts.down_proj"]}}])
+        return build_model(resolve_spec(spec), TINY_FAMILIES["mixtral"]())
+
+    with pytest.raises(ConfigError, match=r"'lora' and 'dora' both change the expert parameter "
+                                          r"'model\.layers\.0\.mlp\.experts\.down_proj'"):
+        build(["experts.down_proj"])
+    experts = build(["experts.gate_up_proj"]).get_submodule("model.layers.0.mlp.experts")  # apart they compose
+    assert (set(experts.deltas["lora"]), set(experts.deltas["dora"])) == ({"gate_up_proj"}, {"down_proj"})
