@@ -36,17 +36,17 @@ class RowRescale(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, combined: torch.Tensor, scale: torch.Tensor, dim: int) -> torch.Tensor:
-        rescaled = combined * scale
-        ctx.save_for_backward(rescaled, scale)
+        result = combined * scale
+        ctx.save_for_backward(result, scale)
         ctx.dim = dim
-        return rescaled
+        return result
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        rescaled, scale = ctx.saved_tensors
+        result, scale = ctx.saved_tensors
         needs = ctx.needs_input_grad
         grad_combined = grad * scale if needs[0] else None
-        grad_scale = (grad * rescaled).sum(dim=ctx.dim, keepdim=True).div_(scale) if needs[1] else None
+        grad_scale = (grad * result).sum(dim=ctx.dim, keepdim=True).div_(scale) if needs[1] else None
         return grad_combined, grad_scale, None
 
 
