@@ -24,7 +24,8 @@ such deltas (a subclass writes ``make_delta``). ``base_weight`` reads the dense 
 ``target_matches``, ``get_submodule_parent``, ``delta_layers``; besides PEFT's forms, ``targets`` takes the
 role words ``TARGET_ROLES`` (``attention``, ``mlp``: the layers a model family places there, by default
 ``generic_target_roles``), and ``TARGETS_HELP`` describes the whole option for a method's ``Config``. The low-rank pair LoRA-style methods
-share: ``LowRankConfig``, ``LowRankDelta``, ``LOW_RANK_PEFT_FIELDS``. PEFT checkpoint names:
+share: ``LowRankConfig``, ``LowRankDelta``, ``LOW_RANK_PEFT_FIELDS``, and per expert of a 3-D expert
+parameter ``LowRankExpertDelta``. PEFT checkpoint names:
 ``PEFT_PREFIX``, ``copy_named_tensors``.
 
 **Delta methods: expert parameters** — ``DeltaExperts`` wraps a MoE experts module (3-D expert
@@ -119,7 +120,7 @@ from deltatune.deltas.grouped import (
     refresh_groups,
 )
 from deltatune.deltas.layer import Delta, DeltaLinear, WeightUpdateDelta, base_weight, delta_layers, get_submodule_parent
-from deltatune.deltas.lowrank import LOW_RANK_PEFT_FIELDS, LowRankConfig, LowRankDelta
+from deltatune.deltas.lowrank import LOW_RANK_PEFT_FIELDS, LowRankConfig, LowRankDelta, LowRankExpertDelta
 from deltatune.deltas.method import LayerDeltaMethod
 from deltatune.deltas.peft_names import PEFT_PREFIX, copy_named_tensors
 from deltatune.deltas.targets import TARGET_ROLES, TARGETS_HELP, find_targets, generic_target_roles, target_matches
@@ -199,6 +200,7 @@ __all__ = [
     "LayerDeltaMethod",
     "LowRankConfig",
     "LowRankDelta",
+    "LowRankExpertDelta",
     "PEFT_PREFIX",
     "WeightUpdateDelta",
     "base_weight",

@@ -27,6 +27,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -56,7 +57,11 @@ class ExpertShape:
 
 class ExpertDelta(nn.Module):
     """One method's change of one 3-D expert parameter. Subclasses implement the three methods below,
-    on the weight in its stored layout (``experts x ...``, see :class:`ExpertShape`)."""
+    on the weight in its stored layout (``experts x ...``, see :class:`ExpertShape`). An *additive*
+    one adds to the weight (LoRA) and composes with other additive ones on the same parameter; a
+    non-additive one (DoRA rescales) must be its only delta, as on a linear layer."""
+
+    additive: ClassVar[bool] = True
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight the experts compute with after this delta (differentiable in the delta's parameters)."""
@@ -118,6 +123,11 @@ class DeltaExperts(nn.Module):
         per_param = self.deltas[key] if key in self.deltas else nn.ModuleDict()
         if param_name in per_param:
             raise ConfigError(f"delta method '{key}' is already applied to {layer_name or 'this module'}.{param_name}")
+        others = [k for k, on in self.deltas.items() if param_name in on]
+        if others and (not delta.additive or any(not self.deltas[k][param_name].additive for k in others)):
+            raise ConfigError(f"delta methods '{others[0]}' and '{key}' both change the expert parameter "
+                              f"'{layer_name or 'this module'}.{param_name}' and cannot be stacked; target different "
+                              "parameters")
         per_param[param_name] = delta
         self.deltas[key] = per_param
 
@@ -141,13 +151,18 @@ class DeltaExperts(nn.Module):
         The effective weights are as large as the experts themselves, and the experts' products would
         keep them for backward; they are kept as a recipe instead and computed again in backward (as
         bitsandbytes does for a 4-bit weight), so what stays per MoE layer is what the deltas keep
-        (a low-rank pair's factors), not a dense copy of every expert."""
-        weights = {name: self.effective_weight(name) for name in self.changed()}
-        if not weights:
+        (a low-rank pair's factors), not a dense copy of every expert. A delta that saves its own
+        result for backward (DoRA's rescaling) has it kept as a recipe too."""
+        names = self.changed()
+        if not names:
             return self.base_layer(*args, **kwargs)
         if not torch.is_grad_enabled():
+            weights = {name: self.effective_weight(name) for name in names}
             return torch.func.functional_call(self.base_layer, weights, args, kwargs, strict=False)
-        with torch.autograd.graph.saved_tensors_hooks(*_recomputed_in_backward(self, weights)):
+        saved = _RecomputedInBackward(self)
+        with torch.autograd.graph.saved_tensors_hooks(saved.pack, saved.unpack):
+            weights = {name: self.effective_weight(name) for name in names}
+            saved.recognise(weights)
             return torch.func.functional_call(self.base_layer, weights, args, kwargs, strict=False)
 
     def merge_delta(self, key: str) -> None:
@@ -185,32 +200,61 @@ class _Recompute:
     size: tuple[int, ...]
     stride: tuple[int, ...]
     offset: int
-    cache: dict[str, torch.Tensor]
 
 
-def _recomputed_in_backward(experts: DeltaExperts, weights: dict[str, torch.Tensor]):
-    """``(pack, unpack)`` saved-tensor hooks that keep a view of an effective weight of ``experts`` as a
-    :class:`_Recompute` and compute the weight again (without autograd: its own gradient path saved
-    what it needs) the first time backward unpacks one; the copy lives while the layer's backward does."""
-    storages = {weight.untyped_storage().data_ptr(): name for name, weight in weights.items()
-                if weight.is_contiguous() and weight.storage_offset() == 0 and weight.device.type != "meta"}
-    cache: dict[str, torch.Tensor] = {}
+@dataclass
+class _Pending:
+    """A tensor saved while the effective weights were computed: kept until they are known, then
+    replaced by its :class:`_Recompute` if it is a view of one of them."""
 
-    def pack(tensor: torch.Tensor):
-        name = storages.get(tensor.untyped_storage().data_ptr()) if tensor.device.type != "meta" else None
+    tensor: torch.Tensor | None
+    recipe: _Recompute | None = None
+
+
+class _RecomputedInBackward:
+    """Saved-tensor hooks (:meth:`pack`, :meth:`unpack`) for one forward of ``experts``: a saved view of
+    an effective weight is kept as a :class:`_Recompute` and the weight computed again (without
+    autograd: its own gradient path saved what it needs) the first time backward unpacks one; the
+    copy lives while the layer's backward does. Tensors saved before the effective weights are known
+    (:meth:`recognise`; the deltas' own, while computing them) wait as :class:`_Pending`."""
+
+    def __init__(self, experts: DeltaExperts) -> None:
+        self.experts = experts
+        self.storages: dict[int, str] | None = None
+        self.pending: list[_Pending] = []
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def recognise(self, weights: dict[str, torch.Tensor]) -> None:
+        """The effective weights are ``weights``: what was saved of them so far becomes a recipe."""
+        self.storages = {weight.untyped_storage().data_ptr(): name for name, weight in weights.items()
+                         if weight.is_contiguous() and weight.storage_offset() == 0 and weight.device.type != "meta"}
+        for pending in self.pending:
+            pending.recipe = self._recipe(pending.tensor)
+            if pending.recipe is not None:
+                pending.tensor = None
+        self.pending = []
+
+    def _recipe(self, tensor: torch.Tensor) -> _Recompute | None:
+        name = self.storages.get(tensor.untyped_storage().data_ptr()) if tensor.device.type != "meta" else None
         if name is None:
-            return tensor
-        return _Recompute(name, tuple(tensor.size()), tuple(tensor.stride()), tensor.storage_offset(), cache)
+            return None
+        return _Recompute(name, tuple(tensor.size()), tuple(tensor.stride()), tensor.storage_offset())
 
-    def unpack(packed):
+    def pack(self, tensor: torch.Tensor):
+        if self.storages is None:
+            self.pending.append(_Pending(tensor))
+            return self.pending[-1]
+        return self._recipe(tensor) or tensor
+
+    def unpack(self, packed):
+        if isinstance(packed, _Pending):
+            packed = packed.tensor if packed.recipe is None else packed.recipe
         if not isinstance(packed, _Recompute):
             return packed
-        if packed.param_name not in packed.cache:
+        if packed.param_name not in self.cache:
             with torch.no_grad():
-                packed.cache[packed.param_name] = experts.effective_weight(packed.param_name)
-        return packed.cache[packed.param_name].as_strided(packed.size, packed.stride, packed.offset)
-
-    return pack, unpack
+                self.cache[packed.param_name] = self.experts.effective_weight(packed.param_name)
+        return self.cache[packed.param_name].as_strided(packed.size, packed.stride, packed.offset)
 
 
 def iter_expert_parameters(model: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:

@@ -1,6 +1,7 @@
 """The low-rank pair ``s · B A`` that LoRA-style methods share (LoRA adds it, DoRA rescales with it):
-its options, their PEFT names and the module holding ``A`` and ``B``. Each method gives it its own
-``forward``.
+its options, their PEFT names, the module holding ``A`` and ``B`` of a linear layer
+(:class:`LowRankDelta`, each method gives it its own ``forward``) and the one holding a pair per
+expert of a 3-D MoE expert parameter (:class:`LowRankExpertDelta`, whose forward is LoRA's).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
+from deltatune.deltas.experts import ExpertDelta, ExpertShape
 from deltatune.deltas.layer import WeightUpdateDelta
 from deltatune.deltas.targets import TARGETS_HELP
 from deltatune.errors import ConfigError
@@ -94,3 +96,63 @@ class LowRankDelta(WeightUpdateDelta):
     def delta_weight(self) -> torch.Tensor:
         """``s · B A`` in fp32."""
         return (self.lora_B.weight.float() @ self.lora_A.weight.float()) * self.scaling
+
+
+class LowRankExpertDelta(ExpertDelta):
+    """One low-rank pair per expert of a 3-D expert parameter: expert ``e``'s weight ``W_e`` (``out x in``)
+    becomes ``W_e + s · B_e A_e``. The pairs are stored as PEFT's ``target_parameters`` LoRA stores them
+    (``lora.ParamWrapper``), so they export to and import from PEFT tensor for tensor: ``lora_A`` is
+    ``(experts·r) x in`` (expert ``e``'s rows at ``e·r .. e·r+r``, Kaiming-uniform) and ``lora_B`` is
+    ``out x (r·experts)`` (expert ``e``'s columns at ``e, e+experts, ...``, zeros). The forward folds
+    the update into the weight with one batched product, in the weight's dtype (PEFT's
+    ``_LoraFactorsProxy``); merging adds the update, unmerging subtracts it. A method that changes the
+    weight otherwise (DoRA) overrides the three."""
+
+    def __init__(self, shape: ExpertShape, r: int, scaling: float) -> None:
+        super().__init__()
+        width = min(shape.in_features, shape.out_features)
+        if r > width:
+            raise ConfigError(f"rank r={r} exceeds an expert's width ({shape.out_features}x{shape.in_features}); "
+                              f"choose r <= {width}")
+        self.shape = shape
+        self.r = r
+        self.scaling = scaling
+        self.lora_A = nn.Linear(shape.in_features, r * shape.experts, bias=False)
+        self.lora_B = nn.Linear(r * shape.experts, shape.out_features, bias=False)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` batched over experts: ``experts x r x in`` and ``experts x out x r`` (views)."""
+        experts = self.shape.experts
+        a = self.lora_A.weight.reshape(experts, self.r, -1)
+        b = self.lora_B.weight.reshape(-1, self.r, experts).permute(2, 0, 1)
+        return a, b
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lhs, rhs)``, batched over experts, with the update ``s · lhs @ rhs`` in the weight's layout."""
+        a, b = self.pairs()
+        return (a.mT, b.mT) if self.shape.transposed else (b, a)
+
+    def updated(self, weight: torch.Tensor) -> torch.Tensor:
+        """``W + s · B A`` per expert, in ``W``'s dtype (autocast off, as a parametrization keeps the dtype)."""
+        lhs, rhs = self.factors()
+        with torch.autocast(device_type=weight.device.type, enabled=False):
+            return torch.baddbmm(weight, lhs.to(weight.dtype), rhs.to(weight.dtype), alpha=self.scaling)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        """``W + s · B A`` per expert (:meth:`updated`)."""
+        return self.updated(weight)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s · B A`` per expert, in fp32, in the weight's layout."""
+        lhs, rhs = self.factors()
+        return torch.bmm(lhs.float(), rhs.float()) * self.scaling
+
+    @torch.no_grad()
+    def merge_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.delta_weight()
+
+    @torch.no_grad()
+    def unmerge_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight - self.delta_weight()

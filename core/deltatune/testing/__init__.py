@@ -72,6 +72,7 @@ from deltatune.testing.fixtures import (  # noqa: F401 (pytest finds fixtures an
 )
 from deltatune.testing.model_families import ModelFamilyContract
 from deltatune.testing.helpers import (
+    adam_losses,
     fast_forward_runs,
     isolated_manager,
     logits_of,
@@ -94,6 +95,7 @@ __all__ = [
     "OptimizerContract",
     "PluginContract",
     "QuantizerContract",
+    "adam_losses",
     "fast_forward_runs",
     "isolated_manager",
     "logits_of",

@@ -109,6 +109,20 @@ def trained_like(manager: PluginManager, delta: list[dict[str, Any]], base: str 
     return model, resolved
 
 
+def adam_losses(model: nn.Module, input_ids: torch.Tensor, steps: int = 8, lr: float = 1e-2) -> list[float]:
+    """Train ``model``'s trainable parameters with Adam for ``steps`` steps on ``input_ids`` (labels the
+    same) through the model's own loss; returns the loss of each step."""
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def training_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     from deltatune.train.loss import mean_loss
     from deltatune.model.assembly import compute_context

@@ -26,7 +26,9 @@ computed directly and kept); unmerging divides the factor out and subtracts ``s�
 
 Outputs and checkpoints match PEFT's ``LoraConfig(use_dora=True)`` (``magnitude`` is PEFT's
 ``lora_magnitude_vector``), including its quirk with dropout: while training with dropout the
-base output is recomputed from the dropped-out input for the rescaling term.
+base output is recomputed from the dropped-out input for the rescaling term. The norm and merge
+arithmetic is :mod:`deltatune_dora.norm`, shared with DoRA on MoE expert parameters
+(``target_parameters``: :mod:`deltatune_dora.experts`), which PEFT has no form for.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from torch import nn
 from deltatune.api import (
     LOW_RANK_PEFT_FIELDS,
     ConfigError,
+    DeltaExperts,
     DeltaLinear,
     LayerDeltaMethod,
     LowRankConfig,
@@ -47,11 +50,13 @@ from deltatune.api import (
     base_weight,
     hookimpl,
 )
+from deltatune_dora.experts import DoraExpertDelta
+from deltatune_dora.norm import direction_norm, rescaled, unscaled
 
 
 class DoraConfig(LowRankConfig):
     """Options of the ``dora`` delta method (those of LoRA: ``r``, ``alpha``, ``dropout``,
-    ``targets``, ``rslora``, ``init_from``)."""
+    ``targets``, ``target_parameters``, ``rslora``, ``init_from``)."""
 
 
 def _weight_key(weight: torch.Tensor) -> tuple[Any, ...]:
@@ -106,16 +111,12 @@ class DoraDelta(LowRankDelta):
 
     @torch.no_grad()
     def weight_norm(self, layer: DeltaLinear) -> torch.Tensor:
-        """``n = ||W + s·B A||`` per output channel (fp32, no gradient), without forming ``B A``:
-        ``n² = ||W||² + rowdot(B, 2s·W Aᵀ + s²·B (A Aᵀ))``."""
+        """``n = ||W + s·B A||`` per output channel (fp32, no gradient), without forming ``B A``
+        (:func:`~deltatune_dora.norm.direction_norm`)."""
         with torch.autocast(layer.base_layer.weight.device.type, enabled=False):
             weight = base_weight(layer)
-            a, b, s = self.lora_A.weight, self.lora_B.weight.float(), self.scaling
-            w_at = torch.mm(weight, a.to(weight.dtype).t()).float()  # W Aᵀ: out x r, in W's dtype
-            a = a.float()
-            inner = torch.addmm(w_at, b, torch.mm(a, a.t()), beta=2 * s, alpha=s * s)  # out x r
-            squared = torch.linalg.vecdot(b, inner).add_(self.base_sq_norm(weight, layer))
-            return squared.clamp_min_(0).sqrt_()
+            return direction_norm(weight, self.lora_A.weight, self.lora_B.weight, self.scaling,
+                                  self.base_sq_norm(weight, layer))
 
     def forward(self, x: torch.Tensor, result: torch.Tensor, layer: DeltaLinear) -> torch.Tensor:
         """``(m / n) ⊙ (W x + s·B A x) + b``, as PEFT computes it."""
@@ -135,16 +136,15 @@ class DoraDelta(LowRankDelta):
     @torch.no_grad()
     def merge_weight(self, weight: torch.Tensor, layer: DeltaLinear) -> torch.Tensor:
         """``(m / n) ⊙ (W + s·B A)``; ``n`` is kept for :meth:`unmerge_weight`."""
-        combined = weight + self.delta_weight()
-        self._merged_norm = combined.norm(dim=1)
-        return combined * (self.magnitude.float() / self._merged_norm).unsqueeze(1)
+        merged, self._merged_norm = rescaled(weight + self.delta_weight(), self.magnitude)
+        return merged
 
     @torch.no_grad()
     def unmerge_weight(self, weight: torch.Tensor, layer: DeltaLinear) -> torch.Tensor:
         """``W' ⊙ n / m - s·B A``."""
         if self._merged_norm is None:
             raise ConfigError("dora: unmerge without a preceding merge on this layer")
-        restored = weight * (self._merged_norm / self.magnitude.float()).unsqueeze(1) - self.delta_weight()
+        restored = unscaled(weight, self._merged_norm, self.magnitude) - self.delta_weight()
         self._merged_norm = None
         return restored
 
@@ -163,8 +163,17 @@ class Dora(LayerDeltaMethod):
         """A LoRA pair and a magnitude initialised to ``||W||`` per output channel."""
         return DoraDelta(layer, cfg.r, cfg.scaling, cfg.dropout)
 
+    def make_expert_delta(self, layer: DeltaExperts, param_name: str, cfg: BaseModel, layer_name: str) -> DoraExpertDelta:
+        """LoRA pairs and magnitudes for every expert of ``param_name``, each magnitude ``||W_e||`` per output."""
+        return DoraExpertDelta(layer.shape(param_name), layer.base_weight(param_name), cfg.r, cfg.scaling)
+
     def peft_config(self, cfg: BaseModel) -> dict[str, Any] | None:
-        """PEFT ``LoraConfig(use_dora=True)`` fields equivalent to ``cfg``."""
+        """PEFT ``LoraConfig(use_dora=True)`` fields equivalent to ``cfg``. DoRA on expert parameters has
+        none (PEFT's ``ParamWrapper`` has no DoRA): :class:`ConfigError`."""
+        if cfg.target_parameters:
+            raise ConfigError("dora on expert parameters (target_parameters) has no PEFT form (PEFT has no DoRA for "
+                              "ParamWrapper): only the deltatune adapter bundle and `deltatune export --format merged` "
+                              "hold it")
         return {**cfg.peft_fields(), "use_dora": True}
 
     def inner_width(self, cfg: BaseModel) -> int:

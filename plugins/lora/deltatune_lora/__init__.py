@@ -22,7 +22,7 @@ refused before weights load; PEFT asks users to decompose in full precision and 
 residual themselves), cannot start from a PEFT adapter (``init_from``), and exports to PEFT as the
 plain LoRA of rank ``2r`` that gives the trained model on the original base.
 MoE expert parameters (``target_parameters``, transformers 5's 3-D expert weights) get one pair per
-expert, as PEFT's ``target_parameters`` (:mod:`deltatune_lora.experts`).
+expert, as PEFT's ``target_parameters`` (the core's :class:`deltatune.api.LowRankExpertDelta`, shared with DoRA).
 """
 
 from __future__ import annotations
@@ -42,10 +42,10 @@ from deltatune.api import (
     ExpertDelta,
     LayerDeltaMethod,
     LowRankConfig,
+    LowRankExpertDelta,
     delta_layers,
     hookimpl,
 )
-from deltatune_lora.experts import LoraExpertDelta
 from deltatune_lora.init import INIT_PATTERN, converted_pair, doubled_alpha, gaussian_, start_from_base, starts_from_base
 from deltatune_lora.layer import LoraDelta, ResidualLoraDelta
 
@@ -105,7 +105,7 @@ class Lora(LayerDeltaMethod):
 
     def make_expert_delta(self, layer: DeltaExperts, param_name: str, cfg: BaseModel, layer_name: str) -> ExpertDelta:
         """Fresh LoRA pairs for every expert of ``param_name``."""
-        return LoraExpertDelta(layer.shape(param_name), cfg.r, cfg.scaling)
+        return LowRankExpertDelta(layer.shape(param_name), cfg.r, cfg.scaling)
 
     def peft_config(self, cfg: BaseModel) -> dict[str, Any] | None:
         """PEFT ``LoraConfig`` fields equivalent to ``cfg``; a pair started from the base exports as

@@ -104,13 +104,6 @@ def test_bad_expert_targets_are_refused_naming_what_exists() -> None:
         ours("qwen3_moe", {"r": 40, "targets": [], "target_parameters": "all-experts"})
 
 
-def test_dora_refuses_expert_parameters() -> None:
-    resolved = resolve_spec(ModelSpec(base="tiny-llama", delta=[{"name": "dora", "config": {
-        "target_parameters": "all-experts"}}], base_dtype="fp32"))
-    with pytest.raises(ConfigError, match="dora.*cannot adapt expert parameters"):
-        build_model(resolved, TINY_FAMILIES["mixtral"]())
-
-
 @pytest.fixture(params=FAMILIES)
 def base_folder(request, tmp_path_factory) -> tuple[str, str]:
     folder = tmp_path_factory.mktemp(request.param)

@@ -13,6 +13,7 @@ from deltatune.io.adapter import save_adapter
 from deltatune.io.merged import merge_into_base
 from deltatune.model.assembly import ModelSpec, apply_quantizer, build_model, resolve_spec
 from deltatune.plugin.resolve import resolve
+from deltatune.testing import adam_losses
 from deltatune.testing import max_relative_difference as rel
 from deltatune.testing.families import TINY_FAMILIES
 from deltatune_nf4 import NF4Experts, memory_report
@@ -79,14 +80,7 @@ def test_qlora_on_experts_trains_and_merges(family: str, tmp_path) -> None:
     trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
     assert any("experts.deltas.lora.down_proj.lora_B" in n for n in trainable)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    optimizer = torch.optim.Adam(trainable.values(), lr=1e-2)
-    losses = []
-    for _ in range(8):
-        loss = model(input_ids=ids(), labels=ids()).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = adam_losses(model, ids())
     assert losses[-1] < losses[0] - 0.05
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
     experts = model.get_submodule("model.layers.0.mlp.experts").deltas["lora"]
