@@ -151,7 +151,24 @@ class Cohere(Family):
         return multiply_by(float(scale)) if scale is not None and scale != 1 else None
 
 
-FAMILIES = (Llama, Mistral, Qwen2, Qwen3, Phi3, Gpt2, Gemma, Granite, Cohere)
+class Mixtral(Family):
+    """Mixtral (sparse mixture of experts: the experts are 3-D parameters, which ``target_parameters``
+    adapts and ``nf4`` quantizes; with ``output_router_logits`` the router's auxiliary loss is part of
+    the model's loss, which the core then takes from the model's own forward)."""
+
+    name = "mixtral"
+    model_types = ("mixtral",)
+
+
+class QwenMoe(Family):
+    """Qwen 2 and Qwen 3 mixtures of experts (3-D expert parameters; Qwen 2's shared expert and its
+    one-wide gate are linear layers)."""
+
+    name = "qwen_moe"
+    model_types = ("qwen2_moe", "qwen3_moe")
+
+
+FAMILIES = (Llama, Mistral, Qwen2, Qwen3, Phi3, Gpt2, Gemma, Granite, Cohere, Mixtral, QwenMoe)
 
 
 @hookimpl

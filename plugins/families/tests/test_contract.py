@@ -19,7 +19,7 @@ SPECS = {
 
 SERVED = {"llama": ("llama", "llama3"), "mistral": ("mistral",), "qwen2": ("qwen2",), "qwen3": ("qwen3",),
           "phi3": ("phi3",), "gpt2": ("gpt2",), "gemma": ("gemma", "gemma2", "gemma3"), "granite": ("granite",),
-          "cohere": ("cohere",)}
+          "cohere": ("cohere",), "mixtral": ("mixtral",), "qwen_moe": ("qwen2_moe", "qwen3_moe")}
 """Each first-party family → the tiny models (``TINY_FAMILIES`` names) of configs it serves."""
 
 
