@@ -166,16 +166,35 @@ def is_quantized(module: nn.Module) -> bool:
     return getattr(module, DEQUANTIZE_ATTR, None) is not None
 
 
+_LINEAR_FORWARDS: dict[type, bool] = {}
+"""A model's own ``nn.Linear`` subclass with a forward of its own → whether that forward returns one
+tensor of the layer's output width (found once per class, by :func:`_returns_its_output`)."""
+
+
+def _returns_its_output(module: nn.Module) -> bool:
+    """Whether ``module``'s forward maps a row of ``in_features`` to one tensor of ``out_features``."""
+    weight = module.weight
+    with torch.no_grad():
+        try:
+            out = module(torch.zeros((1, module.in_features), dtype=weight.dtype, device=weight.device))
+        except Exception:  # noqa: BLE001 - a forward that needs more than an input row is no plain linear layer
+            return False
+    return isinstance(out, torch.Tensor) and out.shape[-1] == module.out_features
+
+
 def is_linear(module: nn.Module) -> bool:
     """Whether ``module`` is a linear layer a delta can wrap: an ``nn.Linear`` (quantized layers such as
     bitsandbytes' subclass it), or a ``Conv1D`` (its weight transposed) — but not a model's own
-    ``nn.Linear`` subclass with a forward of its own (Llama 4's router returns scores and logits, not
-    ``x Wᵀ + b``)."""
+    ``nn.Linear`` subclass whose forward returns something else than ``x Wᵀ + b``'s tensor (Llama 4's
+    router returns scores and logits; Falcon's ``FalconLinear`` does return its output)."""
     if not isinstance(module, (nn.Linear, Conv1D)):
         return False
-    forward = type(module).forward
-    model_code = type(module).__module__.startswith("transformers.models.")
-    return not model_code or forward in (nn.Linear.forward, Conv1D.forward)
+    cls = type(module)
+    if not cls.__module__.startswith("transformers.models.") or cls.forward in (nn.Linear.forward, Conv1D.forward):
+        return True
+    if cls not in _LINEAR_FORWARDS:
+        _LINEAR_FORWARDS[cls] = _returns_its_output(module)
+    return _LINEAR_FORWARDS[cls]
 
 
 def linear_features(module: nn.Module) -> tuple[int, int]:
