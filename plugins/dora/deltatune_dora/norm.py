@@ -15,7 +15,8 @@ def direction_norm(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scali
     ``sq_norm`` is ``||W||²`` per row (fp32). ``W Aᵀ`` is computed in ``W``'s dtype, the rest in fp32."""
     w_at = torch.matmul(weight, a.to(weight.dtype).mT).float()  # W Aᵀ: ... x out x r
     a, b = a.float(), b.float()
-    inner = w_at.mul_(2 * scaling).add_(torch.matmul(b, torch.matmul(a, a.mT)), alpha=scaling * scaling)
+    product = torch.addmm if w_at.dim() == 2 else torch.baddbmm  # 2s·W Aᵀ + s²·B (A Aᵀ) in one product
+    inner = product(w_at, b, torch.matmul(a, a.mT), beta=2 * scaling, alpha=scaling * scaling)
     return torch.linalg.vecdot(b, inner).add_(sq_norm).clamp_min_(0).sqrt_()
 
 
