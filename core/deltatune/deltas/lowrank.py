@@ -63,6 +63,16 @@ LOW_RANK_PEFT_FIELDS: dict[str, str] = {
 """Our :class:`LowRankConfig` field → PEFT ``LoraConfig`` key."""
 
 
+def check_rank(r: int, in_features: int, out_features: int, what: str) -> None:
+    """Refuse a rank above both sizes of ``what`` (an ``out x in`` weight). A rank between the two sizes
+    only wastes parameters, and PEFT allows it (a 1-wide gate under ``all-linear``)."""
+    largest = max(in_features, out_features)
+    if r > largest:
+        raise ConfigError(f"rank r={r} exceeds both sizes of {what} ({out_features}x{in_features}): a low-rank "
+                          f"update of it has rank at most {min(in_features, out_features)}; choose r <= {largest} "
+                          "or target other modules")
+
+
 class LowRankDelta(WeightUpdateDelta):
     """A trainable pair ``A`` (``r x in``, Kaiming-uniform) and ``B`` (``out x r``, zeros) with
     input dropout and scale ``s``, whose merged form is ``ΔW = s · B A``. A method built on it writes
@@ -71,11 +81,7 @@ class LowRankDelta(WeightUpdateDelta):
 
     def __init__(self, in_features: int, out_features: int, r: int, scaling: float, dropout: float) -> None:
         super().__init__()
-        largest = max(in_features, out_features)
-        if r > largest:  # a rank between the two sizes only wastes parameters, as PEFT allows (a 1-wide gate)
-            raise ConfigError(f"rank r={r} exceeds both sizes of the layer ({out_features}x{in_features}): a low-rank "
-                              f"update of it has rank at most {min(in_features, out_features)}; choose r <= {largest} "
-                              "or target other modules")
+        check_rank(r, in_features, out_features, "the layer")
         self.lora_A = nn.Linear(in_features, r, bias=False)
         self.lora_B = nn.Linear(r, out_features, bias=False)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -110,10 +116,7 @@ class LowRankExpertDelta(ExpertDelta):
 
     def __init__(self, shape: ExpertShape, r: int, scaling: float) -> None:
         super().__init__()
-        width = min(shape.in_features, shape.out_features)
-        if r > width:
-            raise ConfigError(f"rank r={r} exceeds an expert's width ({shape.out_features}x{shape.in_features}); "
-                              f"choose r <= {width}")
+        check_rank(r, shape.in_features, shape.out_features, "an expert")
         self.shape = shape
         self.r = r
         self.scaling = scaling

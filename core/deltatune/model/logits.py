@@ -68,10 +68,10 @@ class HeadPlan:
     exact: bool = True
     reason: str = ""
     family: Any = None
+    """The model-family plugin serving the model (:mod:`deltatune.model.families`), or ``None``."""
     aux_loss_coef: float = 0.0
     """The weight of the auxiliary loss the model's own forward adds to its loss (a MoE router's load
     balancing, ``output_router_logits``); such a model's loss comes from its own forward."""
-    """The model-family plugin serving the model (:mod:`deltatune.model.families`), or ``None``."""
 
 
 _PLANS: weakref.WeakKeyDictionary[nn.Module, HeadPlan] = weakref.WeakKeyDictionary()
@@ -159,10 +159,9 @@ def head_plan(model: nn.Module, families: list[Any] | None = None) -> HeadPlan:
             for module, mode in training.items():
                 module.training = mode
         aux = float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0)
-        if getattr(model.config, "output_router_logits", False) and aux:
+        aux = aux if getattr(model.config, "output_router_logits", False) else 0.0
+        if aux:
             reason = f"its loss adds the router's auxiliary loss (output_router_logits, weight {aux:g})"
-        else:
-            aux = 0.0
         plan = HeadPlan(head, transform, exact=not reason, reason=reason, family=family if not reason else None,
                         aux_loss_coef=aux)
     _PLANS[model] = plan

@@ -100,8 +100,8 @@ def test_bad_expert_targets_are_refused_naming_what_exists() -> None:
         ours("llama", {"r": 2, "target_parameters": "all-experts"})
     with pytest.raises(ConfigError, match="dropout must be 0 with target_parameters"):
         ours("mixtral", {"r": 2, "dropout": 0.1, "target_parameters": "all-experts"})
-    with pytest.raises(ConfigError, match="rank r=40 exceeds an expert's width"):
-        ours("qwen3_moe", {"r": 40, "targets": [], "target_parameters": "all-experts"})
+    with pytest.raises(ConfigError, match="rank r=100 exceeds both sizes of an expert"):
+        ours("qwen3_moe", {"r": 100, "targets": [], "target_parameters": "all-experts"})
 
 
 @pytest.fixture(params=FAMILIES)
