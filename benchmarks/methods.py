@@ -49,6 +49,10 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "examples" / "lora-smollm2.yaml"
 DOC = ROOT / "docs" / "benchmarks.md"
+RESULTS = ROOT / "benchmarks" / "results" / "methods"
+"""The measurements behind the table, kept in the repository (small JSON files, no weights): each sweep
+run as ``sweep/<method>-<lr>.json`` and each full run's report as ``<method>.result.json``, so a table
+measured across several sessions (``--only``) is rebuilt from them; run folders stay under ``--out``."""
 BEGIN, END = "<!-- methods:begin -->", "<!-- methods:end -->"
 LORA = {"name": "lora", "config": {"r": 16, "alpha": 32, "targets": "all-linear"}}
 HUMANEVAL = {"name": "humaneval", "splits": ["test"],  # its problems are its own: run it once per phase
@@ -165,11 +169,12 @@ def fit(config: dict, stem: str, out: Path) -> dict:
 def run(name: str, method: dict, steps: int | None, out: Path, humaneval: bool = False) -> dict:
     """Train one method at its chosen learning rate (:func:`chosen_lr`); its report plus the wall time."""
     stem = slug(name)
-    lr = chosen_lr(name, out)
+    lr = chosen_lr(name)
     report = fit(method_config(method, lr, steps, out / stem, humaneval), stem, out)
     report["lr"] = lr
     if "error" not in report:
-        (out / f"{stem}.result.json").write_text(json.dumps(report))
+        RESULTS.mkdir(parents=True, exist_ok=True)
+        (RESULTS / f"{stem}.result.json").write_text(json.dumps(report))
     return report
 
 
@@ -181,9 +186,10 @@ def slug(name: str) -> str:
 
 def sweep(name: str, method: dict, out: Path, steps: int = SWEEP_STEPS) -> list[dict]:
     """Short runs of ``name`` at each of its learning rates (``method["lrs"]``), measuring the tuned
-    model's validation loss; each result saved as ``<out>/sweep/<slug>-<lr>.json``."""
-    folder = out / "sweep"
+    model's validation loss; each result saved as ``RESULTS/sweep/<slug>-<lr>.json``."""
+    folder, saved = out / "sweep", RESULTS / "sweep"
     folder.mkdir(parents=True, exist_ok=True)
+    saved.mkdir(parents=True, exist_ok=True)
     results = []
     for lr in method["lrs"]:
         stem = f"{slug(name)}-{lr:g}"
@@ -195,23 +201,23 @@ def sweep(name: str, method: dict, out: Path, steps: int = SWEEP_STEPS) -> list[
             entry.update(val_loss=report["tuned_metrics"]["validation"]["perplexity/loss"],
                          train_s=report["timings"].get("train_s"), peak_rss_kib=report["peak_rss_kib"],
                          parameters=report.get("parameters", {}))
-        (folder / f"{stem}.json").write_text(json.dumps(entry))
+        (saved / f"{stem}.json").write_text(json.dumps(entry))
         results.append(entry)
         print(json.dumps({"method": name, **entry}), flush=True)
     return results
 
 
-def sweep_results(name: str, out: Path) -> list[dict]:
+def sweep_results(name: str) -> list[dict]:
     """The saved sweep runs of ``name`` (one per learning rate measured), by learning rate."""
     method = METHODS[name]
-    paths = [out / "sweep" / f"{slug(name)}-{lr:g}.json" for lr in method["lrs"]]
+    paths = [RESULTS / "sweep" / f"{slug(name)}-{lr:g}.json" for lr in method["lrs"]]
     return [json.loads(p.read_text()) for p in paths if p.is_file()]
 
 
-def chosen_lr(name: str, out: Path) -> float:
+def chosen_lr(name: str) -> float:
     """The learning rate of ``name`` with the lowest validation loss in its sweep, or the middle one of
     its sweep values when no sweep ran."""
-    measured = [r for r in sweep_results(name, out) if "val_loss" in r and math.isfinite(r["val_loss"])]
+    measured = [r for r in sweep_results(name) if "val_loss" in r and math.isfinite(r["val_loss"])]
     if measured:
         return min(measured, key=lambda r: r["val_loss"])["lr"]
     return METHODS[name]["lrs"][1]
@@ -250,7 +256,7 @@ def reevaluate(name: str, out: Path) -> dict:
     from deltatune.model.assembly import build_model, resolve_spec
 
     stem = slug(name)
-    adapter, config_file, result_file = out / stem / "adapter", out / f"{stem}.yaml", out / f"{stem}.result.json"
+    adapter, config_file, result_file = out / stem / "adapter", out / f"{stem}.yaml", RESULTS / f"{stem}.result.json"
     if not (adapter.is_dir() and config_file.is_file() and result_file.is_file()):
         return {"error": f"no saved run to re-evaluate ({out.name}/{stem}/adapter, .yaml or .result.json missing)",
                 "missing": True}
@@ -294,9 +300,9 @@ def reevaluate(name: str, out: Path) -> dict:
     return report
 
 
-def previous(name: str, out: Path) -> dict | None:
-    """The result of an earlier run of ``name`` in ``out`` (kept by ``--only`` runs of other methods)."""
-    path = out / f"{slug(name)}.result.json"
+def previous(name: str) -> dict | None:
+    """The result of an earlier full run of ``name`` (kept by ``--only`` runs of other methods)."""
+    path = RESULTS / f"{slug(name)}.result.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -417,9 +423,9 @@ def step_seconds(report: dict) -> float | None:
     return train / steps if train and steps else None
 
 
-def peak_rss(name: str, report: dict, out: Path) -> int | None:
+def peak_rss(name: str, report: dict) -> int | None:
     """Peak RSS (KiB) of ``name``'s sweep run at its chosen learning rate, else of its full run."""
-    peaks = [r["peak_rss_kib"] for r in sweep_results(name, out) if r["lr"] == report.get("lr") and "peak_rss_kib" in r]
+    peaks = [r["peak_rss_kib"] for r in sweep_results(name) if r["lr"] == report.get("lr") and "peak_rss_kib" in r]
     return peaks[0] if peaks else report.get("peak_rss_kib")
 
 
@@ -438,11 +444,11 @@ def ranking(results: dict[str, dict]) -> list[str]:
     return [" ".join(text)] if text else []
 
 
-def sweep_table(results: dict[str, dict], out: Path) -> list[str]:
+def sweep_table(results: dict[str, dict]) -> list[str]:
     """Each method's validation loss at its sweep learning rates, and which methods are sensitive to it."""
     lines, sensitive, steps = [], [], None
     for name in results:
-        runs = [r for r in sweep_results(name, out) if "val_loss" in r]
+        runs = [r for r in sweep_results(name) if "val_loss" in r]
         if len(runs) < 2:
             continue
         steps = runs[0]["steps"]
@@ -463,7 +469,7 @@ def sweep_table(results: dict[str, dict], out: Path) -> list[str]:
              "No method's validation loss moves by more than 10% across its learning rates.")]
 
 
-def table(results: dict[str, dict], missing: list[str], steps: int | None, out: Path) -> str:
+def table(results: dict[str, dict], missing: list[str], steps: int | None) -> str:
     """The markdown section for docs/benchmarks.md."""
     share_base(results)
     rows, families = heldout_families(results)
@@ -498,12 +504,12 @@ def table(results: dict[str, dict], missing: list[str], steps: int | None, out: 
         share = f"{params['trainable']:,} ({100 * params['trainable'] / params['total']:.2f}%)" if params.get("total") else "—"
         step = step_seconds(report)
         ratio = f"{step:.2f} ({step / lora_step:.2f}×)" if step and lora_step else "—"
-        peak = peak_rss(name, report, out)
+        peak = peak_rss(name, report)
         lines.append(f"| {name} | {share} | {report.get('lr', float('nan')):g} | "
                      f"{f'{peak / 2**20:.2f} GiB' if peak else '—'} | {ratio} | {loss:.3f} | {cell(report, 'test')} | "
                      f"{cell(report, 'heldout')} | {humaneval_cell(report)} |")
     lines += ["", *ranking(results)]
-    if (sweeps := sweep_table(results, out)):
+    if (sweeps := sweep_table(results)):
         lines += ["", *sweeps]
     lines += ["", "QLoRA's base is the 4-bit (NF4) model, measured on its own; every other method starts from the "
               "same dense model, whose figures the LoRA run measured once. Trainable: the parameters the method "
@@ -570,7 +576,7 @@ def main() -> None:
     results, missing = {}, []
     for name, method in METHODS.items():
         if args.rewrite or (args.only and name not in args.only):
-            if (earlier := previous(name, out)) is not None:
+            if (earlier := previous(name)) is not None:
                 results[name] = earlier
             continue
         if not set(method["needs"]) <= have:
@@ -585,8 +591,8 @@ def main() -> None:
         results[name] = reevaluate(name, out) if args.reevaluate else run(name, method, args.steps, out, humaneval)
         print(json.dumps({k: results[name].get(k) for k in ("tuned_metrics", "timings", "wall", "error")}), flush=True)
         if args.write:  # after every method, so an interrupted run keeps what it measured
-            write_section(table(results, missing, args.steps, out))
-    text = table(results, missing, args.steps, out)
+            write_section(table(results, missing, args.steps))
+    text = table(results, missing, args.steps)
     print(text)
     if args.write:
         write_section(text)
