@@ -121,6 +121,10 @@ class Layout:
     expert_weights: int = 0
     """Elements of the largest set of MoE expert weights one experts module computes in its forward
     (dequantized, or changed by a delta): they exist once, for that layer, in forward and in backward."""
+    experts_quantized: bool = False
+    """Those expert weights are dequantized (from fp32 quantization state) in every forward and backward."""
+    experts_trained: bool = False
+    """A delta trains through those expert weights: backward builds their dense gradient."""
 
 
 def bits_per_weight(quantizer: Any) -> float:
@@ -174,6 +178,7 @@ def layout(config: Any, deltas: list[Any], quantizer: Any | None, fast_path: boo
     resolved = ResolvedSpec(spec=None, quantizer=quantizer, deltas=list(deltas))  # type: ignore[arg-type]
     claim_parameters(model, resolved)
     out = Layout()
+    experts: dict[str, int] = {}  # per experts module: elements of the weights it computes (dequantized or changed)
     embeddings = model.get_input_embeddings()
     head = model.get_output_embeddings()
     for name, param in model.named_parameters():
@@ -188,15 +193,20 @@ def layout(config: Any, deltas: list[Any], quantizer: Any | None, fast_path: boo
             out.trains_base |= ".deltas." not in name
         elif name in quantized_weights:
             out.quantized += count
-            out.expert_weights = max(out.expert_weights, count if param.ndim == 3 else 0)
+            if param.ndim == 3:  # an expert parameter, by the experts module that computes with it
+                module_name = name.rpartition(".")[0].removesuffix(".base_layer")
+                experts[module_name] = experts.get(module_name, 0) + count
+                out.experts_quantized = True
             if count > out.largest_quantized[0] * out.largest_quantized[1]:
                 out.largest_quantized = tuple(param.shape)  # type: ignore[assignment]
         else:
             out.frozen += count
     for name, module in model.named_modules():
         if isinstance(module, DeltaExperts) and module.deltas:
-            changed = sum(getattr(module.base_layer, p).numel() for p in module.changed())
-            out.expert_weights = max(out.expert_weights, changed)
+            changed = [p for p in module.changed() if f"{name}.base_layer.{p}" not in quantized_weights]
+            experts[name] = experts.get(name, 0) + sum(getattr(module.base_layer, p).numel() for p in changed)
+            out.experts_trained = True
+    out.expert_weights = max(experts.values(), default=0)
     layer_prefix = _first_layer_prefix(model)
     for name in quantized:
         if name.startswith(layer_prefix) and name not in quantized_weights:

@@ -33,8 +33,9 @@ configurations stored here, nothing is downloaded), a local Hugging Face folder 
   forward's — checked against the tensors autograd really keeps in ``tests/unit/estimate/test_estimate.py``);
   with gradient checkpointing the layer inputs plus one recomputed layer;
 * transients: the largest of one chunk of logits, one layer's attention backward and a dequantized
-  weight (for a MoE layer: all the expert weights one experts module computes with, dequantized or
-  changed by a delta; they are computed again in backward, not kept), plus one layer's backward working set;
+  weight (for a MoE layer, :func:`expert_transient`: all the expert weights one experts module computes
+  with, dequantized or changed by a delta, computed again in backward rather than kept, and their
+  gradient when a delta trains through them), plus one layer's backward working set;
 * the compute-dtype copies of trained weights the fast path's grouped products keep, and DDP's gradient buckets (one
   more copy of the trained gradients) when ``--devices`` > 1;
 * loading: deltatune loads a base under delta layers straight in its compute dtype, but in fp32 when a
@@ -80,6 +81,15 @@ every layer leave there are not given back to the system: resident memory grows 
 the bytes autograd keeps (measured: 1,672 MiB resident for 1,290 MiB of saved tensors on SmolLM2-135M,
 8 x 256 tokens; with ``MALLOC_MMAP_THRESHOLD_=131072`` it is 1,319 MiB). The heap stays that large
 after training, so a checkpoint saved then comes on top of it."""
+
+
+def expert_transient(lay: Layout, compute: int) -> int:
+    """Bytes of the MoE expert weights one experts module computes with, at their largest (in backward,
+    where they are computed again): the weights in the compute dtype (dequantized, or ``W + ΔW``), the
+    fp32 weights dequantization produces first, and the dense gradient of the weights through which a
+    delta trains (autograd sums the experts' slices into it)."""
+    per_element = compute + (4 if lay.experts_quantized else 0) + (compute if lay.experts_trained else 0)
+    return lay.expert_weights * per_element
 
 
 @dataclass
@@ -212,8 +222,7 @@ def estimate(
     # the family's fast forward says it holds instead)
     attention = acts.get("attention_transient", batch * heads * seq * seq * (4 + 4 + compute))
     dequantized = math.prod(lay.largest_quantized) * compute if resolved.quantizer else 0
-    # the MoE expert weights one experts module computes with (dequantized, or W + ΔW): all of one layer's
-    dequantized = max(dequantized, lay.expert_weights * compute)
+    dequantized = max(dequantized, expert_transient(lay, compute))
     # the backward of one layer: the gradient of the residual stream and of the widest activation
     layer_backward = tokens * compute * (2 * config.hidden_size + 3 * mlp_width(config))
     recompute = acts["per_layer_per_token"] * tokens if gradient_checkpointing else 0

@@ -5,13 +5,18 @@ includes the experts each token visits."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import transformers
 
 from deltatune.estimate.activations import activation_bytes
 from deltatune.estimate.counting import layout
-from deltatune.estimate.memory import estimate
+from deltatune.estimate.memory import estimate, expert_transient
 from deltatune.model.assembly import build_model, resolve_spec, trainable_summary
 from deltatune.testing.families import TINY_FAMILIES
 from saved_tensors import saved_bytes
@@ -76,3 +81,58 @@ def measured_and_predicted(family: str, dtype: str) -> tuple[float, float]:
 def test_activation_model_of_a_moe_plain_forward(family, dtype):
     measured, predicted = measured_and_predicted(family, dtype)
     assert abs(predicted - measured) <= 0.15 * measured, (predicted, measured)
+
+
+STEP_PEAK = """
+import json, sys
+import torch
+from transformers import MixtralConfig, MixtralForCausalLM
+from deltatune.model.assembly import build_model, compute_context, resolve_spec
+
+config = MixtralConfig(**json.loads(sys.argv[1]))
+torch.manual_seed(0)
+model = build_model(resolve_spec(json.loads(sys.argv[2])), MixtralForCausalLM(config))
+optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+ids = torch.randint(0, config.vocab_size, (1, 64))
+
+def step():
+    with compute_context(model):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+def kib(key):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key))
+
+step()  # the optimizer's state exists from here on
+open("/proc/self/clear_refs", "w").write("5")
+before = kib("VmRSS:")
+step()
+print((kib("VmHWM:") - before) * 1024)
+"""
+MIXTRAL = dict(vocab_size=512, hidden_size=512, intermediate_size=2048, num_hidden_layers=2, num_attention_heads=8,
+               num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2)
+
+
+def step_peak(spec: dict) -> int:
+    """Bytes one training step of a random Mixtral built from ``spec`` takes above what stays resident
+    between steps (every block mapped on its own, so resident memory follows the live tensors)."""
+    out = subprocess.run([sys.executable, "-c", STEP_PEAK, json.dumps(MIXTRAL), json.dumps(spec)], check=True,
+                         capture_output=True, text=True, env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+    return int(out.stdout.split()[-1])
+
+
+@pytest.mark.parametrize("quantizer", [None, {"name": "nf4"}])
+def test_expert_transient_against_a_measured_step(quantizer):
+    """What LoRA on the experts adds to a step's peak (the effective expert weights computed again in
+    backward, their fp32 dequantization, their dense gradient) is what the estimate's expert term says."""
+    attention = {"r": 16, "targets": "all-linear"}
+    experts = {**attention, "target_parameters": "all-experts"}
+    spec = {"base": "tiny-llama", "delta": [{"name": "lora", "config": experts}], "quantizer": quantizer}
+    resolved = resolve_spec(spec)
+    lay = layout(transformers.MixtralConfig(**MIXTRAL), resolved.deltas, resolved.quantizer)
+    assert lay.experts_trained and lay.experts_quantized == bool(quantizer)
+    predicted = expert_transient(lay, 2)
+    measured = step_peak(spec) - step_peak({"base": "tiny-llama", "delta": [{"name": "lora", "config": attention}]})
+    assert abs(measured - predicted) <= 0.25 * predicted, (measured, predicted)
