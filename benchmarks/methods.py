@@ -3,8 +3,10 @@
 Each method (and each useful combination of methods) trains SmolLM2-135M-Instruct on the bundled task
 suite with the demo's data, batch size, steps and evaluation (examples/lora-smollm2.yaml), changing only
 the method and its learning rate. ``--sweep`` first runs every method at its three sweep learning rates
-(short runs measuring the validation loss only) and trains the full run at the best of them; without a
-saved sweep a method uses the middle value. Run it on an otherwise idle machine::
+(short runs measuring the validation loss only; a further rate beyond either end while the best lies at
+that end) and trains the full run at the best of them; without a saved sweep a method uses the middle
+value. Sweep runs and full-run reports are kept in ``benchmarks/results/methods`` (:data:`RESULTS`): a
+sweep measures only what is not saved there yet, so the work can be split across sessions with ``--only``. Run it on an otherwise idle machine::
 
     flock -x /tmp/deltatune-cpu.lock python benchmarks/methods.py --sweep --write
 
@@ -137,7 +139,8 @@ def method_config(method: dict, lr: float, steps: int | None, root: Path, humane
     if sweep:
         model["evaluators"] = [e for e in model["evaluators"] if e["name"] == "perplexity"]
     model.update(delta=method["delta"], quantizer=method.get("quantizer"), samples=0,
-                 compare_base="base_from" not in method and not sweep)
+                 compare_base="base_from" not in method and not sweep,
+                 overwrite=True)  # the run folders under --out are this benchmark's own
     optimizer = json.loads(json.dumps(method.get("optimizer") or {"name": "adamw", "config": {"warmup_steps": 10}}))
     optimizer["config"]["lr"] = lr
     model["optimizer"] = optimizer
@@ -185,33 +188,65 @@ def slug(name: str) -> str:
 
 
 def sweep(name: str, method: dict, out: Path, steps: int = SWEEP_STEPS) -> list[dict]:
-    """Short runs of ``name`` at each of its learning rates (``method["lrs"]``), measuring the tuned
-    model's validation loss; each result saved as ``RESULTS/sweep/<slug>-<lr>.json``."""
+    """Short runs of ``name`` measuring the tuned model's validation loss, each saved as
+    ``RESULTS/sweep/<slug>-<lr>.json``: at each of its learning rates (``method["lrs"]``) not measured yet,
+    then, while the lowest loss lies at an end of the rates measured, at the next rate of the 1-3-10
+    ladder beyond that end (at most :data:`SWEEP_EXTENSIONS` more), so that the rate chosen is a minimum
+    the sweep brackets. A saved run is reused (delete its file to measure it again)."""
     folder, saved = out / "sweep", RESULTS / "sweep"
     folder.mkdir(parents=True, exist_ok=True)
     saved.mkdir(parents=True, exist_ok=True)
-    results = []
-    for lr in method["lrs"]:
+
+    def measure(lr: float) -> None:
         stem = f"{slug(name)}-{lr:g}"
+        if (saved / f"{stem}.json").is_file():
+            return
         report = fit(method_config(method, lr, steps, folder / stem, sweep=True), stem, folder)
-        entry = {"lr": lr, "steps": steps, "wall": report["wall"]}
         if "error" in report:
-            entry["error"] = report["error"]
-        else:
-            entry.update(val_loss=report["tuned_metrics"]["validation"]["perplexity/loss"],
-                         train_s=report["timings"].get("train_s"), peak_rss_kib=report["peak_rss_kib"],
-                         parameters=report.get("parameters", {}))
+            print(json.dumps({"method": name, "lr": lr, "error": report["error"]}), flush=True)
+            return
+        entry = {"lr": lr, "steps": steps, "val_loss": report["tuned_metrics"]["validation"]["perplexity/loss"],
+                 "parameters": report.get("parameters", {})}
         (saved / f"{stem}.json").write_text(json.dumps(entry))
-        results.append(entry)
         print(json.dumps({"method": name, **entry}), flush=True)
-    return results
+
+    for lr in method["lrs"]:
+        measure(lr)
+    for _ in range(SWEEP_EXTENSIONS):
+        runs = sorted((r for r in sweep_results(name) if math.isfinite(r.get("val_loss", math.nan))),
+                      key=lambda r: r["lr"])
+        if len(runs) < 2:
+            break
+        best = min(range(len(runs)), key=lambda i: runs[i]["val_loss"])
+        if 0 < best < len(runs) - 1:
+            break
+        measure(ladder(runs[best]["lr"], up=best > 0))
+    return sweep_results(name)
+
+
+SWEEP_EXTENSIONS = 2
+"""Learning rates a sweep may add beyond its three when its best lies at an end."""
+
+
+def ladder(lr: float, up: bool) -> float:
+    """The next learning rate above (or below) ``lr`` on the 1-3-10 ladder (1e-3, 3e-3, 1e-2, ...)."""
+    exponent = math.floor(math.log10(lr) + 1e-9)
+    rungs = [m * 10.0**e for e in (exponent - 1, exponent, exponent + 1) for m in (1, 3)]
+    beyond = [r for r in rungs if r > lr * 1.01] if up else [r for r in rungs if r < lr / 1.01]
+    return float(f"{(min(beyond) if up else max(beyond)):.1g}")
 
 
 def sweep_results(name: str) -> list[dict]:
-    """The saved sweep runs of ``name`` (one per learning rate measured), by learning rate."""
-    method = METHODS[name]
-    paths = [RESULTS / "sweep" / f"{slug(name)}-{lr:g}.json" for lr in method["lrs"]]
-    return [json.loads(p.read_text()) for p in paths if p.is_file()]
+    """The saved sweep runs of ``name`` (its learning rates and any the sweep added), by learning rate."""
+    prefix = f"{slug(name)}-"
+    runs = []
+    for path in (RESULTS / "sweep").glob(f"{prefix}*.json"):
+        try:
+            float(path.stem[len(prefix):])  # "lora-0.001", not "lora-plus-bitfit-0.001"
+        except ValueError:
+            continue
+        runs.append(json.loads(path.read_text()))
+    return sorted(runs, key=lambda r: r["lr"])
 
 
 def chosen_lr(name: str) -> float:
@@ -423,12 +458,6 @@ def step_seconds(report: dict) -> float | None:
     return train / steps if train and steps else None
 
 
-def peak_rss(name: str, report: dict) -> int | None:
-    """Peak RSS (KiB) of ``name``'s sweep run at its chosen learning rate, else of its full run."""
-    peaks = [r["peak_rss_kib"] for r in sweep_results(name) if r["lr"] == report.get("lr") and "peak_rss_kib" in r]
-    return peaks[0] if peaks else report.get("peak_rss_kib")
-
-
 def ranking(results: dict[str, dict]) -> list[str]:
     """Whether validation loss ranks the methods as exact match does (Spearman's ρ over the rows)."""
     text = []
@@ -478,8 +507,10 @@ def table(results: dict[str, dict], missing: list[str], steps: int | None) -> st
              f"Command: `flock -x /tmp/deltatune-cpu.lock python benchmarks/methods.py --sweep --write"
              f"{f' --steps {steps}' if steps else ''}` (CPU, 2 cores). Every method gets the demo's budget "
              "(`examples/lora-smollm2.yaml`: same data, batch size 8, same steps, same evaluation); only the "
-             "method and its learning rate change, the learning rate chosen per method by a three-value sweep "
-             "on the validation split (`--sweep`, below), never on test. `test`: the six trained "
+             "method and its learning rate change, the learning rate chosen per method by a sweep of three values "
+             "(extended where the best lay at an end) "
+             "on the validation split (`--sweep`, below), never on test. Peak RSS is the whole run's (loading, "
+             "training, evaluation and generation). `test`: the six trained "
              "task families on problems never seen (96 rows); `heldout`: two task families never trained on"
              + (f" ({rows} rows: {', '.join(f'`{f}`' for f in families)}, {rows // max(len(families), 1)} each)"
                 if rows else "")
@@ -504,7 +535,7 @@ def table(results: dict[str, dict], missing: list[str], steps: int | None) -> st
         share = f"{params['trainable']:,} ({100 * params['trainable'] / params['total']:.2f}%)" if params.get("total") else "—"
         step = step_seconds(report)
         ratio = f"{step:.2f} ({step / lora_step:.2f}×)" if step and lora_step else "—"
-        peak = peak_rss(name, report)
+        peak = report.get("peak_rss_kib")
         lines.append(f"| {name} | {share} | {report.get('lr', float('nan')):g} | "
                      f"{f'{peak / 2**20:.2f} GiB' if peak else '—'} | {ratio} | {loss:.3f} | {cell(report, 'test')} | "
                      f"{cell(report, 'heldout')} | {humaneval_cell(report)} |")
