@@ -37,7 +37,9 @@ lists them; a quantizer holds one quantized through ``wrap_experts`` and ``Delta
 **Delta methods: the virtual-token seam** — ``VirtualTokens`` (tokens before every sequence: key/value
 pairs per layer, as prefix-tuning, or input embeddings, as prompt tuning), attached to a model with
 ``add_virtual_tokens`` and found with ``virtual_tokens``; ``VirtualTokenMethod`` implements the ``DeltaMethod`` protocol for a
-method made of one such module (a subclass writes ``make_tokens``); the core applies them to every forward of
+method made of one such module (a subclass writes ``make_tokens``); ``TokenStartOptions`` and
+``start_token_ids`` give the tokens a method's virtual tokens start from (random, vocabulary, a text),
+``own_key_values`` the base's keys and values of such tokens (a prefix's start); the core applies them to every forward of
 the decoder (training, evaluation, generation). A method using it sets ``adds_virtual_tokens = True``.
 
 **Delta methods: grouped products** — a ``Delta`` class may name a ``GroupedProduct`` that computes
@@ -124,7 +126,15 @@ from deltatune.deltas.lowrank import LOW_RANK_PEFT_FIELDS, LowRankConfig, LowRan
 from deltatune.deltas.method import LayerDeltaMethod
 from deltatune.deltas.peft_names import PEFT_PREFIX, copy_named_tensors
 from deltatune.deltas.targets import TARGET_ROLES, TARGETS_HELP, find_targets, generic_target_roles, target_matches
-from deltatune.deltas.virtual import VirtualTokenMethod, VirtualTokens, add_virtual_tokens, virtual_tokens
+from deltatune.deltas.virtual import (
+    TokenStartOptions,
+    VirtualTokenMethod,
+    VirtualTokens,
+    add_virtual_tokens,
+    own_key_values,
+    start_token_ids,
+    virtual_tokens,
+)
 from deltatune.errors import ConfigError, DataError, DeltaTuneError
 from deltatune.io.atomic import atomic_file
 from deltatune.evaluation.helpers import (
@@ -213,9 +223,12 @@ __all__ = [
     "TARGET_ROLES",
     "generic_target_roles",
     # delta methods: the virtual-token seam
+    "TokenStartOptions",
     "VirtualTokenMethod",
     "VirtualTokens",
     "add_virtual_tokens",
+    "own_key_values",
+    "start_token_ids",
     "virtual_tokens",
     # delta methods: grouped products
     "GroupedProduct",

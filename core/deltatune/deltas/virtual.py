@@ -23,10 +23,10 @@ the delta-method protocol), and no fast training forward takes such a model.
 from __future__ import annotations
 
 import inspect
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 
 from deltatune.errors import ConfigError
@@ -96,6 +96,68 @@ class VirtualTokens(nn.Module):
         return None
 
 
+class TokenStartOptions(BaseModel):
+    """Where virtual tokens start, an option set a virtual-token method's config inherits: at random,
+    from the base's own representation of tokens drawn from its vocabulary (``vocab``), or of a text's
+    tokens (``text``: ``init_text``, tokenized by ``tokenizer`` or the base's own). :func:`start_token_ids`
+    gives the tokens; what the method takes of them (embeddings, keys and values) is its own."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    init: Literal["random", "vocab", "text"] = Field("random", description="where the virtual tokens start: at "
+                                                     "random, from tokens drawn from the vocabulary, or from init_text's tokens")
+    init_text: str | None = Field(None, description="with init: text, the text whose tokens start the virtual tokens")
+    tokenizer: str | None = Field(None, description="with init: text, the tokenizer (folder or name) of init_text; "
+                                  "unset: the base model's folder")
+
+    @model_validator(mode="after")
+    def _text_given(self) -> TokenStartOptions:
+        if self.init == "text" and not self.init_text:
+            raise ValueError("init: text needs init_text")
+        return self
+
+
+def start_token_ids(model: nn.Module, cfg: TokenStartOptions, length: int, method: str) -> torch.Tensor | None:
+    """The ``length`` token ids virtual tokens of ``method`` start from (``cfg.init``): ``init_text``'s
+    tokens repeated or cut to ``length`` (as PEFT's ``prompt_tuning_init_text``), or ids drawn uniformly
+    from the vocabulary with torch's generator (seeded runs draw the same); ``None`` for ``init: random``."""
+    if cfg.init == "random":
+        return None
+    if cfg.init == "vocab":
+        return torch.randint(0, model.get_input_embeddings().num_embeddings, (length,))
+    from transformers import AutoTokenizer
+
+    source = cfg.tokenizer or getattr(model.config, "_name_or_path", "")
+    if not source:
+        raise ConfigError(f"{method}: init: text needs a tokenizer; set the option tokenizer (a folder or name)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{method}: cannot load the tokenizer {source!r} for init_text ({exc}); set the "
+                          "option tokenizer") from None
+    ids = tokenizer(cfg.init_text)["input_ids"]
+    return torch.tensor((ids * -(-length // len(ids)))[:length])
+
+
+def own_key_values(model: nn.Module, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Per decoder layer of ``model``, the keys and values (``kv_heads x len(ids) x head_dim``, fp32) its
+    frozen decoder computes for tokens ``ids`` at positions ``0, 1, …``: a prefix holding them makes
+    every sequence read as if it followed those tokens (Li & Liang's initialisation from real words'
+    activations). ``None`` on a skeleton (no weight values to compute with)."""
+    decoder = model.get_decoder()
+    weight = decoder.get_input_embeddings().weight
+    if weight.device.type == "meta":
+        return None
+    was_training = decoder.training
+    decoder.eval()
+    try:
+        with torch.no_grad():
+            cache = decoder(input_ids=ids[None].to(weight.device), use_cache=True).past_key_values
+    finally:
+        decoder.train(was_training)
+    return [(layer.keys[0].float(), layer.values[0].float()) for layer in cache.layers]
+
+
 class VirtualTokenMethod:
     """The :class:`~deltatune.plugin.protocols.DeltaMethod` protocol for methods made of one
     :class:`VirtualTokens` module (prefix-tuning, prompt tuning): a subclass sets ``name``, ``Config``
@@ -114,7 +176,9 @@ class VirtualTokenMethod:
         raise NotImplementedError
 
     def apply(self, model: nn.Module, cfg: BaseModel) -> None:
-        """Attach this method's virtual tokens to ``model``'s decoder."""
+        """Attach this method's virtual tokens to ``model``'s decoder (a second method's are refused
+        before this one's are made: they may compute with the model)."""
+        refuse_second(model.get_decoder(), self.name)
         add_virtual_tokens(model, self.name, self.make_tokens(model, cfg))
 
     def trainable(self, name: str, param: nn.Parameter) -> bool:
@@ -173,15 +237,20 @@ def add_virtual_tokens(model: nn.Module, method: str, tokens: VirtualTokens) -> 
     """Attach ``tokens`` of the delta method ``method`` to ``model``'s decoder and hook the decoder so
     every forward applies them; one method per model (a second is a :class:`ConfigError` naming both)."""
     decoder = model.get_decoder()
-    holder = getattr(decoder, HOLDER, None)
-    if isinstance(holder, nn.ModuleDict) and len(holder):
-        raise ConfigError(f"delta methods '{next(iter(holder))}' and '{method}' both put virtual tokens before "
-                          "every sequence; use one of them")
+    refuse_second(decoder, method)
     setattr(decoder, HOLDER, nn.ModuleDict({method: tokens}))
     parameters = list(inspect.signature(decoder.forward).parameters)
     decoder._virtual_arguments = parameters  # names of positional arguments, and of the cache (`cache` or, older, `past_key_values`)
     decoder.register_forward_pre_hook(_before_decoder, with_kwargs=True)
     decoder.register_forward_hook(_after_decoder, with_kwargs=True)
+
+
+def refuse_second(decoder: nn.Module, method: str) -> None:
+    """Raise :class:`ConfigError` naming both methods when ``decoder`` already has virtual tokens."""
+    holder = getattr(decoder, HOLDER, None)
+    if isinstance(holder, nn.ModuleDict) and len(holder):
+        raise ConfigError(f"delta methods '{next(iter(holder))}' and '{method}' both put virtual tokens before "
+                          "every sequence; use one of them")
 
 
 def check_checkpointing(decoder: nn.Module, method: str, enabled: bool | None = None) -> None:

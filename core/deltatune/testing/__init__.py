@@ -81,6 +81,7 @@ from deltatune.testing.helpers import (
     sample_batch,
     sample_rows,
     token_batches,
+    text_started,
     trained_like,
 )
 from deltatune.testing.optimizers import OptimizerContract
@@ -102,6 +103,7 @@ __all__ = [
     "max_parameter_difference",
     "max_relative_difference",
     "token_batches",
+    "text_started",
     "trained_like",
     "sample_batch",
     "sample_rows",

@@ -109,6 +109,18 @@ def trained_like(manager: PluginManager, delta: list[dict[str, Any]], base: str 
     return model, resolved
 
 
+def text_started(manager: PluginManager, method: str, tokenizer: Any, folder: Path, length: int,
+                 text: str = "Sort it") -> nn.Module:
+    """``method`` (a virtual-token delta method) on tiny-llama (fp32), its ``length`` virtual tokens
+    started from ``text`` (``init: text``; ``tokenizer`` saved into ``folder`` for it)."""
+    from deltatune.model.assembly import build_model, resolve_spec
+
+    tokenizer.save_pretrained(folder)
+    config = {"num_virtual_tokens": length, "init": "text", "init_text": text, "tokenizer": str(folder)}
+    return build_model(resolve_spec({"base": "tiny-llama", "base_dtype": "fp32",
+                                     "delta": [{"name": method, "config": config}]}, manager))
+
+
 def adam_losses(model: nn.Module, input_ids: torch.Tensor, steps: int = 8, lr: float = 1e-2) -> list[float]:
     """Train ``model``'s trainable parameters with Adam for ``steps`` steps on ``input_ids`` (labels the
     same) through the model's own loss; returns the loss of each step."""

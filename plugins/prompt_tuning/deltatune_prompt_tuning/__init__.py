@@ -3,9 +3,10 @@
 Both put ``num_virtual_tokens`` embeddings before every sequence's input embeddings and train only
 those (the base stays frozen):
 
-* ``prompt_tuning`` trains the embeddings themselves, initialised at random (``init: random``) or
-  from the base's own embeddings of a text (``init: text``, ``init_text``; PEFT's
-  ``prompt_tuning_init_text``: the text's tokens, repeated or cut to the prompt's length);
+* ``prompt_tuning`` trains the embeddings themselves, initialised at random (``init: random``), from
+  the base's own embeddings of tokens drawn from its vocabulary (``init: vocab``, PEFT's
+  ``SAMPLE_VOCAB``) or of a text (``init: text``, ``init_text``; PEFT's ``prompt_tuning_init_text``:
+  the text's tokens, repeated or cut to the prompt's length);
 * ``p_tuning`` computes them while training with a prompt encoder over a free embedding — an MLP
   (``encoder: mlp``, PEFT's three layers) or a bidirectional LSTM with an MLP head (``encoder: lstm``).
   The adapter saves the computed embeddings only, and a reloaded model uses them directly.
@@ -30,10 +31,10 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from deltatune.api import ConfigError, VirtualTokenMethod, VirtualTokens, hookimpl
+from deltatune.api import TokenStartOptions, VirtualTokenMethod, VirtualTokens, hookimpl, start_token_ids
 
 __all__ = ["PTuning", "PTuningConfig", "PromptEmbeddings", "PromptTuning", "PromptTuningConfig"]
 __version__ = "0.1.0"
@@ -48,20 +49,9 @@ class PromptOptions(BaseModel):
     init_from: str | None = Field(None, description="a PEFT adapter folder of this method's type to start from")
 
 
-class PromptTuningConfig(PromptOptions):
-    """Options of the ``prompt_tuning`` delta method."""
-
-    init: Literal["random", "text"] = Field("random", description="random embeddings, or the base's embeddings "
-                                            "of init_text's tokens")
-    init_text: str | None = Field(None, description="with init: text, the text whose token embeddings start the prompt")
-    tokenizer: str | None = Field(None, description="with init: text, the tokenizer (folder or name) of init_text; "
-                                  "unset: the base model's folder")
-
-    @model_validator(mode="after")
-    def _text_given(self) -> PromptTuningConfig:
-        if self.init == "text" and not self.init_text:
-            raise ValueError("init: text needs init_text")
-        return self
+class PromptTuningConfig(TokenStartOptions, PromptOptions):
+    """Options of the ``prompt_tuning`` delta method (``init``: random, PEFT's default, or the base's own
+    embeddings of vocabulary tokens or of ``init_text``'s tokens)."""
 
 
 class PTuningConfig(PromptOptions):
@@ -95,27 +85,6 @@ class PromptEmbeddings(VirtualTokens):
         return self.table().unsqueeze(0).expand(batch_size, -1, -1)
 
 
-def text_embeddings(model: nn.Module, cfg: PromptTuningConfig) -> torch.Tensor | None:
-    """The base's embeddings of ``init_text``'s tokens, repeated or cut to the prompt's length (as
-    PEFT's ``prompt_tuning_init_text``); ``None`` on a skeleton (no weight values to read)."""
-    from transformers import AutoTokenizer
-
-    source = cfg.tokenizer or getattr(model.config, "_name_or_path", "")
-    if not source:
-        raise ConfigError("prompt_tuning: init: text needs a tokenizer; set the option tokenizer (a folder or name)")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"prompt_tuning: cannot load the tokenizer {source!r} for init_text ({exc}); set the "
-                          "option tokenizer") from None
-    ids = tokenizer(cfg.init_text)["input_ids"]
-    ids = (ids * -(-cfg.num_virtual_tokens // len(ids)))[: cfg.num_virtual_tokens]
-    weight = model.get_input_embeddings().weight
-    if weight.device.type == "meta":
-        return None
-    return weight.detach()[torch.tensor(ids, device=weight.device)].float()
-
-
 class PromptTuning(VirtualTokenMethod):
     """Prompt tuning as a deltatune delta method."""
 
@@ -125,11 +94,13 @@ class PromptTuning(VirtualTokenMethod):
     reads_peft: ClassVar[dict[str, Any]] = {"peft_type": "PROMPT_TUNING"}
 
     def make_tokens(self, model: nn.Module, cfg: PromptTuningConfig) -> PromptEmbeddings:
-        """Embeddings of the model's width, random or from ``init_text``."""
-        tokens = PromptEmbeddings(cfg.num_virtual_tokens, model.get_input_embeddings().embedding_dim)
-        if cfg.init == "text" and (start := text_embeddings(model, cfg)) is not None:
+        """Embeddings of the model's width, random or the base's embeddings of the start tokens."""
+        embedding = model.get_input_embeddings().weight
+        ids = start_token_ids(model, cfg, cfg.num_virtual_tokens, self.name)
+        tokens = PromptEmbeddings(cfg.num_virtual_tokens, embedding.shape[1])
+        if ids is not None and embedding.device.type != "meta":  # a skeleton has no values to start from
             with torch.no_grad():
-                tokens.table_weight.copy_(start)
+                tokens.table_weight.copy_(embedding.detach()[ids.to(embedding.device)].float())
         return tokens
 
     def peft_config(self, cfg: PromptTuningConfig) -> dict[str, Any]:

@@ -8,12 +8,12 @@ import pytest
 import torch
 from peft import PeftModel, PromptEncoderConfig, PromptTuningConfig, PromptTuningInit, get_peft_model
 
-from deltatune.api import ConfigError
+from deltatune.api import ConfigError, virtual_tokens
 from deltatune.io.adapter import load_adapter, save_adapter
 from deltatune.io.peft import export_peft, load_peft_adapter
 from deltatune.model.assembly import build_model, resolve_spec
 from deltatune.model.loading import tiny_llama
-from deltatune.testing import logits_of, max_relative_difference, sample_batch, trained_like
+from deltatune.testing import logits_of, max_relative_difference, sample_batch, text_started, trained_like
 
 CASES = [("prompt_tuning", {"num_virtual_tokens": 4}),
          ("p_tuning", {"num_virtual_tokens": 3, "encoder_hidden_size": 16}),
@@ -63,16 +63,26 @@ def test_the_loss_equals_peft_with_the_virtual_tokens_unlabelled(plugin_manager,
 
 
 def test_text_initialisation_is_peft_s(plugin_manager, tiny_tokenizer, tmp_path):
-    tiny_tokenizer.save_pretrained(tmp_path / "tokenizer")
-    config = {"num_virtual_tokens": 7, "init": "text", "init_text": "Sort it", "tokenizer": str(tmp_path / "tokenizer")}
-    resolved = resolve_spec({"base": "tiny-llama", "base_dtype": "fp32",
-                             "delta": [{"name": "prompt_tuning", "config": config}]}, plugin_manager)
-    model = build_model(resolved)
+    model = text_started(plugin_manager, "prompt_tuning", tiny_tokenizer, tmp_path / "tokenizer", 7)
     peft_model = get_peft_model(tiny_llama(), PromptTuningConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=7, prompt_tuning_init=PromptTuningInit.TEXT,
         prompt_tuning_init_text="Sort it", tokenizer_name_or_path=str(tmp_path / "tokenizer")))
-    ours = resolved.deltas[0].plugin.peft_state_dict(model, resolved.deltas[0].cfg)["prompt_embeddings"]
+    ours = virtual_tokens(model).table()
     torch.testing.assert_close(ours, peft_model.prompt_encoder["default"].embedding.weight, rtol=0, atol=0)
+
+
+def test_vocabulary_initialisation_takes_the_base_s_embeddings_of_drawn_tokens(plugin_manager):
+    """``init: vocab`` (PEFT's SAMPLE_VOCAB): the base's embeddings of tokens drawn with torch's generator."""
+    import deltatune_prompt_tuning as prompt_tuning
+
+    model = tiny_llama()
+    cfg = prompt_tuning.PromptTuningConfig(num_virtual_tokens=6, init="vocab")
+    torch.manual_seed(4)
+    tokens = prompt_tuning.PromptTuning().make_tokens(model, cfg)
+    torch.manual_seed(4)
+    embedding = model.get_input_embeddings().weight
+    ids = torch.randint(0, embedding.shape[0], (6,))
+    torch.testing.assert_close(tokens.table(), embedding[ids], rtol=0, atol=0)
 
 
 def test_text_initialisation_needs_a_text(plugin_manager):
