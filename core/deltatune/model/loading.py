@@ -10,6 +10,7 @@ that folder. ``tiny-llama`` and ``tiny-llama-tied`` are small random models buil
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -61,9 +62,20 @@ def smollm2_gguf() -> Path:
 
 
 def _gguf_cache_folder(gguf: Path) -> Path:
+    """The converted folder of ``gguf`` in the cache, keyed by the file's content: every install of
+    the same file (each virtual environment, each clone) shares one conversion."""
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    return home() / "models" / f"{gguf.stem}-{key}"
+    return home() / "models" / f"{gguf.stem}-{_content_key(str(gguf.resolve()), stat.st_size, stat.st_mtime_ns)}"
+
+
+@functools.lru_cache(maxsize=8)
+def _content_key(path: str, size: int, mtime_ns: int) -> str:
+    """The first 12 hex digits of the SHA-256 of the file at ``path`` (read once per size and mtime)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as source:
+        while chunk := source.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
 
 
 def convert_gguf(gguf: Path, out: Path | None = None) -> Path:

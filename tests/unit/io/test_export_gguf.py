@@ -7,6 +7,7 @@ real SmolLM2 tokenizer (49152 tokens, merges, special tokens, chat template)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import gguf
@@ -143,6 +144,10 @@ def test_deltatune_loads_the_exported_gguf_as_a_base(tmp_path, bases, smollm2_to
     assert ids_of(tokenizer).tolist() == ids.tolist()
     with torch.no_grad():
         assert relative(base.eval()(input_ids=ids).logits, model(input_ids=ids).logits) <= 1e-5
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(tmp_path / "model.gguf", tmp_path / "elsewhere" / "model.gguf")  # another path and mtime
+    load_base(str(tmp_path / "elsewhere" / "model.gguf"))
+    assert len(list((tmp_path / "home" / "models").iterdir())) == 1  # the same content: one conversion
 
 
 @pytest.mark.parametrize("delta,family", [
