@@ -7,7 +7,8 @@ builder with the tokenizer's chat template (loss on every assistant turn) and cu
 
 For each length and path (``fast``: the llama family's fast forward; ``plain``: Hugging Face's forward,
 ``fast_path: false``) a fresh process loads the model, trains ``--warmup`` + ``--steps`` steps on the
-row (forward, backward, optimizer) and then evaluates it forward-only as the ``perplexity`` evaluator
+row (forward, backward, optimizer, and the freed heap handed back to the system as ``deltatune fit``
+does) and then evaluates it forward-only as the ``perplexity`` evaluator
 does (``token_loss`` under ``no_grad``, model in eval mode), ``--steps`` times. The table gives the
 row's tokens per second of the timed steps and of the evaluations, and the process's peak resident
 memory (``VmHWM``, loading included) after training and after evaluation.
@@ -74,6 +75,7 @@ def child(length: int, path: str, args: argparse.Namespace) -> dict:
     from deltatune.data.packing import collate
     from deltatune.model.assembly import build_model, compute_context, resolve_spec
     from deltatune.model.loading import load_tokenizer
+    from deltatune.train.heap import release_freed_heap
     from deltatune.train.loss import token_loss
 
     torch.set_num_threads(args.threads)
@@ -101,6 +103,7 @@ def child(length: int, path: str, args: argparse.Namespace) -> dict:
         (total / count).backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        release_freed_heap()  # as `deltatune fit` does after every micro-batch on the CPU
         ends.append(time.perf_counter())
     train_peak = status_kib()["VmHWM"]
     model.eval()

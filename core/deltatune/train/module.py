@@ -29,6 +29,7 @@ from deltatune.train.update_in_backward import InBackwardOptimizer
 from deltatune.evaluation.helpers import EvaluatorRef
 from deltatune.model.generation import generate, user_text
 from deltatune.train.loss import token_loss
+from deltatune.train.heap import release_freed_heap
 from deltatune.model.loading import DEFAULT_MODEL
 from deltatune.deltas.virtual import check_checkpointing
 from deltatune.model.assembly import (DType, ModelSpec, ResolvedSpec, check_on_skeleton, compile_decoder_layers, compute_context,
@@ -282,6 +283,12 @@ class DeltaTuneModule(L.LightningModule):
                 if param.grad is not None:
                     param.grad.mul_(factor)
         self.log_step(loss_sum / tokens, tokens, optimizer)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """On the CPU, hand the heap memory the micro-batch freed back to the system
+        (:func:`deltatune.train.heap.release_freed_heap`): the next one starts from live memory."""
+        if self.device.type == "cpu":
+            release_freed_heap()
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """Start the clock of an optimizer step at its first micro-batch (for ``tokens_per_s``)."""
