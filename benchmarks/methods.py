@@ -545,8 +545,8 @@ def table(results: dict[str, dict], missing: list[str], steps: int | None) -> st
     lines += ["", "QLoRA's base is the 4-bit (NF4) model, measured on its own; every other method starts from the "
               "same dense model, whose figures the LoRA run measured once. Trainable: the parameters the method "
               "trains, as a share of the base model's. lr: the learning rate of the sweep with the lowest "
-              "validation loss. Peak RSS: the whole process of that sweep run (model loading, training and "
-              "the validation loss; the full runs also generate, which can be higher). s/step: the full run's "
+              "validation loss. Peak RSS: the whole process of the full run (model loading, training, "
+              "evaluation and generation). s/step: the full run's "
               "training loop time per step, and its ratio to LoRA's; every run ran alone on the machine, one "
               "after the other.",
               "", "HumanEval: greedy pass@1 on OpenAI's 164 problems, chat mode (the model is asked for the completed "
@@ -571,6 +571,9 @@ def table(results: dict[str, dict], missing: list[str], steps: int | None) -> st
         lines += ["", HELDOUT_NOTE]
     if missing:
         lines += ["", f"Not measured (plugin not installed when this ran): {', '.join(missing)}."]
+    if (pending := [name for name in METHODS if name not in results and not any(m.startswith(name + " (") for m in missing)]):
+        lines += ["", f"Full run not measured yet (its sweep is below): {', '.join(pending)}; "
+                  "`python benchmarks/methods.py --only METHOD… --write` adds it."]
     lines.append(END)
     return "\n".join(lines) + "\n"
 
