@@ -372,7 +372,7 @@ def humaneval_cell(report: dict) -> str:
         return text
     gained = sum(base[k] == 0 and tuned[k] == 1 for k in problems)
     lost = sum(base[k] == 1 and tuned[k] == 0 for k in problems)
-    return f"{text}; +{gained} −{lost} of {len(problems)}, p = {sign_test(gained, lost):.2f}"
+    return f"{text}; +{gained} −{lost} of {len(problems)}, p = {sign_test(gained, lost):.2g}"
 
 
 def share_base(results: dict[str, dict]) -> None:
