@@ -162,3 +162,15 @@ def test_a_prefix_with_gradient_checkpointing_is_refused_before_any_weight_loads
                 mean_loss(model, batch)
         else:
             torch.testing.assert_close(mean_loss(model, batch), plain)
+
+
+def test_a_text_start_whose_tokenizer_does_not_load_is_one_line_naming_it(tmp_path, capsys):
+    missing = tmp_path / "no-tokenizer"
+    delta = [{"name": "prefix_tuning", "config": {"init": "text", "init_text": "Sort it", "tokenizer": str(missing)}}]
+    config = write_config(tmp_path, delta)
+    assert main(["fit", "--config", str(config), f"--trainer.default_root_dir={tmp_path / 'run'}", *QUIET]) != 0
+    out = capsys.readouterr()
+    errors = [line for line in (out.out + out.err).splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "prefix_tuning" in errors[0] and str(missing) in errors[0], errors
+    assert "Traceback" not in out.out + out.err
+    assert not (tmp_path / "run" / "adapter").exists()
