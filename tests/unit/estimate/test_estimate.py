@@ -228,6 +228,7 @@ state) and a full LOMO fine-tune (every weight trainable, updated inside backwar
 ``python -m benchmarks.estimate_accuracy`` and docs/scale-out.md."""
 
 
+@pytest.mark.xdist_group("measured_peaks")  # one worker measures both runs, once
 @pytest.mark.parametrize("run", MEASURED_RUNS, ids=["qlora-nf4", "full-lomo"])
 def test_predicts_the_measured_peak_of_a_real_run_within_15_percent(run, measured_peaks):
     """MEASURED on this machine: the peak resident memory (VmHWM) of a real ``deltatune fit`` of
