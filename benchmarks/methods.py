@@ -107,7 +107,7 @@ METHODS: dict[str, dict] = {
                           "delta": [{"name": "adapter", "config": {"placement": "houlsby", **ADAPTER_SIZE}},
                                     {"name": "bitfit", "config": {"targets": "all-linear", "add_missing": "auto"}}],
                           "lrs": LOW_LR, "needs": ["adapter", "bitfit"]},
-    "QLoRA": {"delta": [LORA], "quantizer": {"name": "nf4"}, "lrs": LOW_LR, "needs": ["lora", "nf4"]},
+    "QLoRA": {"delta": [LORA], "quantizer": {"name": "nf4", "config": {"compute_dtype": "bf16"}}, "lrs": LOW_LR, "needs": ["lora", "nf4"]},
     "LOMO": {"base_from": "LoRA", "delta": [], "optimizer": {"name": "lomo", "config": {"clip_grad_norm": 1.0,
                                                                                           "warmup_steps": 10}},
              "lrs": HIGH_LR, "needs": ["lomo"]},
@@ -138,7 +138,9 @@ def method_config(method: dict, lr: float, steps: int | None, root: Path, humane
         model["evaluators"].append(HUMANEVAL)
     if sweep:
         model["evaluators"] = [e for e in model["evaluators"] if e["name"] == "perplexity"]
-    model.update(delta=method["delta"], quantizer=method.get("quantizer"), samples=0,
+    # bf16, as `auto` computes on a CPU with bf16 products (where the table was measured): a CPU without
+    # them would otherwise train in fp32, whose rows are not comparable with the others
+    model.update(delta=method["delta"], quantizer=method.get("quantizer"), samples=0, base_dtype="bf16",
                  compare_base="base_from" not in method and not sweep,
                  overwrite=True)  # the run folders under --out are this benchmark's own
     optimizer = json.loads(json.dumps(method.get("optimizer") or {"name": "adamw", "config": {"warmup_steps": 10}}))
@@ -224,7 +226,7 @@ def sweep(name: str, method: dict, out: Path, steps: int = SWEEP_STEPS) -> list[
     return sweep_results(name)
 
 
-SWEEP_EXTENSIONS = 2
+SWEEP_EXTENSIONS = 3
 """Learning rates a sweep may add beyond its three when its best lies at an end."""
 
 
